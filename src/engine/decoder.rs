@@ -1,0 +1,302 @@
+//! Forward and backward of the Llama-family decoder over a packed batch, llm.c style: every layer's forward
+//! saves what its backward needs on a `Tape`, and the backward walks the layers in reverse.
+//!
+//! Sequences are packed without padding: each token row knows its position, and attention never crosses a
+//! sequence. That equals Hugging Face's right-padded forward at every real token (padding never changes a real
+//! token's output), and the padding positions are never scored.
+use super::gemm::gemm;
+use super::kernels::{self, AttnShape, Rope};
+use crate::model::Model;
+use rayon::prelude::*;
+
+/// Rows of the vocabulary projection computed at once: bounds the logits buffer to `LM_HEAD_ROWS × vocab`.
+const LM_HEAD_ROWS: usize = 256;
+
+/// Sequences packed end to end, with the positions whose next token is scored.
+#[derive(Debug, Clone, Default)]
+pub struct SeqBatch {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<u32>,
+    /// `seq_starts[s]..seq_starts[s+1]` are the rows of sequence `s`.
+    pub seq_starts: Vec<usize>,
+    /// Rows whose next token is a completion token, the token they predict, and their sequence.
+    pub scored_rows: Vec<usize>,
+    pub scored_targets: Vec<u32>,
+    pub scored_seq: Vec<usize>,
+}
+
+impl SeqBatch {
+    /// `seqs[s] = (input ids, completion mask)`. Position t is scored when token t+1 is a completion token,
+    /// exactly TRL's `labels[:, 1:] != -100`.
+    pub fn new(seqs: &[(&[u32], &[bool])]) -> Self {
+        let mut b = SeqBatch { seq_starts: vec![0], ..Default::default() };
+        for (s, (ids, mask)) in seqs.iter().enumerate() {
+            assert_eq!(ids.len(), mask.len(), "ids and completion mask differ in length");
+            let start = b.tokens.len();
+            b.tokens.extend_from_slice(ids);
+            b.positions.extend(0..ids.len() as u32);
+            for t in 0..ids.len().saturating_sub(1) {
+                if mask[t + 1] {
+                    b.scored_rows.push(start + t);
+                    b.scored_targets.push(ids[t + 1]);
+                    b.scored_seq.push(s);
+                }
+            }
+            b.seq_starts.push(b.tokens.len());
+        }
+        b
+    }
+    pub fn n_seqs(&self) -> usize {
+        self.seq_starts.len() - 1
+    }
+    pub fn n_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+    fn max_len(&self) -> usize {
+        self.seq_starts.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
+    }
+}
+
+/// What a forward pass yields at the scored positions.
+#[derive(Debug, Clone, Default)]
+pub struct ScoredOutput {
+    /// Per sequence: sum of the log-probabilities of its completion tokens.
+    pub seq_logps: Vec<f64>,
+    /// Per scored position: log p(target), entropy of the next-token distribution, mean logit over the vocabulary.
+    pub token_logps: Vec<f32>,
+    pub entropy: Vec<f32>,
+    pub mean_logit: Vec<f32>,
+}
+
+struct LayerTape {
+    x_in: Vec<f32>,
+    xn1: Vec<f32>,
+    rstd1: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    probs: Vec<f32>,
+    att: Vec<f32>,
+    x_mid: Vec<f32>,
+    xn2: Vec<f32>,
+    rstd2: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    h: Vec<f32>,
+}
+
+/// Activations a backward pass needs.
+pub struct Tape {
+    layers: Vec<LayerTape>,
+    x_final: Vec<f32>,
+    rstd_final: Vec<f32>,
+    /// Final-normed hidden states at the scored rows, `[M, hidden]`, and the log-sum-exp of their logits.
+    scored_hidden: Vec<f32>,
+    lse: Vec<f32>,
+}
+
+fn linear(x: &[f32], rows: usize, w: &[f32], in_dim: usize, out_dim: usize) -> Vec<f32> {
+    let mut y = vec![0f32; rows * out_dim];
+    gemm(rows, in_dim, out_dim, x, false, w, true, &mut y, false);
+    y
+}
+
+/// Runs the decoder. With `keep_tape` the activations are kept for `backward`.
+pub fn forward(model: &Model, batch: &SeqBatch, keep_tape: bool) -> (ScoredOutput, Option<Tape>) {
+    let spec = &model.spec;
+    let lay = &model.layout;
+    let p = &model.params;
+    let (n, hd) = (batch.n_tokens(), spec.hidden);
+    let (qd, kvd, inter) = (spec.q_dim(), spec.kv_dim(), spec.intermediate);
+    let rope = Rope::new(spec.head_dim, spec.rope_theta, batch.max_len().max(1));
+    let shape =
+        AttnShape { seq_starts: &batch.seq_starts, heads: spec.heads, kv_heads: spec.kv_heads, head_dim: spec.head_dim };
+
+    let mut x = vec![0f32; n * hd];
+    x.par_chunks_mut(hd).zip(batch.tokens.par_iter()).for_each(|(row, &t)| {
+        row.copy_from_slice(&p[lay.embed + t as usize * hd..][..hd]);
+    });
+    let mut tapes = Vec::new();
+    for lo in &lay.layers {
+        let mut xn1 = vec![0f32; n * hd];
+        let mut rstd1 = vec![0f32; n];
+        kernels::rmsnorm_forward(&x, &p[lo.input_norm..][..hd], spec.rms_eps, &mut xn1, &mut rstd1);
+        let mut q = linear(&xn1, n, &p[lo.q..], hd, qd);
+        let mut k = linear(&xn1, n, &p[lo.k..], hd, kvd);
+        let v = linear(&xn1, n, &p[lo.v..], hd, kvd);
+        rope.apply(&mut q, qd, &batch.positions, false);
+        rope.apply(&mut k, kvd, &batch.positions, false);
+        let mut att = vec![0f32; n * qd];
+        let mut probs = vec![0f32; shape.prob_offsets().1];
+        kernels::attention_forward(&shape, &q, &k, &v, &mut att, &mut probs);
+        let x_in = x.clone();
+        gemm(n, qd, hd, &att, false, &p[lo.o..], true, &mut x, true);
+        let mut xn2 = vec![0f32; n * hd];
+        let mut rstd2 = vec![0f32; n];
+        kernels::rmsnorm_forward(&x, &p[lo.post_norm..][..hd], spec.rms_eps, &mut xn2, &mut rstd2);
+        let gate = linear(&xn2, n, &p[lo.gate..], hd, inter);
+        let up = linear(&xn2, n, &p[lo.up..], hd, inter);
+        let mut h = vec![0f32; n * inter];
+        kernels::swiglu_forward(&gate, &up, &mut h);
+        let x_mid = x.clone();
+        gemm(n, inter, hd, &h, false, &p[lo.down..], true, &mut x, true);
+        if keep_tape {
+            tapes.push(LayerTape { x_in, xn1, rstd1, q, k, v, probs, att, x_mid, xn2, rstd2, gate, up, h });
+        }
+    }
+    let mut xf = vec![0f32; n * hd];
+    let mut rstd_final = vec![0f32; n];
+    kernels::rmsnorm_forward(&x, &p[lay.final_norm..][..hd], spec.rms_eps, &mut xf, &mut rstd_final);
+
+    let m = batch.scored_rows.len();
+    let mut scored_hidden = vec![0f32; m * hd];
+    scored_hidden.par_chunks_mut(hd).zip(batch.scored_rows.par_iter()).for_each(|(dst, &r)| {
+        dst.copy_from_slice(&xf[r * hd..][..hd]);
+    });
+    let mut out = ScoredOutput {
+        seq_logps: vec![0.0; batch.n_seqs()],
+        token_logps: vec![0.0; m],
+        entropy: vec![0.0; m],
+        mean_logit: vec![0.0; m],
+    };
+    let mut lse = vec![0f32; m];
+    lm_head_forward(model, &scored_hidden, &batch.scored_targets, &mut out, &mut lse);
+    for (i, &s) in batch.scored_seq.iter().enumerate() {
+        out.seq_logps[s] += out.token_logps[i] as f64;
+    }
+    let tape = keep_tape.then_some(Tape { layers: tapes, x_final: x, rstd_final, scored_hidden, lse });
+    (out, tape)
+}
+
+/// Logits of the scored rows, one block of rows at a time, reduced to log p(target), entropy, mean logit and
+/// log-sum-exp; the full `[M, vocab]` logits never exist at once.
+fn lm_head_forward(model: &Model, hidden: &[f32], targets: &[u32], out: &mut ScoredOutput, lse: &mut [f32]) {
+    let (hd, vocab) = (model.spec.hidden, model.spec.vocab_size);
+    let w = &model.params[model.layout.lm_head..][..vocab * hd];
+    let mut logits = vec![0f32; LM_HEAD_ROWS.min(targets.len()) * vocab];
+    for (c, rows) in (0..targets.len()).collect::<Vec<_>>().chunks(LM_HEAD_ROWS).enumerate() {
+        let r0 = c * LM_HEAD_ROWS;
+        let nr = rows.len();
+        let z = &mut logits[..nr * vocab];
+        gemm(nr, hd, vocab, &hidden[r0 * hd..], false, w, true, z, false);
+        let stats: Vec<(f32, f32, f32, f32)> = z
+            .par_chunks(vocab)
+            .zip(targets[r0..r0 + nr].par_iter())
+            .map(|(zr, &t)| {
+                let max = zr.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let (mut sum, mut zsum, mut pz) = (0f64, 0f64, 0f64);
+                for &v in zr {
+                    let e = ((v - max) as f64).exp();
+                    sum += e;
+                    pz += e * v as f64;
+                    zsum += v as f64;
+                }
+                let l = max as f64 + sum.ln();
+                let logp = zr[t as usize] as f64 - l;
+                let entropy = l - pz / sum;
+                (logp as f32, entropy as f32, (zsum / vocab as f64) as f32, l as f32)
+            })
+            .collect();
+        for (i, (lp, ent, ml, l)) in stats.into_iter().enumerate() {
+            out.token_logps[r0 + i] = lp;
+            out.entropy[r0 + i] = ent;
+            out.mean_logit[r0 + i] = ml;
+            lse[r0 + i] = l;
+        }
+    }
+}
+
+/// Backward pass: `dlogp[s]` is ∂loss/∂(sequence log-prob of s). Gradients are added into `grads`, which has
+/// the model's parameter layout.
+pub fn backward(model: &Model, batch: &SeqBatch, tape: &Tape, dlogp: &[f32], grads: &mut [f32]) {
+    let spec = &model.spec;
+    let lay = &model.layout;
+    let p = &model.params;
+    let (n, hd, vocab) = (batch.n_tokens(), spec.hidden, spec.vocab_size);
+    let (qd, kvd, inter) = (spec.q_dim(), spec.kv_dim(), spec.intermediate);
+    let m = batch.scored_rows.len();
+    let rope = Rope::new(spec.head_dim, spec.rope_theta, batch.max_len().max(1));
+    let shape =
+        AttnShape { seq_starts: &batch.seq_starts, heads: spec.heads, kv_heads: spec.kv_heads, head_dim: spec.head_dim };
+
+    // lm_head: dz = g · (onehot(target) − softmax(z)), recomputing z block by block.
+    let w_lm = &p[lay.lm_head..][..vocab * hd];
+    let mut d_hidden = vec![0f32; m * hd];
+    let mut dz = vec![0f32; LM_HEAD_ROWS.min(m) * vocab];
+    for r0 in (0..m).step_by(LM_HEAD_ROWS) {
+        let nr = LM_HEAD_ROWS.min(m - r0);
+        let z = &mut dz[..nr * vocab];
+        let xs = &tape.scored_hidden[r0 * hd..][..nr * hd];
+        gemm(nr, hd, vocab, xs, false, w_lm, true, z, false);
+        z.par_chunks_mut(vocab).enumerate().for_each(|(i, zr)| {
+            let row = r0 + i;
+            let g = dlogp[batch.scored_seq[row]];
+            let l = tape.lse[row];
+            zr.iter_mut().for_each(|v| *v = -g * (*v - l).exp());
+            zr[batch.scored_targets[row] as usize] += g;
+        });
+        gemm(nr, vocab, hd, z, false, w_lm, false, &mut d_hidden[r0 * hd..][..nr * hd], false);
+        gemm(vocab, nr, hd, z, true, xs, false, &mut grads[lay.lm_head..][..vocab * hd], true);
+    }
+    let mut dxf = vec![0f32; n * hd];
+    for (i, &r) in batch.scored_rows.iter().enumerate() {
+        dxf[r * hd..][..hd].copy_from_slice(&d_hidden[i * hd..][..hd]);
+    }
+    let mut dx = vec![0f32; n * hd];
+    kernels::rmsnorm_backward(
+        &dxf,
+        &tape.x_final,
+        &p[lay.final_norm..][..hd],
+        &tape.rstd_final,
+        &mut dx,
+        &mut grads[lay.final_norm..][..hd],
+    );
+
+    for (lo, t) in lay.layers.iter().zip(&tape.layers).rev() {
+        // MLP block: x_out = x_mid + down(swiglu(gate(xn2), up(xn2))).
+        let mut dh = vec![0f32; n * inter];
+        gemm(n, hd, inter, &dx, false, &p[lo.down..], false, &mut dh, false);
+        gemm(hd, n, inter, &dx, true, &t.h, false, &mut grads[lo.down..][..hd * inter], true);
+        let mut dgate = vec![0f32; n * inter];
+        let mut dup = vec![0f32; n * inter];
+        kernels::swiglu_backward(&dh, &t.gate, &t.up, &mut dgate, &mut dup);
+        let mut dxn2 = vec![0f32; n * hd];
+        gemm(n, inter, hd, &dgate, false, &p[lo.gate..], false, &mut dxn2, false);
+        gemm(n, inter, hd, &dup, false, &p[lo.up..], false, &mut dxn2, true);
+        gemm(inter, n, hd, &dgate, true, &t.xn2, false, &mut grads[lo.gate..][..inter * hd], true);
+        gemm(inter, n, hd, &dup, true, &t.xn2, false, &mut grads[lo.up..][..inter * hd], true);
+        let (dw_post, dx_mid) = (lo.post_norm, &mut dx);
+        kernels::rmsnorm_backward(
+            &dxn2,
+            &t.x_mid,
+            &p[lo.post_norm..][..hd],
+            &t.rstd2,
+            dx_mid,
+            &mut grads[dw_post..][..hd],
+        );
+
+        // Attention block: x_mid = x_in + o(attention(rope(q(xn1)), rope(k(xn1)), v(xn1))).
+        let mut datt = vec![0f32; n * qd];
+        gemm(n, hd, qd, &dx, false, &p[lo.o..], false, &mut datt, false);
+        gemm(hd, n, qd, &dx, true, &t.att, false, &mut grads[lo.o..][..hd * qd], true);
+        let mut dq = vec![0f32; n * qd];
+        let mut dk = vec![0f32; n * kvd];
+        let mut dv = vec![0f32; n * kvd];
+        kernels::attention_backward(&shape, &datt, &t.q, &t.k, &t.v, &t.probs, &mut dq, &mut dk, &mut dv);
+        rope.apply(&mut dq, qd, &batch.positions, true);
+        rope.apply(&mut dk, kvd, &batch.positions, true);
+        let mut dxn1 = vec![0f32; n * hd];
+        gemm(n, qd, hd, &dq, false, &p[lo.q..], false, &mut dxn1, false);
+        gemm(n, kvd, hd, &dk, false, &p[lo.k..], false, &mut dxn1, true);
+        gemm(n, kvd, hd, &dv, false, &p[lo.v..], false, &mut dxn1, true);
+        gemm(qd, n, hd, &dq, true, &t.xn1, false, &mut grads[lo.q..][..qd * hd], true);
+        gemm(kvd, n, hd, &dk, true, &t.xn1, false, &mut grads[lo.k..][..kvd * hd], true);
+        gemm(kvd, n, hd, &dv, true, &t.xn1, false, &mut grads[lo.v..][..kvd * hd], true);
+        kernels::rmsnorm_backward(&dxn1, &t.x_in, &p[lo.input_norm..][..hd], &t.rstd1, &mut dx, &mut grads[lo.input_norm..][..hd]);
+    }
+    // Embedding rows gather the gradient of every token that used them.
+    for (r, &tok) in batch.tokens.iter().enumerate() {
+        let g = &mut grads[lay.embed + tok as usize * hd..][..hd];
+        g.iter_mut().zip(&dx[r * hd..][..hd]).for_each(|(a, b)| *a += b);
+    }
+}

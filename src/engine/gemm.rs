@@ -1,0 +1,95 @@
+//! Row-major single-precision matrix products on `matrixmultiply`, split over rayon threads by output rows.
+//!
+//! We parallelise ourselves (rather than with the GEMM crate's own threads) so that one rayon pool owns the
+//! cores and kernels that already run in parallel never oversubscribe them.
+use rayon::prelude::*;
+
+/// Below this many multiply-adds a product runs on one thread: splitting costs more than it saves.
+const PARALLEL_MIN_FLOPS: usize = 1 << 18;
+
+/// `c[m,n] = a[m,k] · b[k,n]` (or `+=` when `accumulate`). `a_t`: `a` is stored as `[k,m]`;
+/// `b_t`: `b` is stored as `[n,k]`. All buffers are dense row-major.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: bool, c: &mut [f32], accumulate: bool) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm: buffer too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let (rsa, csa) = if a_t { (1isize, m as isize) } else { (k as isize, 1isize) };
+    let (rsb, csb) = if b_t { (1isize, k as isize) } else { (n as isize, 1isize) };
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    let threads = rayon::current_num_threads();
+    let blocks = if m * n * k < PARALLEL_MIN_FLOPS || threads == 1 { 1 } else { (threads * 2).min(m) };
+    let rows_per_block = m.div_ceil(blocks);
+    c[..m * n].par_chunks_mut(rows_per_block * n).enumerate().for_each(|(bi, c_block)| {
+        let row0 = bi * rows_per_block;
+        let rows = c_block.len() / n;
+        // SAFETY: the strides describe exactly the buffers checked above; row0 + rows <= m.
+        unsafe {
+            matrixmultiply::sgemm(
+                rows,
+                k,
+                n,
+                1.0,
+                a.as_ptr().offset(row0 as isize * rsa),
+                rsa,
+                csa,
+                b.as_ptr(),
+                rsb,
+                csb,
+                beta,
+                c_block.as_mut_ptr(),
+                n as isize,
+                1,
+            );
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: bool) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for p in 0..k {
+                    let av = if a_t { a[p * m + i] } else { a[i * k + p] };
+                    let bv = if b_t { b[j * k + p] } else { b[p * n + j] };
+                    s += av as f64 * bv as f64;
+                }
+                c[i * n + j] = s as f32;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn all_transpose_combinations_match_naive() {
+        let (m, k, n) = (67, 45, 129);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0).collect();
+        for a_t in [false, true] {
+            for b_t in [false, true] {
+                let want = naive(m, k, n, &a, a_t, &b, b_t);
+                let mut got = vec![1f32; m * n];
+                gemm(m, k, n, &a, a_t, &b, b_t, &mut got, false);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() < 1e-4, "a_t={a_t} b_t={b_t}: {g} vs {w}");
+                }
+                gemm(m, k, n, &a, a_t, &b, b_t, &mut got, true);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - 2.0 * w).abs() < 2e-4, "accumulate a_t={a_t} b_t={b_t}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! The compute engine: explicit forward and backward kernels of the decoder on the CPU. Knows nothing of KTO.
+pub mod decoder;
+pub mod gemm;
+pub mod kernels;
+
+pub use decoder::{backward, forward, ScoredOutput, SeqBatch, Tape};

@@ -1,0 +1,11 @@
+//! kto: KTO alignment of causal language models, matching TRL's `KTOTrainer`, on its own CPU engine.
+//!
+//! The flow, one module a stage: `config` → `data` (rows → formatted → tokenized → KL pairs → batches) →
+//! `model` (Hugging Face folder ↔ flat parameters) → `engine` (forward/backward kernels) → `objective`
+//! (sequence log-probs → KTO loss and metrics) → `optim` → `train` (the only place that knows the order).
+pub mod engine;
+pub mod error;
+pub mod files;
+pub mod model;
+
+pub use error::{Error, Result};
