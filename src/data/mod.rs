@@ -1,0 +1,11 @@
+//! Data: read rows → unpaired examples → tokenized rows with KL partners → collated micro-batches.
+//! Knows nothing of the model beyond its tokenizer.
+pub mod format;
+pub mod prepare;
+pub mod read;
+pub mod tokenizer;
+
+pub use format::{examples_from_rows, Content, Example};
+pub use prepare::{collate, prepare, Batch, PrepareOptions, Prepared, TokenizedRow};
+pub use read::{read_rows, RawRow};
+pub use tokenizer::TextTokenizer;

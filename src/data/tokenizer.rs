@@ -1,0 +1,126 @@
+//! The tokenizer of a Hugging Face folder (`tokenizer.json` + `tokenizer_config.json`) and its chat template,
+//! rendered with minijinja the way transformers renders it.
+use crate::error::{Error, Result};
+use serde_json::Value;
+use std::path::Path;
+
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos_token: Option<String>,
+    pub eos_token: String,
+    pub eos_id: u32,
+    pub pad_id: u32,
+    chat: Option<minijinja::Environment<'static>>,
+    special_tokens: serde_json::Map<String, Value>,
+}
+
+/// A special token in `tokenizer_config.json` is a string or an `AddedToken` object with `"content"`.
+fn token_string(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+        _ => None,
+    }
+}
+
+impl TextTokenizer {
+    /// Loads `tokenizer.json`, the special tokens of `tokenizer_config.json` and the chat template
+    /// (`chat_template.jinja`, else `tokenizer_config.json`'s `chat_template`) from `dir`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.is_file() {
+            return Err(Error::file(&tok_path, "not found (a Hugging Face fast tokenizer file is required)"));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| Error::file(&tok_path, e))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: serde_json::Map<String, Value> = if cfg_path.is_file() {
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::file(&cfg_path, e))?;
+            serde_json::from_str(&text).map_err(|e| Error::file(&cfg_path, format!("invalid JSON: {e}")))?
+        } else {
+            Default::default()
+        };
+        let bos_token = token_string(cfg.get("bos_token"));
+        let eos_token = token_string(cfg.get("eos_token"))
+            .ok_or_else(|| Error::file(&cfg_path, "no \"eos_token\": KTO appends it to every completion"))?;
+        let id_of = |t: &str| inner.token_to_id(t);
+        let eos_id =
+            id_of(&eos_token).ok_or_else(|| Error::file(&tok_path, format!("eos_token {eos_token:?} is not in the vocabulary")))?;
+        // TRL: a tokenizer without a pad token pads with EOS.
+        let pad_id = token_string(cfg.get("pad_token")).and_then(|t| id_of(&t)).unwrap_or(eos_id);
+        let mut special_tokens = serde_json::Map::new();
+        for key in ["bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"] {
+            if let Some(s) = token_string(cfg.get(key)) {
+                special_tokens.insert(key.into(), Value::String(s));
+            }
+        }
+        let jinja_path = dir.join("chat_template.jinja");
+        let template = if jinja_path.is_file() {
+            Some(std::fs::read_to_string(&jinja_path).map_err(|e| Error::file(&jinja_path, e))?)
+        } else {
+            match cfg.get("chat_template") {
+                Some(Value::String(s)) => Some(s.clone()),
+                // A list of named templates: use "default".
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .and_then(|t| t.get("template").and_then(|s| s.as_str()).map(String::from)),
+                _ => None,
+            }
+        };
+        let chat = match template {
+            Some(src) => Some(chat_environment(src).map_err(|e| Error::file(&cfg_path, format!("chat template: {e}")))?),
+            None => None,
+        };
+        Ok(TextTokenizer { inner, bos_token, eos_token, eos_id, pad_id, chat, special_tokens })
+    }
+
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> std::result::Result<Vec<u32>, String> {
+        self.inner.encode(text, add_special_tokens).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string())
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.chat.is_some()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Renders messages with the chat template, as `apply_chat_template(..., tokenize=False)`.
+    pub fn render_chat(
+        &self,
+        messages: &[Value],
+        add_generation_prompt: bool,
+        tools: Option<&Value>,
+        kwargs: Option<&serde_json::Map<String, Value>>,
+    ) -> std::result::Result<String, String> {
+        let env = self.chat.as_ref().ok_or("the tokenizer has no chat_template, so message lists cannot be used")?;
+        let mut ctx = self.special_tokens.clone();
+        if let Some(kw) = kwargs {
+            ctx.extend(kw.clone());
+        }
+        ctx.insert("messages".into(), Value::Array(messages.to_vec()));
+        ctx.insert("add_generation_prompt".into(), Value::Bool(add_generation_prompt));
+        ctx.insert("tools".into(), tools.cloned().unwrap_or(Value::Null));
+        let tmpl = env.get_template("chat").map_err(|e| e.to_string())?;
+        tmpl.render(minijinja::Value::from_serialize(&ctx)).map_err(|e| format!("chat template: {e}"))
+    }
+}
+
+/// A minijinja environment that behaves like transformers' chat-template sandbox: trim_blocks, lstrip_blocks,
+/// loop controls, `raise_exception`, `strftime_now`, Python string methods.
+fn chat_environment(src: String) -> std::result::Result<minijinja::Environment<'static>, minijinja::Error> {
+    let mut env = minijinja::Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    env.add_function("strftime_now", |_fmt: String| -> String {
+        // Deterministic training data matters more than the wall clock; templates use this for a date line.
+        String::new()
+    });
+    env.add_template_owned("chat", src)?;
+    Ok(env)
+}
