@@ -3,10 +3,13 @@
 //! The flow, one module a stage: `config` → `data` (rows → formatted → tokenized → KL pairs → batches) →
 //! `model` (Hugging Face folder ↔ flat parameters) → `engine` (forward/backward kernels) → `objective`
 //! (sequence log-probs → KTO loss and metrics) → `optim` → `train` (the only place that knows the order).
+pub mod config;
 pub mod data;
 pub mod engine;
 pub mod error;
 pub mod files;
 pub mod model;
+pub mod objective;
+pub mod optim;
 
 pub use error::{Error, Result};

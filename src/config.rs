@@ -1,0 +1,319 @@
+//! The training configuration: a TOML file whose keys carry TRL's `KTOConfig` / `TrainingArguments` names and
+//! defaults (compute is always fp32 on the CPU). Unknown keys and wrong types are errors that name the key.
+use crate::error::{Error, Result};
+use crate::objective::LossType;
+use crate::optim::{OptimKind, Schedule};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    // ---- what to train on ----
+    /// Hugging Face model folder of the policy (`config.json`, safetensors weights, tokenizer files).
+    pub model: PathBuf,
+    /// Model folder of the frozen reference. Unset: a frozen copy of the initial policy (TRL reloads it from disk).
+    #[serde(default)]
+    pub ref_model: Option<PathBuf>,
+    /// Folder with `tokenizer.json` / `tokenizer_config.json`. Unset: the model folder.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// JSON Lines or JSON file of `{prompt, completion, label}`, `{prompt, chosen, rejected}` or `{chosen, rejected}`.
+    pub train_dataset: PathBuf,
+    /// Where `metrics.jsonl` and the trained model go.
+    #[serde(default = "d_output_dir")]
+    pub output_dir: PathBuf,
+
+    // ---- the KTO objective ----
+    /// β: temperature of the log-ratio against the reference.
+    #[serde(default = "d_beta")]
+    pub beta: f64,
+    /// `"kto"` or `"apo_zero_unpaired"`.
+    #[serde(default = "d_loss_type")]
+    pub loss_type: String,
+    /// λD, the weight of desirable rows' losses.
+    #[serde(default = "d_one")]
+    pub desirable_weight: f64,
+    /// λU, the weight of undesirable rows' losses.
+    #[serde(default = "d_one")]
+    pub undesirable_weight: f64,
+    /// Maximum tokens of prompt+completion; rows whose prompt alone reaches it are dropped. 0: no limit
+    /// (TRL's `None`).
+    #[serde(default = "d_max_length")]
+    pub max_length: usize,
+
+    // ---- batching, optimizer and schedule ----
+    #[serde(default = "d_batch")]
+    pub per_device_train_batch_size: usize,
+    #[serde(default = "d_one_usize")]
+    pub gradient_accumulation_steps: usize,
+    #[serde(default = "d_lr")]
+    pub learning_rate: f64,
+    /// `"adamw_torch_fused"` (default), `"adamw_torch"` or `"sgd"`.
+    #[serde(default = "d_optim")]
+    pub optim: String,
+    /// `"linear"` (default), `"constant"`, `"constant_with_warmup"` or `"cosine"`.
+    #[serde(default = "d_sched")]
+    pub lr_scheduler_type: String,
+    /// Warm-up in optimizer steps; a value below 1 is a fraction of the total steps (transformers 5).
+    #[serde(default)]
+    pub warmup_steps: f64,
+    /// Warm-up as a fraction of the total steps (older transformers name).
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "d_beta1")]
+    pub adam_beta1: f64,
+    #[serde(default = "d_beta2")]
+    pub adam_beta2: f64,
+    #[serde(default = "d_eps")]
+    pub adam_epsilon: f64,
+    /// Global L2 gradient clipping; 0 disables it.
+    #[serde(default = "d_one")]
+    pub max_grad_norm: f64,
+    #[serde(default = "d_epochs")]
+    pub num_train_epochs: f64,
+    /// Optimizer steps to run; -1: `num_train_epochs` decides.
+    #[serde(default = "d_max_steps")]
+    pub max_steps: i64,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    #[serde(default = "d_logging_steps")]
+    pub logging_steps: usize,
+    /// Must be `"sequential"` for `kto`: the KL pairs are fixed chunks of consecutive rows.
+    #[serde(default = "d_sampling")]
+    pub train_sampling_strategy: String,
+
+    // ---- accepted for compatibility with TRL configs ----
+    /// The engine has no dropout modules; accepted so TRL configs load.
+    #[serde(default = "d_true")]
+    pub disable_dropout: bool,
+    /// Accepted; does not change any number (TRL's default is true).
+    #[serde(default = "d_true")]
+    pub gradient_checkpointing: bool,
+    /// Compute is fp32 on the CPU; `bf16 = true` is accepted with a warning.
+    #[serde(default)]
+    pub bf16: Option<bool>,
+    #[serde(default)]
+    pub fp16: bool,
+    /// Not supported yet: the reference is computed online (identical numbers on a frozen reference).
+    #[serde(default)]
+    pub precompute_ref_log_probs: bool,
+    /// Only 1 (or unset) is supported: TRL with several processes rotates KL pairs inside shards.
+    #[serde(default)]
+    pub dataset_num_proc: Option<usize>,
+    /// No progress bar even on a terminal.
+    #[serde(default)]
+    pub disable_tqdm: bool,
+}
+
+fn d_output_dir() -> PathBuf {
+    PathBuf::from("trainer_output")
+}
+fn d_beta() -> f64 {
+    0.1
+}
+fn d_loss_type() -> String {
+    "kto".into()
+}
+fn d_one() -> f64 {
+    1.0
+}
+fn d_one_usize() -> usize {
+    1
+}
+fn d_max_length() -> usize {
+    1024
+}
+fn d_batch() -> usize {
+    8
+}
+fn d_lr() -> f64 {
+    1e-6
+}
+fn d_optim() -> String {
+    "adamw_torch_fused".into()
+}
+fn d_sched() -> String {
+    "linear".into()
+}
+fn d_beta1() -> f64 {
+    0.9
+}
+fn d_beta2() -> f64 {
+    0.999
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+fn d_epochs() -> f64 {
+    3.0
+}
+fn d_max_steps() -> i64 {
+    -1
+}
+fn d_seed() -> u64 {
+    42
+}
+fn d_logging_steps() -> usize {
+    10
+}
+fn d_sampling() -> String {
+    "sequential".into()
+}
+fn d_true() -> bool {
+    true
+}
+
+/// Parses a `--set KEY=VALUE` value as TOML (numbers, booleans, quoted strings, arrays); anything that is not
+/// valid TOML is taken as a bare string, so `--set optim=sgd` works.
+fn parse_override_value(raw: &str) -> toml::Value {
+    match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    }
+}
+
+impl TrainConfig {
+    /// Reads a TOML file and applies `KEY=VALUE` overrides.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        Self::from_toml(&text, overrides).map_err(|e| match e {
+            Error::Config(msg) => Error::file(path, msg),
+            other => other,
+        })
+    }
+
+    pub fn from_toml(text: &str, overrides: &[String]) -> Result<Self> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| Error::Config(one_line(&e.to_string())))?;
+        for item in overrides {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| Error::Config(format!("--set {item:?}: expected KEY=VALUE")))?;
+            table.insert(key.trim().to_string(), parse_override_value(value.trim()));
+        }
+        let cfg: TrainConfig =
+            TrainConfig::deserialize(table).map_err(|e| Error::Config(one_line(&e.to_string())))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.loss_type().is_none() {
+            return bad(format!("loss_type {:?}: expected \"kto\" or \"apo_zero_unpaired\"", self.loss_type));
+        }
+        if self.optim_kind().is_none() {
+            return bad(format!("optim {:?}: expected \"adamw_torch_fused\", \"adamw_torch\" or \"sgd\"", self.optim));
+        }
+        if self.schedule().is_none() {
+            return bad(format!(
+                "lr_scheduler_type {:?}: expected \"linear\", \"constant\", \"constant_with_warmup\" or \"cosine\"",
+                self.lr_scheduler_type
+            ));
+        }
+        if self.per_device_train_batch_size == 0 {
+            return bad("per_device_train_batch_size must be at least 1".into());
+        }
+        if self.loss_type() == Some(LossType::Kto) && self.per_device_train_batch_size < 2 {
+            return bad("per_device_train_batch_size must be > 1 for loss_type \"kto\": with one row the KL term equals the implied reward (TRL refuses it too)".into());
+        }
+        if self.loss_type() == Some(LossType::Kto) && self.train_sampling_strategy != "sequential" {
+            return bad(format!(
+                "train_sampling_strategy {:?}: loss_type \"kto\" needs \"sequential\" (the KL pairs are chunks of consecutive rows)",
+                self.train_sampling_strategy
+            ));
+        }
+        if self.gradient_accumulation_steps == 0 {
+            return bad("gradient_accumulation_steps must be at least 1".into());
+        }
+        if self.logging_steps == 0 {
+            return bad("logging_steps must be at least 1".into());
+        }
+        if !(self.beta > 0.0) {
+            return bad(format!("beta must be positive, got {}", self.beta));
+        }
+        if self.max_steps == 0 || self.max_steps < -1 {
+            return bad(format!("max_steps must be positive or -1, got {}", self.max_steps));
+        }
+        if self.max_steps == -1 && !(self.num_train_epochs > 0.0) {
+            return bad(format!("num_train_epochs must be positive, got {}", self.num_train_epochs));
+        }
+        if self.precompute_ref_log_probs {
+            return bad("precompute_ref_log_probs = true is not supported yet; the reference runs online (same numbers)".into());
+        }
+        if self.dataset_num_proc.is_some_and(|n| n > 1) {
+            return bad("dataset_num_proc > 1 is not supported: TRL would then rotate KL pairs inside shards".into());
+        }
+        if self.fp16 {
+            return bad("fp16 = true is not supported: compute is fp32 on the CPU".into());
+        }
+        Ok(())
+    }
+
+    pub fn loss_type(&self) -> Option<LossType> {
+        LossType::parse(&self.loss_type)
+    }
+    pub fn optim_kind(&self) -> Option<OptimKind> {
+        OptimKind::parse(&self.optim)
+    }
+    pub fn schedule(&self) -> Option<Schedule> {
+        Schedule::parse(&self.lr_scheduler_type)
+    }
+    pub fn max_length(&self) -> Option<usize> {
+        (self.max_length > 0).then_some(self.max_length)
+    }
+    pub fn tokenizer_dir(&self) -> &Path {
+        self.tokenizer.as_deref().unwrap_or(&self.model)
+    }
+    /// Warm-up steps for a run of `total` optimizer steps, as transformers' `get_warmup_steps`.
+    pub fn warmup_for(&self, total: usize) -> usize {
+        if self.warmup_steps >= 1.0 {
+            self.warmup_steps as usize
+        } else if self.warmup_steps > 0.0 {
+            (self.warmup_steps * total as f64).ceil() as usize
+        } else {
+            (self.warmup_ratio * total as f64).ceil() as usize
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "model = \"m\"\ntrain_dataset = \"d.jsonl\"\n";
+
+    #[test]
+    fn defaults_are_trls() {
+        let c = TrainConfig::from_toml(MIN, &[]).unwrap();
+        assert_eq!(c.learning_rate, 1e-6);
+        assert_eq!(c.logging_steps, 10);
+        assert_eq!(c.max_length(), Some(1024));
+        assert_eq!(c.lr_scheduler_type, "linear");
+        assert_eq!(c.max_grad_norm, 1.0);
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_name_the_key() {
+        let e = TrainConfig::from_toml(&format!("{MIN}betta = 0.2\n"), &[]).unwrap_err().to_string();
+        assert!(e.contains("betta"), "{e}");
+        let e = TrainConfig::from_toml(&format!("{MIN}beta = \"high\"\n"), &[]).unwrap_err().to_string();
+        assert!(e.contains("beta"), "{e}");
+        let e = TrainConfig::from_toml(MIN, &["per_device_train_batch_size=1".into()]).unwrap_err().to_string();
+        assert!(e.contains("per_device_train_batch_size"), "{e}");
+    }
+
+    #[test]
+    fn overrides_parse_as_toml_or_bare_strings() {
+        let c = TrainConfig::from_toml(MIN, &["optim=sgd".into(), "beta=0.5".into(), "max_steps=3".into()]).unwrap();
+        assert_eq!(c.optim, "sgd");
+        assert_eq!(c.beta, 0.5);
+        assert_eq!(c.max_steps, 3);
+    }
+}

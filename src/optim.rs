@@ -1,0 +1,159 @@
+//! Optimizers with PyTorch's semantics over the flat parameter buffer, gradient clipping as
+//! `clip_grad_norm_`, and transformers' learning-rate schedules.
+use crate::model::ParamLayout;
+use rayon::prelude::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptimKind {
+    /// `torch.optim.AdamW` (transformers' `adamw_torch` / `adamw_torch_fused`: the same update).
+    AdamW,
+    /// `torch.optim.SGD` without momentum (transformers' `sgd`).
+    Sgd,
+}
+
+impl OptimKind {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "adamw_torch" | "adamw_torch_fused" => Some(OptimKind::AdamW),
+            "sgd" => Some(OptimKind::Sgd),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Optimizer {
+    pub kind: OptimKind,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Per parameter element: weight decay applies (transformers exempts biases and norm weights).
+    decay: Vec<(std::ops::Range<usize>, bool)>,
+    pub exp_avg: Vec<f32>,
+    pub exp_avg_sq: Vec<f32>,
+    pub steps: u64,
+}
+
+impl Optimizer {
+    pub fn new(kind: OptimKind, layout: &ParamLayout, beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Self {
+        let (m, v) = match kind {
+            OptimKind::AdamW => (vec![0.0; layout.total], vec![0.0; layout.total]),
+            OptimKind::Sgd => (Vec::new(), Vec::new()),
+        };
+        let decay = layout.tensors.iter().map(|t| (t.range(), t.decay)).collect();
+        Optimizer { kind, beta1, beta2, eps, weight_decay, decay, exp_avg: m, exp_avg_sq: v, steps: 0 }
+    }
+
+    /// One update with learning rate `lr`.
+    pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64) {
+        self.steps += 1;
+        let t = self.steps as i32;
+        for (range, decays) in &self.decay {
+            let wd = if *decays { self.weight_decay } else { 0.0 };
+            let p = &mut params[range.clone()];
+            let g = &grads[range.clone()];
+            match self.kind {
+                OptimKind::Sgd => {
+                    let (lr, wd) = (lr as f32, wd as f32);
+                    p.par_iter_mut().zip(g.par_iter()).for_each(|(p, &g)| *p -= lr * (g + wd * *p));
+                }
+                OptimKind::AdamW => {
+                    let decay = (1.0 - lr * wd) as f32;
+                    let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
+                    let step_size = (lr / (1.0 - self.beta1.powi(t))) as f32;
+                    let bc2_sqrt = (1.0 - self.beta2.powi(t)).sqrt() as f32;
+                    let eps = self.eps as f32;
+                    let m = &mut self.exp_avg[range.clone()];
+                    let v = &mut self.exp_avg_sq[range.clone()];
+                    p.par_iter_mut().zip(g.par_iter()).zip(m.par_iter_mut()).zip(v.par_iter_mut()).for_each(
+                        |(((p, &g), m), v)| {
+                            *p *= decay;
+                            *m += (1.0 - b1) * (g - *m);
+                            *v = *v * b2 + (1.0 - b2) * g * g;
+                            let denom = v.sqrt() / bc2_sqrt + eps;
+                            *p -= step_size * *m / denom;
+                        },
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Global L2 norm of the gradient; scales it to `max_norm` when larger (`max_norm <= 0` disables clipping).
+/// Returns the norm before clipping, which is what transformers logs as `grad_norm`.
+pub fn clip_grad_norm(grads: &mut [f32], max_norm: f64) -> f64 {
+    let norm = grads.par_iter().map(|&g| g as f64 * g as f64).sum::<f64>().sqrt();
+    if max_norm > 0.0 {
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            let c = coef as f32;
+            grads.par_iter_mut().for_each(|g| *g *= c);
+        }
+    }
+    norm
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    Constant,
+    ConstantWithWarmup,
+    Linear,
+    Cosine,
+}
+
+impl Schedule {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "constant" => Some(Schedule::Constant),
+            "constant_with_warmup" => Some(Schedule::ConstantWithWarmup),
+            "linear" => Some(Schedule::Linear),
+            "cosine" => Some(Schedule::Cosine),
+            _ => None,
+        }
+    }
+
+    /// The factor on the base learning rate for the update after `step` completed updates (transformers'
+    /// `LambdaLR` lambdas; `Constant` ignores warm-up, as transformers' `constant` does).
+    pub fn factor(self, step: usize, warmup: usize, total: usize) -> f64 {
+        let (s, w, t) = (step as f64, warmup as f64, total as f64);
+        if self != Schedule::Constant && step < warmup {
+            return s / w.max(1.0);
+        }
+        match self {
+            Schedule::Constant | Schedule::ConstantWithWarmup => 1.0,
+            Schedule::Linear => ((t - s) / (t - w).max(1.0)).max(0.0),
+            Schedule::Cosine => {
+                let progress = (s - w) / (t - w).max(1.0);
+                (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_follow_transformers() {
+        assert_eq!(Schedule::Linear.factor(0, 0, 10), 1.0);
+        assert!((Schedule::Linear.factor(5, 0, 10) - 0.5).abs() < 1e-12);
+        assert_eq!(Schedule::Linear.factor(1, 2, 10), 0.5);
+        assert!((Schedule::Linear.factor(6, 2, 10) - 0.5).abs() < 1e-12);
+        assert!((Schedule::Cosine.factor(6, 2, 10) - 0.5).abs() < 1e-12);
+        assert_eq!(Schedule::ConstantWithWarmup.factor(1, 4, 10), 0.25);
+        assert_eq!(Schedule::Constant.factor(1, 4, 10), 1.0);
+    }
+
+    #[test]
+    fn clipping_scales_to_max_norm_and_reports_the_norm_before() {
+        let mut g = vec![3.0f32, 4.0];
+        assert!((clip_grad_norm(&mut g, 1.0) - 5.0).abs() < 1e-9);
+        assert!((g[0] - 0.6).abs() < 1e-5 && (g[1] - 0.8).abs() < 1e-5);
+        let mut small = vec![0.3f32, 0.4];
+        clip_grad_norm(&mut small, 1.0);
+        assert_eq!(small, vec![0.3, 0.4]);
+    }
+}
