@@ -11,5 +11,6 @@ pub mod files;
 pub mod model;
 pub mod objective;
 pub mod optim;
+pub mod train;
 
 pub use error::{Error, Result};

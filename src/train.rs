@@ -1,0 +1,374 @@
+//! The trainer: the one place that knows the order of things. Loads everything, prepares the data, runs
+//! micro-batches (policy KL forward, policy forward, reference forwards, objective, backward), accumulates,
+//! clips, steps the optimizer and schedule, logs TRL's `log_history` to `metrics.jsonl` and saves the model.
+use crate::config::TrainConfig;
+use crate::data::{self, Batch, PrepareOptions, Prepared, TextTokenizer};
+use crate::engine::{backward, forward, SeqBatch};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::objective::{KtoObjective, MicroBatchLogps};
+use crate::optim::{clip_grad_norm, Optimizer, Schedule};
+use serde_json::{Map, Value};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Where the trainer reports what it does. The command line draws a progress bar; tests stay quiet.
+pub trait Observer {
+    fn info(&self, _msg: &str) {}
+    fn warn(&self, _msg: &str) {}
+    fn start(&self, _total_steps: usize) {}
+    /// After each optimizer step.
+    fn step(&self, _step: usize, _loss: f64) {}
+    /// After each log entry is written.
+    fn log(&self, _entry: &Map<String, Value>) {}
+    fn finish(&self) {}
+}
+
+/// An observer that reports nothing.
+pub struct Silent;
+impl Observer for Silent {}
+
+/// Everything one micro-batch produced, for the trainer and for tests.
+#[derive(Debug, Clone)]
+pub struct MicroBatchRecord {
+    pub rows: Vec<usize>,
+    pub labels: Vec<bool>,
+    pub policy_logps: Vec<f64>,
+    pub reference_logps: Vec<f64>,
+    pub policy_kl_logps: Vec<f64>,
+    pub reference_kl_logps: Vec<f64>,
+    pub loss: f64,
+    pub kl: f64,
+    pub metrics: Vec<(&'static str, f64)>,
+    /// Tokens of the main sequences (TRL's `attention_mask` sum).
+    pub num_tokens: usize,
+}
+
+/// TRL's per-log aggregation: every metric is the unweighted mean of its per-micro-batch values since the last
+/// log, keys in first-insertion order; `num_tokens` is a running total, assigned rather than appended.
+#[derive(Default)]
+struct MetricAccumulator {
+    values: Vec<(&'static str, Vec<f64>)>,
+}
+
+impl MetricAccumulator {
+    fn add(&mut self, key: &'static str, v: f64) {
+        match self.values.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, list)) if key == "num_tokens" => *list = vec![v],
+            Some((_, list)) => list.push(v),
+            None => self.values.push((key, vec![v])),
+        }
+    }
+    fn drain_means(&mut self) -> Vec<(&'static str, f64)> {
+        self.values.drain(..).map(|(k, l)| (k, l.iter().sum::<f64>() / l.len() as f64)).collect()
+    }
+}
+
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub objective: KtoObjective,
+    pub policy: Model,
+    pub reference: Model,
+    pub tokenizer: TextTokenizer,
+    pub data: Prepared,
+    pub optimizer: Optimizer,
+    schedule: Schedule,
+    pub max_steps: usize,
+    warmup: usize,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub log_history: Vec<Map<String, Value>>,
+    pub steps: usize,
+    pub train_loss: f64,
+    pub runtime_s: f64,
+}
+
+impl Trainer {
+    /// Loads tokenizer, models and data, prepares the data set as TRL does, and checks the run can start.
+    pub fn new(cfg: TrainConfig, obs: &dyn Observer) -> Result<Self> {
+        let loss_type = cfg.loss_type().expect("validated");
+        if cfg.bf16 == Some(true) {
+            obs.warn("bf16 = true: kto computes in fp32 on the CPU (like TRL with bf16 = false)");
+        }
+        let tokenizer = TextTokenizer::load(cfg.tokenizer_dir())?;
+        let policy = Model::load(&cfg.model)?;
+        let reference = match &cfg.ref_model {
+            Some(dir) => {
+                let r = Model::load(dir)?;
+                if r.spec.vocab_size != policy.spec.vocab_size {
+                    return Err(Error::model(
+                        dir,
+                        format!("vocab_size {} differs from the policy's {}", r.spec.vocab_size, policy.spec.vocab_size),
+                    ));
+                }
+                r
+            }
+            None => policy.clone(),
+        };
+        if tokenizer.vocab_size() > policy.spec.vocab_size {
+            return Err(Error::model(
+                &cfg.model,
+                format!("the tokenizer has {} tokens but vocab_size is {}", tokenizer.vocab_size(), policy.spec.vocab_size),
+            ));
+        }
+        let rows = data::read_rows(&cfg.train_dataset)?;
+        let (examples, _) = data::examples_from_rows(&rows)?;
+        let opts = PrepareOptions {
+            max_length: cfg.max_length(),
+            batch_size: cfg.per_device_train_batch_size,
+            with_kl: loss_type.uses_kl(),
+        };
+        let prepared = data::prepare(&examples, &tokenizer, opts, &cfg.train_dataset)?;
+        if prepared.prefix_mismatches > 0 {
+            obs.warn(&format!(
+                "{} rows: the prompt's tokens are not a prefix of the prompt+completion tokens (e.g. a prompt ending in a space); the extra tokens move to the completion, as in TRL",
+                prepared.prefix_mismatches
+            ));
+        }
+        if !prepared.dropped_source_rows.is_empty() {
+            obs.warn(&format!(
+                "dropped {} rows whose prompt alone has at least max_length = {} tokens",
+                prepared.dropped_source_rows.len(),
+                cfg.max_length
+            ));
+        }
+        if prepared.rows.is_empty() {
+            return Err(Error::Train(format!("{}: no rows left to train on", cfg.train_dataset.display())));
+        }
+        if let Some(msg) = weight_balance_warning(&prepared, cfg.desirable_weight, cfg.undesirable_weight) {
+            obs.warn(&msg);
+        }
+        let batches_per_epoch = prepared.rows.len().div_ceil(cfg.per_device_train_batch_size);
+        let updates_per_epoch = batches_per_epoch.div_ceil(cfg.gradient_accumulation_steps);
+        let max_steps = if cfg.max_steps > 0 {
+            cfg.max_steps as usize
+        } else {
+            (cfg.num_train_epochs * updates_per_epoch as f64).ceil().max(1.0) as usize
+        };
+        let optimizer = Optimizer::new(
+            cfg.optim_kind().expect("validated"),
+            &policy.layout,
+            cfg.adam_beta1,
+            cfg.adam_beta2,
+            cfg.adam_epsilon,
+            cfg.weight_decay,
+        );
+        let objective = KtoObjective {
+            loss_type,
+            beta: cfg.beta,
+            desirable_weight: cfg.desirable_weight,
+            undesirable_weight: cfg.undesirable_weight,
+        };
+        obs.info(&format!(
+            "{} rows ({} desirable), {} parameters, {} optimizer steps",
+            prepared.rows.len(),
+            prepared.rows.iter().filter(|r| r.label).count(),
+            policy.num_parameters(),
+            max_steps
+        ));
+        Ok(Trainer {
+            schedule: cfg.schedule().expect("validated"),
+            warmup: cfg.warmup_for(max_steps),
+            cfg,
+            objective,
+            policy,
+            reference,
+            tokenizer,
+            data: prepared,
+            optimizer,
+            max_steps,
+        })
+    }
+
+    /// Row indices of each micro-batch of one epoch (sequential, the last one may be short).
+    pub fn epoch_batches(&self) -> Vec<Vec<usize>> {
+        let n = self.data.rows.len();
+        (0..n).collect::<Vec<_>>().chunks(self.cfg.per_device_train_batch_size).map(|c| c.to_vec()).collect()
+    }
+
+    pub fn collate(&self, rows: &[usize]) -> Batch {
+        data::collate(&self.data.rows, rows, self.cfg.max_length(), self.objective.loss_type.uses_kl())
+    }
+
+    /// Runs one micro-batch. With `grads`, backpropagates `loss / loss_divisor` into it.
+    pub fn micro_batch(
+        &self,
+        batch: &Batch,
+        num_tokens_before: usize,
+        grads: Option<(&mut [f32], f64)>,
+    ) -> MicroBatchRecord {
+        let as_refs = |seqs: &[(Vec<u32>, Vec<bool>)]| -> SeqBatch {
+            let refs: Vec<(&[u32], &[bool])> = seqs.iter().map(|(i, m)| (i.as_slice(), m.as_slice())).collect();
+            SeqBatch::new(&refs)
+        };
+        let main = as_refs(&batch.main);
+        let with_kl = self.objective.loss_type.uses_kl();
+        let kl_seqs = with_kl.then(|| as_refs(&batch.kl));
+        let no_grad = |model: &Model, b: &SeqBatch| forward(model, b, false).0.seq_logps;
+        let policy_kl = kl_seqs.as_ref().map(|b| no_grad(&self.policy, b)).unwrap_or_default();
+        let (policy_out, tape) = forward(&self.policy, &main, grads.is_some());
+        let reference_kl = kl_seqs.as_ref().map(|b| no_grad(&self.reference, b)).unwrap_or_default();
+        let reference = no_grad(&self.reference, &main);
+        let num_tokens = main.n_tokens();
+        let lp = MicroBatchLogps {
+            labels: &batch.labels,
+            policy: &policy_out.seq_logps,
+            reference: &reference,
+            policy_kl: &policy_kl,
+            reference_kl: &reference_kl,
+        };
+        let result =
+            self.objective.evaluate(&lp, &policy_out, &main.scored_seq, (num_tokens_before + num_tokens) as f64);
+        if let (Some((g, divisor)), Some(tape)) = (grads, tape) {
+            let d: Vec<f32> = result.dloss_dlogp.iter().map(|v| (v / divisor) as f32).collect();
+            backward(&self.policy, &main, &tape, &d, g);
+        }
+        MicroBatchRecord {
+            rows: batch.rows.clone(),
+            labels: batch.labels.clone(),
+            policy_logps: policy_out.seq_logps,
+            reference_logps: reference,
+            policy_kl_logps: policy_kl,
+            reference_kl_logps: reference_kl,
+            loss: result.loss,
+            kl: result.kl,
+            metrics: result.metrics,
+            num_tokens,
+        }
+    }
+
+    /// Trains for `max_steps` optimizer steps, writing `metrics.jsonl` and finally the model to `output_dir`.
+    pub fn train(&mut self, obs: &dyn Observer) -> Result<TrainSummary> {
+        let out_dir = self.cfg.output_dir.clone();
+        std::fs::create_dir_all(&out_dir).map_err(|e| Error::file(&out_dir, format!("cannot create: {e}")))?;
+        let metrics_path = out_dir.join("metrics.jsonl");
+        let mut metrics_file = std::fs::File::create(&metrics_path).map_err(|e| Error::file(&metrics_path, e))?;
+        let mut write_entry = |entry: &Map<String, Value>| -> Result<()> {
+            let line = serde_json::to_string(entry).map_err(|e| Error::Train(e.to_string()))?;
+            writeln!(metrics_file, "{line}").and_then(|_| metrics_file.flush()).map_err(|e| Error::file(&metrics_path, e))
+        };
+
+        let start = Instant::now();
+        let epoch_batches = self.epoch_batches();
+        let batches_per_epoch = epoch_batches.len();
+        let ga = self.cfg.gradient_accumulation_steps;
+        let mut grads = vec![0f32; self.policy.layout.total];
+        let mut acc = MetricAccumulator::default();
+        let mut log_history = Vec::new();
+        let (mut step, mut epoch, mut num_tokens) = (0usize, 0usize, 0usize);
+        let (mut loss_since_log, mut steps_since_log, mut total_loss) = (0.0f64, 0usize, 0.0f64);
+        let mut epoch_progress = 0.0;
+        obs.start(self.max_steps);
+        'run: loop {
+            for (g, group) in epoch_batches.chunks(ga).enumerate() {
+                grads.iter_mut().for_each(|v| *v = 0.0);
+                let mut step_loss = 0.0;
+                for (j, rows) in group.iter().enumerate() {
+                    let batch = self.collate(rows);
+                    let rec = self.micro_batch(&batch, num_tokens, Some((&mut grads, group.len() as f64)));
+                    if !rec.loss.is_finite() {
+                        return Err(Error::Train(format!(
+                            "non-finite loss at step {} (micro-batch rows {:?}); nothing was saved",
+                            step + 1,
+                            rec.rows
+                        )));
+                    }
+                    num_tokens += rec.num_tokens;
+                    step_loss += rec.loss / group.len() as f64;
+                    for (k, v) in &rec.metrics {
+                        acc.add(k, *v);
+                    }
+                    let micro_index = g * ga + j;
+                    epoch_progress = epoch as f64 + (micro_index + 1) as f64 / batches_per_epoch as f64;
+                }
+                let grad_norm = clip_grad_norm(&mut grads, self.cfg.max_grad_norm);
+                if !grad_norm.is_finite() {
+                    return Err(Error::Train(format!(
+                        "non-finite gradient norm at step {} (rows {:?}); nothing was saved",
+                        step + 1,
+                        group.iter().flatten().collect::<Vec<_>>()
+                    )));
+                }
+                let lr = self.cfg.learning_rate * self.schedule.factor(step, self.warmup, self.max_steps);
+                self.optimizer.step(&mut self.policy.params, &grads, lr);
+                step += 1;
+                loss_since_log += step_loss;
+                steps_since_log += 1;
+                total_loss += step_loss;
+                obs.step(step, step_loss);
+                if step % self.cfg.logging_steps == 0 {
+                    let mut entry = Map::new();
+                    entry.insert("loss".into(), (loss_since_log / steps_since_log as f64).into());
+                    entry.insert("grad_norm".into(), grad_norm.into());
+                    entry.insert("learning_rate".into(), lr.into());
+                    for (k, v) in acc.drain_means() {
+                        entry.insert(k.into(), v.into());
+                    }
+                    entry.insert("epoch".into(), epoch_progress.into());
+                    entry.insert("step".into(), step.into());
+                    write_entry(&entry)?;
+                    obs.log(&entry);
+                    log_history.push(entry);
+                    loss_since_log = 0.0;
+                    steps_since_log = 0;
+                }
+                if step == self.max_steps {
+                    break 'run;
+                }
+            }
+            epoch += 1;
+        }
+        let runtime = start.elapsed().as_secs_f64();
+        let train_loss = total_loss / step as f64;
+        let samples = step * ga * self.cfg.per_device_train_batch_size;
+        let mut summary = Map::new();
+        summary.insert("train_runtime".into(), runtime.into());
+        summary.insert("train_samples_per_second".into(), (samples as f64 / runtime).into());
+        summary.insert("train_steps_per_second".into(), (step as f64 / runtime).into());
+        summary.insert("train_tokens".into(), num_tokens.into());
+        summary.insert("train_loss".into(), train_loss.into());
+        summary.insert("epoch".into(), epoch_progress.into());
+        summary.insert("step".into(), step.into());
+        write_entry(&summary)?;
+        log_history.push(summary);
+        self.save(&out_dir)?;
+        obs.finish();
+        Ok(TrainSummary { log_history, steps: step, train_loss, runtime_s: runtime })
+    }
+
+    /// Writes the policy as a Hugging Face folder (weights, config, tokenizer files).
+    pub fn save(&self, dir: &std::path::Path) -> Result<PathBuf> {
+        self.policy.save_pretrained(dir, &self.cfg.model, self.cfg.tokenizer_dir())?;
+        Ok(dir.to_path_buf())
+    }
+}
+
+/// TRL's recommendation when desirable and undesirable rows are unbalanced and the weights do not make up for
+/// it (KTO paper: λD·nD / (λU·nU) should lie in [1, 4/3]).
+pub fn weight_balance_warning(data: &Prepared, wd: f64, wu: f64) -> Option<String> {
+    let n = data.rows.len();
+    let nd = data.rows.iter().filter(|r| r.label).count().max(1);
+    let nu = n.saturating_sub(nd).max(1);
+    if nd == nu {
+        return None;
+    }
+    let round2 = |x: f64| (x * 100.0).round() / 100.0;
+    let (nd, nu) = (nd as f64, nu as f64);
+    let d_lo = round2(nu * wu / nd);
+    let d_hi = round2(1.33 * nu * wu / nd);
+    let u_lo = round2(nd * wd / (1.33 * nu));
+    let u_hi = round2(nd * wd / nu);
+    let d_ok = d_lo <= wd && wd <= d_hi;
+    let u_ok = u_lo <= wu && wu <= u_hi;
+    if d_ok || u_ok {
+        return None;
+    }
+    Some(format!(
+        "desirable and undesirable rows are unbalanced ({} vs {}) and the weights do not compensate: set EITHER desirable_weight in [{d_lo}, {d_hi}] OR undesirable_weight in [{u_lo}, {u_hi}] (not both)",
+        nd as usize, nu as usize
+    ))
+}
