@@ -1,0 +1,85 @@
+//! Model folders: sharded checkpoints with an index, bf16/f16 weights, tied embeddings, and save → load.
+mod common;
+use common::fixture;
+use kto::model::Model;
+use safetensors::{tensor::TensorView, Dtype};
+use std::collections::HashMap;
+
+fn write_shard(path: &std::path::Path, tensors: &[(String, Vec<usize>, Vec<u8>, Dtype)]) {
+    let views: Vec<(String, TensorView)> =
+        tensors.iter().map(|(n, s, b, d)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+#[test]
+fn sharded_bf16_and_f16_checkpoint_loads_like_the_f32_one() {
+    let m = Model::load(&fixture("policy")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture("policy/config.json"), dir.path().join("config.json")).unwrap();
+    let mut shards: [Vec<(String, Vec<usize>, Vec<u8>, Dtype)>; 2] = [Vec::new(), Vec::new()];
+    let mut weight_map = serde_json::Map::new();
+    for (i, t) in m.layout.tensors.iter().enumerate() {
+        let data = &m.params[t.range()];
+        let (bytes, dtype): (Vec<u8>, Dtype) = if i % 2 == 0 {
+            (data.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(), Dtype::BF16)
+        } else {
+            (data.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(), Dtype::F16)
+        };
+        let shard = i % 2;
+        weight_map.insert(t.name.clone(), format!("model-0000{}-of-00002.safetensors", shard + 1).into());
+        shards[shard].push((t.name.clone(), t.shape.clone(), bytes, dtype));
+    }
+    for (s, tensors) in shards.iter().enumerate() {
+        write_shard(&dir.path().join(format!("model-0000{}-of-00002.safetensors", s + 1)), tensors);
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let loaded = Model::load(dir.path()).unwrap();
+    for (a, b) in loaded.params.iter().zip(&m.params) {
+        assert!((a - b).abs() <= b.abs() / 128.0 + 1e-6, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn tied_embeddings_load_without_lm_head_and_round_trip() {
+    let m = Model::load(&fixture("policy")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("policy/config.json")).unwrap()).unwrap();
+    cfg["tie_word_embeddings"] = true.into();
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>, Dtype)> = m
+        .layout
+        .tensors
+        .iter()
+        .filter(|t| t.name != "lm_head.weight")
+        .map(|t| (t.name.clone(), t.shape.clone(), m.params[t.range()].iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F32))
+        .collect();
+    write_shard(&dir.path().join("model.safetensors"), &tensors);
+    let tied = Model::load(dir.path()).unwrap();
+    assert_eq!(tied.layout.lm_head, tied.layout.embed);
+    assert_eq!(tied.num_parameters(), m.num_parameters() - 512 * 64);
+
+    // Save and load again: bit-identical parameters, no lm_head tensor written, format metadata present.
+    let out = dir.path().join("saved");
+    tied.save_pretrained(&out, dir.path(), &fixture("tokenizer")).unwrap();
+    let again = Model::load(&out).unwrap();
+    assert_eq!(again.params, tied.params);
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    assert_eq!(meta.metadata().as_ref().and_then(|m| m.get("format")).map(String::as_str), Some("pt"));
+    let names: HashMap<_, _> = meta.tensors();
+    assert!(!names.contains_key("lm_head.weight"));
+}
+
+#[test]
+fn unsupported_architecture_lists_the_supported_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type": "gpt2", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}"#,
+    )
+    .unwrap();
+    let e = Model::load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("gpt2") && e.contains("llama"), "{e}");
+}
