@@ -24,6 +24,8 @@ pub enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// Time KTO training steps on a random Llama of the shape shared/peer/bench_trl.py uses.
+    Bench(crate::bench::BenchOptions),
 }
 
 /// Progress on a terminal: a bar with loss and step rate; elsewhere one plain line per log entry.
@@ -106,5 +108,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             ));
             Ok(())
         }
+        Command::Bench(opts) => crate::bench::run(&opts),
     }
 }

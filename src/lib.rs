@@ -3,6 +3,7 @@
 //! The flow, one module a stage: `config` → `data` (rows → formatted → tokenized → KL pairs → batches) →
 //! `model` (Hugging Face folder ↔ flat parameters) → `engine` (forward/backward kernels) → `objective`
 //! (sequence log-probs → KTO loss and metrics) → `optim` → `train` (the only place that knows the order).
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;

@@ -70,12 +70,40 @@ pub struct Trainer {
     pub objective: KtoObjective,
     pub policy: Model,
     pub reference: Model,
-    pub tokenizer: TextTokenizer,
     pub data: Prepared,
     pub optimizer: Optimizer,
     schedule: Schedule,
     pub max_steps: usize,
     warmup: usize,
+    /// Wall time of each phase, summed over the run (reported at the end, and by `kto bench`).
+    pub phases: PhaseTimes,
+}
+
+/// Seconds spent in each phase of training.
+#[derive(Debug, Clone, Default)]
+pub struct PhaseTimes {
+    /// Policy forward on the KL sequences (no gradient).
+    pub policy_kl_forward: f64,
+    /// Policy forward on the main sequences, keeping activations.
+    pub policy_forward: f64,
+    /// Reference forwards on the main and KL sequences.
+    pub reference_forward: f64,
+    pub backward: f64,
+    /// Clipping and the optimizer update.
+    pub optimizer: f64,
+}
+
+impl PhaseTimes {
+    pub fn total(&self) -> f64 {
+        self.policy_kl_forward + self.policy_forward + self.reference_forward + self.backward + self.optimizer
+    }
+}
+
+fn timed<T>(acc: &mut f64, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let r = f();
+    *acc += t.elapsed().as_secs_f64();
+    r
 }
 
 /// What a finished run reports.
@@ -142,6 +170,20 @@ impl Trainer {
         if let Some(msg) = weight_balance_warning(&prepared, cfg.desirable_weight, cfg.undesirable_weight) {
             obs.warn(&msg);
         }
+        let t = Self::from_parts(cfg, policy, reference, prepared);
+        obs.info(&format!(
+            "{} rows ({} desirable), {} parameters, {} optimizer steps",
+            t.data.rows.len(),
+            t.data.rows.iter().filter(|r| r.label).count(),
+            t.policy.num_parameters(),
+            t.max_steps
+        ));
+        Ok(t)
+    }
+
+    /// A trainer over models and prepared data already in memory (`cfg` must have passed validation).
+    pub fn from_parts(cfg: TrainConfig, policy: Model, reference: Model, prepared: Prepared) -> Self {
+        let loss_type = cfg.loss_type().expect("validated");
         let batches_per_epoch = prepared.rows.len().div_ceil(cfg.per_device_train_batch_size);
         let updates_per_epoch = batches_per_epoch.div_ceil(cfg.gradient_accumulation_steps);
         let max_steps = if cfg.max_steps > 0 {
@@ -163,25 +205,18 @@ impl Trainer {
             desirable_weight: cfg.desirable_weight,
             undesirable_weight: cfg.undesirable_weight,
         };
-        obs.info(&format!(
-            "{} rows ({} desirable), {} parameters, {} optimizer steps",
-            prepared.rows.len(),
-            prepared.rows.iter().filter(|r| r.label).count(),
-            policy.num_parameters(),
-            max_steps
-        ));
-        Ok(Trainer {
+        Trainer {
             schedule: cfg.schedule().expect("validated"),
             warmup: cfg.warmup_for(max_steps),
             cfg,
             objective,
             policy,
             reference,
-            tokenizer,
             data: prepared,
             optimizer,
             max_steps,
-        })
+            phases: PhaseTimes::default(),
+        }
     }
 
     /// Row indices of each micro-batch of one epoch (sequential, the last one may be short).
@@ -200,6 +235,7 @@ impl Trainer {
         batch: &Batch,
         num_tokens_before: usize,
         grads: Option<(&mut [f32], f64)>,
+        times: &mut PhaseTimes,
     ) -> MicroBatchRecord {
         let as_refs = |seqs: &[(Vec<u32>, Vec<bool>)]| -> SeqBatch {
             let refs: Vec<(&[u32], &[bool])> = seqs.iter().map(|(i, m)| (i.as_slice(), m.as_slice())).collect();
@@ -209,10 +245,12 @@ impl Trainer {
         let with_kl = self.objective.loss_type.uses_kl();
         let kl_seqs = with_kl.then(|| as_refs(&batch.kl));
         let no_grad = |model: &Model, b: &SeqBatch| forward(model, b, false).0.seq_logps;
-        let policy_kl = kl_seqs.as_ref().map(|b| no_grad(&self.policy, b)).unwrap_or_default();
-        let (policy_out, tape) = forward(&self.policy, &main, grads.is_some());
-        let reference_kl = kl_seqs.as_ref().map(|b| no_grad(&self.reference, b)).unwrap_or_default();
-        let reference = no_grad(&self.reference, &main);
+        let policy_kl =
+            timed(&mut times.policy_kl_forward, || kl_seqs.as_ref().map(|b| no_grad(&self.policy, b)).unwrap_or_default());
+        let (policy_out, tape) = timed(&mut times.policy_forward, || forward(&self.policy, &main, grads.is_some()));
+        let (reference_kl, reference) = timed(&mut times.reference_forward, || {
+            (kl_seqs.as_ref().map(|b| no_grad(&self.reference, b)).unwrap_or_default(), no_grad(&self.reference, &main))
+        });
         let num_tokens = main.n_tokens();
         let lp = MicroBatchLogps {
             labels: &batch.labels,
@@ -225,7 +263,7 @@ impl Trainer {
             self.objective.evaluate(&lp, &policy_out, &main.scored_seq, (num_tokens_before + num_tokens) as f64);
         if let (Some((g, divisor)), Some(tape)) = (grads, tape) {
             let d: Vec<f32> = result.dloss_dlogp.iter().map(|v| (v / divisor) as f32).collect();
-            backward(&self.policy, &main, &tape, &d, g);
+            timed(&mut times.backward, || backward(&self.policy, &main, &tape, &d, g));
         }
         MicroBatchRecord {
             rows: batch.rows.clone(),
@@ -239,6 +277,19 @@ impl Trainer {
             metrics: result.metrics,
             num_tokens,
         }
+    }
+
+    /// Clips `grads`, updates the policy with the learning rate of update number `step` (0-based), and returns
+    /// (gradient norm before clipping, learning rate used).
+    pub fn apply_update(&mut self, grads: &mut [f32], step: usize) -> (f64, f64) {
+        let t = Instant::now();
+        let grad_norm = clip_grad_norm(grads, self.cfg.max_grad_norm);
+        let lr = self.cfg.learning_rate * self.schedule.factor(step, self.warmup, self.max_steps);
+        if grad_norm.is_finite() {
+            self.optimizer.step(&mut self.policy.params, grads, lr);
+        }
+        self.phases.optimizer += t.elapsed().as_secs_f64();
+        (grad_norm, lr)
     }
 
     /// Trains for `max_steps` optimizer steps, writing `metrics.jsonl` and finally the model to `output_dir`.
@@ -269,7 +320,9 @@ impl Trainer {
                 let mut step_loss = 0.0;
                 for (j, rows) in group.iter().enumerate() {
                     let batch = self.collate(rows);
-                    let rec = self.micro_batch(&batch, num_tokens, Some((&mut grads, group.len() as f64)));
+                    let mut times = std::mem::take(&mut self.phases);
+                    let rec = self.micro_batch(&batch, num_tokens, Some((&mut grads, group.len() as f64)), &mut times);
+                    self.phases = times;
                     if !rec.loss.is_finite() {
                         return Err(Error::Train(format!(
                             "non-finite loss at step {} (micro-batch rows {:?}); nothing was saved",
@@ -285,7 +338,7 @@ impl Trainer {
                     let micro_index = g * ga + j;
                     epoch_progress = epoch as f64 + (micro_index + 1) as f64 / batches_per_epoch as f64;
                 }
-                let grad_norm = clip_grad_norm(&mut grads, self.cfg.max_grad_norm);
+                let (grad_norm, lr) = self.apply_update(&mut grads, step);
                 if !grad_norm.is_finite() {
                     return Err(Error::Train(format!(
                         "non-finite gradient norm at step {} (rows {:?}); nothing was saved",
@@ -293,8 +346,6 @@ impl Trainer {
                         group.iter().flatten().collect::<Vec<_>>()
                     )));
                 }
-                let lr = self.cfg.learning_rate * self.schedule.factor(step, self.warmup, self.max_steps);
-                self.optimizer.step(&mut self.policy.params, &grads, lr);
                 step += 1;
                 loss_since_log += step_loss;
                 steps_since_log += 1;

@@ -37,7 +37,7 @@ fn step0_batches_match_trl() {
     let want = json("expected_step0.json");
     let mut num_tokens = 0;
     for (rows, wb) in t.epoch_batches().iter().zip(want["batches"].as_array().unwrap()) {
-        let rec = t.micro_batch(&t.collate(rows), num_tokens, None);
+        let rec = t.micro_batch(&t.collate(rows), num_tokens, None, &mut Default::default());
         num_tokens += rec.num_tokens;
         let expect = |key: &str| -> Vec<f64> { wb[key].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect() };
         for (got, key) in [

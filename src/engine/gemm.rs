@@ -93,3 +93,30 @@ mod tests {
         }
     }
 }
+
+/// Single-threaded `c = alpha·a·b + beta·c` on strided views, for kernels that already run one task per thread.
+///
+/// # Safety
+/// Each pointer with its strides must address valid memory for the given shape (`a`: m×k, `b`: k×n, `c`: m×n),
+/// and no other thread may write the elements of `c` meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_strided(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: usize,
+    csa: usize,
+    b: *const f32,
+    rsb: usize,
+    csb: usize,
+    beta: f32,
+    c: *mut f32,
+    rsc: usize,
+    csc: usize,
+) {
+    matrixmultiply::sgemm(
+        m, k, n, alpha, a, rsa as isize, csa as isize, b, rsb as isize, csb as isize, beta, c, rsc as isize, csc as isize,
+    );
+}

@@ -1,4 +1,5 @@
 //! The per-layer kernels of the decoder, each forward beside its backward. Rows are tokens of a packed batch.
+use super::gemm::sgemm_strided;
 use rayon::prelude::*;
 
 /// A raw pointer that tasks may share when each writes a disjoint set of elements.
@@ -132,7 +133,7 @@ pub struct AttnShape<'a> {
 }
 
 impl AttnShape<'_> {
-    fn n_seqs(&self) -> usize {
+    pub fn n_seqs(&self) -> usize {
         self.seq_starts.len() - 1
     }
     /// Offsets of each (sequence, head) probability matrix `[L, L]` in the saved buffer, and its total size.
@@ -151,13 +152,15 @@ impl AttnShape<'_> {
 }
 
 /// Causal attention inside each sequence. `q: [N, heads·d]`, `k, v: [N, kv_heads·d]`, `out: [N, heads·d]`;
-/// `probs` receives each (sequence, head) softmax matrix (row t holds the weights over keys 0..=t).
+/// `probs` receives each (sequence, head) softmax matrix (row t holds the weights over keys 0..=t, zeros after).
+/// Scores and outputs are GEMMs on strided views of the packed rows, one (sequence, head) per task.
 pub fn attention_forward(shape: &AttnShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], probs: &mut [f32]) {
     let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
     let (qw, kw) = (h * d, kvh * d);
     let group = h / kvh;
     let scale = 1.0 / (d as f32).sqrt();
-    let (offs, _) = shape.prob_offsets();
+    let (offs, total) = shape.prob_offsets();
+    assert!(probs.len() >= total && out.len() >= q.len());
     let out_ptr = SharedMut(out.as_mut_ptr());
     let probs_ptr = SharedMut(probs.as_mut_ptr());
     let tasks: Vec<(usize, usize)> = (0..shape.n_seqs()).flat_map(|s| (0..h).map(move |hh| (s, hh))).collect();
@@ -165,34 +168,27 @@ pub fn attention_forward(shape: &AttnShape, q: &[f32], k: &[f32], v: &[f32], out
         let (start, end) = (shape.seq_starts[s], shape.seq_starts[s + 1]);
         let l = end - start;
         let kv = hh / group;
-        // SAFETY: task (s, hh) writes only head hh's columns of rows start..end of `out`, and only its own
-        // [l, l] block of `probs`; no two tasks share either.
-        let p = unsafe { std::slice::from_raw_parts_mut(probs_ptr.ptr().add(offs[s * h + hh]), l * l) };
-        for t in 0..l {
-            let qr = &q[(start + t) * qw + hh * d..][..d];
-            let row = &mut p[t * l..t * l + l];
-            let mut max = f32::NEG_INFINITY;
-            for u in 0..=t {
-                let kr = &k[(start + u) * kw + kv * d..][..d];
-                let sc = qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
-                row[u] = sc;
-                max = max.max(sc);
+        // SAFETY: task (s, hh) writes only its own [l, l] block of `probs` and head hh's columns of rows
+        // start..end of `out`; no two tasks share either. The read views lie inside q, k, v.
+        unsafe {
+            let p = std::slice::from_raw_parts_mut(probs_ptr.ptr().add(offs[s * h + hh]), l * l);
+            let qs = q.as_ptr().add(start * qw + hh * d);
+            let ks = k.as_ptr().add(start * kw + kv * d);
+            let vs = v.as_ptr().add(start * kw + kv * d);
+            sgemm_strided(l, d, l, scale, qs, qw, 1, ks, 1, kw, 0.0, p.as_mut_ptr(), l, 1);
+            for t in 0..l {
+                let row = &mut p[t * l..t * l + l];
+                let max = row[..=t].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for val in row[..=t].iter_mut() {
+                    *val = (*val - max).exp();
+                    sum += *val;
+                }
+                let inv = 1.0 / sum;
+                row[..=t].iter_mut().for_each(|v| *v *= inv);
+                row[t + 1..].fill(0.0);
             }
-            let mut sum = 0f32;
-            for val in row[..=t].iter_mut() {
-                *val = (*val - max).exp();
-                sum += *val;
-            }
-            let inv = 1.0 / sum;
-            row[..=t].iter_mut().for_each(|v| *v *= inv);
-            row[t + 1..].fill(0.0);
-            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.ptr().add((start + t) * qw + hh * d), d) };
-            o.fill(0.0);
-            for u in 0..=t {
-                let vr = &v[(start + u) * kw + kv * d..][..d];
-                let pu = row[u];
-                o.iter_mut().zip(vr).for_each(|(a, b)| *a += pu * b);
-            }
+            sgemm_strided(l, l, d, 1.0, p.as_ptr(), l, 1, vs, kw, 1, 0.0, out_ptr.ptr().add(start * qw + hh * d), qw, 1);
         }
     });
 }
@@ -216,39 +212,34 @@ pub fn attention_backward(
     let scale = 1.0 / (d as f32).sqrt();
     let (offs, _) = shape.prob_offsets();
     let (dq_ptr, dk_ptr, dv_ptr) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
-    // One task per (sequence, kv head): the query heads of a group all write the same dk/dv columns.
+    // One task per (sequence, kv head): the query heads of a group all add into the same dk/dv columns.
     let tasks: Vec<(usize, usize)> = (0..shape.n_seqs()).flat_map(|s| (0..kvh).map(move |kv| (s, kv))).collect();
     tasks.par_iter().for_each(|&(s, kv)| {
         let (start, end) = (shape.seq_starts[s], shape.seq_starts[s + 1]);
         let l = end - start;
-        let mut dp = vec![0f32; l];
+        let mut ds = vec![0f32; l * l];
         for hh in kv * group..(kv + 1) * group {
             let p = &probs[offs[s * h + hh]..][..l * l];
-            for t in 0..l {
-                let row = &p[t * l..t * l + l];
-                let dor = &dout[(start + t) * qw + hh * d..][..d];
-                let mut dot = 0f32;
-                for u in 0..=t {
-                    let vr = &v[(start + u) * kw + kv * d..][..d];
-                    dp[u] = dor.iter().zip(vr).map(|(a, b)| a * b).sum();
-                    dot += row[u] * dp[u];
-                }
-                // SAFETY: this task alone writes head hh's columns of dq rows start..end (hh is in its group)
-                // and kv head kv's columns of dk/dv rows start..end.
-                let dqr = unsafe { std::slice::from_raw_parts_mut(dq_ptr.ptr().add((start + t) * qw + hh * d), d) };
-                dqr.fill(0.0);
-                let qr = &q[(start + t) * qw + hh * d..][..d];
-                for u in 0..=t {
-                    let ds = row[u] * (dp[u] - dot) * scale;
-                    let kr = &k[(start + u) * kw + kv * d..][..d];
-                    let dkr = unsafe { std::slice::from_raw_parts_mut(dk_ptr.ptr().add((start + u) * kw + kv * d), d) };
-                    let dvr = unsafe { std::slice::from_raw_parts_mut(dv_ptr.ptr().add((start + u) * kw + kv * d), d) };
-                    for j in 0..d {
-                        dqr[j] += ds * kr[j];
-                        dkr[j] += ds * qr[j];
-                        dvr[j] += row[u] * dor[j];
+            // SAFETY: this task alone writes head hh's columns of dq rows start..end (hh is in its group) and
+            // kv head kv's columns of dk/dv rows start..end; the read views lie inside their buffers.
+            unsafe {
+                let dos = dout.as_ptr().add(start * qw + hh * d);
+                let qs = q.as_ptr().add(start * qw + hh * d);
+                let ks = k.as_ptr().add(start * kw + kv * d);
+                let vs = v.as_ptr().add(start * kw + kv * d);
+                // dP = dO·Vᵀ, then dS = P ∘ (dP − Σ_u P·dP) · scale, row by row.
+                sgemm_strided(l, d, l, 1.0, dos, qw, 1, vs, 1, kw, 0.0, ds.as_mut_ptr(), l, 1);
+                for t in 0..l {
+                    let (pr, dr) = (&p[t * l..t * l + l], &mut ds[t * l..t * l + l]);
+                    let dot: f32 = pr[..=t].iter().zip(&dr[..=t]).map(|(a, b)| a * b).sum();
+                    for u in 0..=t {
+                        dr[u] = pr[u] * (dr[u] - dot) * scale;
                     }
+                    dr[t + 1..].fill(0.0);
                 }
+                sgemm_strided(l, l, d, 1.0, ds.as_ptr(), l, 1, ks, kw, 1, 0.0, dq_ptr.ptr().add(start * qw + hh * d), qw, 1);
+                sgemm_strided(l, l, d, 1.0, ds.as_ptr(), 1, l, qs, qw, 1, 1.0, dk_ptr.ptr().add(start * kw + kv * d), kw, 1);
+                sgemm_strided(l, l, d, 1.0, p.as_ptr(), 1, l, dos, qw, 1, 1.0, dv_ptr.ptr().add(start * kw + kv * d), kw, 1);
             }
         }
     });

@@ -2,5 +2,6 @@
 pub mod decoder;
 pub mod gemm;
 pub mod kernels;
+pub mod reference;
 
 pub use decoder::{backward, forward, ScoredOutput, SeqBatch, Tape};

@@ -1,0 +1,229 @@
+//! `kto bench`: KTO training steps on a randomly initialised Llama of the shape `shared/peer/bench_trl.py`
+//! times, through the same trainer code path as `kto train`, with a per-phase split, achieved GFLOP/s against a
+//! measured single-GEMM rate, and peak RSS.
+use crate::config::TrainConfig;
+use crate::data::{PrepareOptions, Prepared, TokenizedRow};
+use crate::engine::gemm::gemm;
+use crate::model::{Model, ModelSpec, ParamLayout};
+use crate::train::{PhaseTimes, Trainer};
+use serde_json::json;
+use std::time::Instant;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchOptions {
+    #[arg(long, default_value_t = 8192)]
+    pub vocab: usize,
+    #[arg(long, default_value_t = 256)]
+    pub hidden: usize,
+    #[arg(long, default_value_t = 704)]
+    pub intermediate: usize,
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 8)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 4)]
+    pub kv_heads: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Prompt tokens per sequence (BOS included).
+    #[arg(long, default_value_t = 64)]
+    pub prompt_len: usize,
+    /// Completion tokens per sequence.
+    #[arg(long, default_value_t = 64)]
+    pub completion_len: usize,
+    /// Timed steps (after the warm-up).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// A small deterministic generator (xorshift64*) for weights and tokens.
+struct Rng(u64);
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545F4914F6CDD1D)
+    }
+    fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn normal(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform().max(1e-300), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+/// A Llama initialised as transformers does (normal(0, 0.02) matrices, unit norm weights).
+pub fn random_model(spec: &ModelSpec, seed: u64) -> Model {
+    let layout = ParamLayout::new(spec);
+    let mut rng = Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
+    let mut params = vec![0f32; layout.total];
+    for t in &layout.tensors {
+        let norm = t.shape.len() == 1;
+        for v in &mut params[t.range()] {
+            *v = if norm { 1.0 } else { (0.02 * rng.normal()) as f32 };
+        }
+    }
+    Model { spec: spec.clone(), layout, params }
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.to_string()))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// GFLOP/s of one square single-precision GEMM of size n on this machine, best of a few runs.
+pub fn gemm_peak_gflops(n: usize) -> f64 {
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 17) as f32 * 0.01).collect();
+    let b = a.clone();
+    let mut c = vec![0f32; n * n];
+    gemm(n, n, n, &a, false, &b, false, &mut c, false);
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        gemm(n, n, n, &a, false, &b, false, &mut c, false);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (n * n * n) as f64 / best / 1e9
+}
+
+/// FLOPs of one forward pass over `seqs` sequences of `len` tokens with `scored` scored positions each.
+fn forward_flops(s: &ModelSpec, seqs: usize, len: usize, scored: usize) -> f64 {
+    let n = (seqs * len) as f64;
+    let (h, q, kv, i) = (s.hidden as f64, s.q_dim() as f64, s.kv_dim() as f64, s.intermediate as f64);
+    let linear = 2.0 * n * h * (q + 2.0 * kv + q + 3.0 * i);
+    let causal_pairs = (seqs * len * (len + 1) / 2) as f64;
+    let attention = 2.0 * 2.0 * causal_pairs * q;
+    let lm_head = 2.0 * (seqs * scored) as f64 * h * s.vocab_size as f64;
+    s.layers as f64 * (linear + attention) + lm_head
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
+    if let Some(t) = opts.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
+    }
+    let spec = ModelSpec {
+        vocab_size: opts.vocab,
+        hidden: opts.hidden,
+        intermediate: opts.intermediate,
+        layers: opts.layers,
+        heads: opts.heads,
+        kv_heads: opts.kv_heads,
+        head_dim: opts.hidden / opts.heads,
+        rms_eps: 1e-6,
+        rope_theta: 10000.0,
+        tied_embeddings: false,
+    };
+    let policy = random_model(&spec, 0);
+    let reference = random_model(&spec, 1);
+    let len = opts.prompt_len + opts.completion_len;
+    let mut rng = Rng(7);
+    let rows: Vec<TokenizedRow> = (0..opts.batch)
+        .map(|i| {
+            let mut tok = |n: usize| (0..n).map(|_| 3 + (rng.next_u64() % (opts.vocab as u64 - 3)) as u32).collect::<Vec<_>>();
+            let mut prompt_ids = tok(opts.prompt_len - 1);
+            prompt_ids.insert(0, 1);
+            TokenizedRow { prompt_ids, completion_ids: tok(opts.completion_len), kl_completion_ids: vec![], label: i % 3 != 0, source_row: i }
+        })
+        .collect();
+    let mut prepared = Prepared { rows, dropped_source_rows: vec![], prefix_mismatches: 0 };
+    let popts = PrepareOptions { max_length: Some(len), batch_size: opts.batch, with_kl: true };
+    crate::data::prepare::rotate_kl_completions(&mut prepared.rows, popts.batch_size);
+    let cfg = TrainConfig::from_toml(
+        &format!(
+            "model = \"bench\"\ntrain_dataset = \"bench\"\nper_device_train_batch_size = {}\nmax_length = {len}\noptim = \"adamw_torch\"\nlearning_rate = 1e-5\nlr_scheduler_type = \"constant\"\nmax_steps = {}\n",
+            opts.batch,
+            opts.steps + opts.warmup
+        ),
+        &[],
+    )?;
+    let mut trainer = Trainer::from_parts(cfg, policy, reference, prepared);
+    let batch = trainer.collate(&(0..opts.batch).collect::<Vec<_>>());
+    let mut grads = vec![0f32; trainer.policy.layout.total];
+    let mut step_times = Vec::new();
+    let mut phases = PhaseTimes::default();
+    for it in 0..opts.warmup + opts.steps {
+        let t = Instant::now();
+        grads.iter_mut().for_each(|g| *g = 0.0);
+        let mut times = PhaseTimes::default();
+        trainer.micro_batch(&batch, 0, Some((&mut grads, 1.0)), &mut times);
+        trainer.phases = PhaseTimes::default();
+        trainer.apply_update(&mut grads, it);
+        times.optimizer = trainer.phases.optimizer;
+        if it >= opts.warmup {
+            step_times.push(t.elapsed().as_secs_f64());
+            phases.policy_kl_forward += times.policy_kl_forward;
+            phases.policy_forward += times.policy_forward;
+            phases.reference_forward += times.reference_forward;
+            phases.backward += times.backward;
+            phases.optimizer += times.optimizer;
+        }
+    }
+    let n = opts.steps.max(1) as f64;
+    let step_ms = median(&mut step_times) * 1e3;
+    let tokens = (opts.batch * len) as f64;
+    let fwd = forward_flops(&spec, opts.batch, len, opts.completion_len);
+    // A step: KL forward, main forward, backward (≈ 2× forward, plus the lm_head recompute), two reference forwards.
+    let lm_recompute = 2.0 * (opts.batch * opts.completion_len) as f64 * spec.hidden as f64 * spec.vocab_size as f64;
+    let step_flops = 4.0 * fwd + 2.0 * fwd + lm_recompute;
+    let gflops = step_flops / (step_ms / 1e3) / 1e9;
+    let peak = gemm_peak_gflops(1024);
+    let rss = peak_rss_mb();
+    let threads = rayon::current_num_threads();
+    println!("kto bench: Llama vocab {} hidden {} intermediate {} layers {} heads {}/{} ({} parameters), batch {} x {} tokens, kto, AdamW, online reference, {threads} threads",
+        spec.vocab_size, spec.hidden, spec.intermediate, spec.layers, spec.heads, spec.kv_heads, trainer.policy.num_parameters(), opts.batch, len);
+    println!("{:<28} {:>10}", "phase (mean over steps)", "ms");
+    for (name, t) in [
+        ("policy KL forward", phases.policy_kl_forward),
+        ("policy forward (tape)", phases.policy_forward),
+        ("reference forwards (2)", phases.reference_forward),
+        ("policy backward", phases.backward),
+        ("clip + AdamW", phases.optimizer),
+    ] {
+        println!("{name:<28} {:>10.1}", t / n * 1e3);
+    }
+    println!("{:<28} {:>10.1}", "KTO step (median)", step_ms);
+    println!("{:<28} {:>10.0}", "tokens/s (main sequences)", tokens / (step_ms / 1e3));
+    println!("{:<28} {:>10.1}  ({:.0}% of the {peak:.1} GFLOP/s single-GEMM rate)", "GFLOP/s", gflops, 100.0 * gflops / peak);
+    println!("{:<28} {:>10.0}", "peak RSS (MB)", rss);
+    let line = json!({
+        "kto_step_ms": step_ms,
+        "tokens_per_s": tokens / (step_ms / 1e3),
+        "gflops": gflops,
+        "gemm_peak_gflops": peak,
+        "peak_rss_mb": rss,
+        "step_gflop": step_flops / 1e9,
+        "threads": threads,
+        "phases_ms": {
+            "policy_kl_forward": phases.policy_kl_forward / n * 1e3,
+            "policy_forward": phases.policy_forward / n * 1e3,
+            "reference_forward": phases.reference_forward / n * 1e3,
+            "backward": phases.backward / n * 1e3,
+            "optimizer": phases.optimizer / n * 1e3,
+        },
+        "all_step_ms": step_times.iter().map(|t| t * 1e3).collect::<Vec<_>>(),
+    });
+    println!("{line}");
+    Ok(())
+}
