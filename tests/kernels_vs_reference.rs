@@ -39,21 +39,41 @@ fn attention_forward_and_backward_match_the_reference() {
     let dout = rng.vec(n * heads * d, 1.0);
     let total = shape.prob_offsets().1;
 
+    // The fast kernel reads q, k and v fused in one row per token.
+    let (qw, kw) = (heads * d, kv_heads * d);
+    let w = qw + 2 * kw;
+    let mut qkv = vec![0f32; n * w];
+    for r in 0..n {
+        qkv[r * w..r * w + qw].copy_from_slice(&q[r * qw..(r + 1) * qw]);
+        qkv[r * w + qw..r * w + qw + kw].copy_from_slice(&k[r * kw..(r + 1) * kw]);
+        qkv[r * w + qw + kw..(r + 1) * w].copy_from_slice(&v[r * kw..(r + 1) * kw]);
+    }
     let (mut out_f, mut p_f) = (vec![0f32; n * heads * d], vec![0f32; total]);
     let (mut out_r, mut p_r) = (vec![0f32; n * heads * d], vec![0f32; total]);
-    attention_forward(&shape, &q, &k, &v, &mut out_f, &mut p_f);
+    attention_forward(&shape, &qkv, &mut out_f, &mut p_f);
     attention_forward_naive(&shape, &q, &k, &v, &mut out_r, &mut p_r);
     assert_close("attention out", &out_f, &out_r);
     assert_close("attention probs", &p_f, &p_r);
 
-    let grads = |f: &dyn Fn(&mut [f32], &mut [f32], &mut [f32])| {
-        let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
-        f(&mut dq, &mut dk, &mut dv);
-        (dq, dk, dv)
-    };
-    let fast = grads(&|dq, dk, dv| attention_backward(&shape, &dout, &q, &k, &v, &p_r, dq, dk, dv));
-    let slow = grads(&|dq, dk, dv| attention_backward_naive(&shape, &dout, &q, &k, &v, &p_r, dq, dk, dv));
-    assert_close("attention dq", &fast.0, &slow.0);
-    assert_close("attention dk", &fast.1, &slow.1);
-    assert_close("attention dv", &fast.2, &slow.2);
+    let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
+    attention_backward_naive(&shape, &dout, &q, &k, &v, &p_r, &mut dq, &mut dk, &mut dv);
+    let mut dqkv = vec![0f32; n * w];
+    attention_backward(&shape, &dout, &qkv, &p_r, &mut dqkv);
+    let column = |lo: usize, hi: usize| -> Vec<f32> { (0..n).flat_map(|r| dqkv[r * w + lo..r * w + hi].to_vec()).collect() };
+    assert_close("attention dq", &column(0, qw), &dq);
+    assert_close("attention dk", &column(qw, qw + kw), &dk);
+    assert_close("attention dv", &column(qw + kw, w), &dv);
+}
+
+#[test]
+fn fast_exp_matches_std_exp() {
+    let mut worst = 0f32;
+    for i in 0..200_000 {
+        let x = -87.0 + i as f32 * (87.0 + 88.0) / 200_000.0;
+        let (fast, exact) = (kto::engine::kernels::exp_f32(x), x.exp());
+        worst = worst.max((fast - exact).abs() / exact);
+    }
+    assert!(worst < 4.0 * f32::EPSILON, "max relative error {worst:e}");
+    // Far below the range (masked scores, -inf) it underflows to (almost) zero instead of producing garbage.
+    assert!(kto::engine::kernels::exp_f32(f32::NEG_INFINITY) < 1e-37);
 }

@@ -72,16 +72,15 @@ struct LayerTape {
     x_in: Vec<f32>,
     xn1: Vec<f32>,
     rstd1: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    /// Fused `[q | k | v]` rows after RoPE.
+    qkv: Vec<f32>,
     probs: Vec<f32>,
     att: Vec<f32>,
     x_mid: Vec<f32>,
     xn2: Vec<f32>,
     rstd2: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
+    /// Fused `[gate | up]` rows.
+    gate_up: Vec<f32>,
     h: Vec<f32>,
 }
 
@@ -108,9 +107,10 @@ pub fn forward(model: &Model, batch: &SeqBatch, keep_tape: bool) -> (ScoredOutpu
     let p = &model.params;
     let (n, hd) = (batch.n_tokens(), spec.hidden);
     let (qd, kvd, inter) = (spec.q_dim(), spec.kv_dim(), spec.intermediate);
-    let rope = Rope::new(spec.head_dim, spec.rope_theta, batch.max_len().max(1));
+    let rope = Rope::cached(spec.head_dim, spec.rope_theta, batch.max_len().max(1));
     let shape =
         AttnShape { seq_starts: &batch.seq_starts, heads: spec.heads, kv_heads: spec.kv_heads, head_dim: spec.head_dim };
+    let qkv_w = shape.qkv_width();
 
     let mut x = vec![0f32; n * hd];
     x.par_chunks_mut(hd).zip(batch.tokens.par_iter()).for_each(|(row, &t)| {
@@ -121,27 +121,25 @@ pub fn forward(model: &Model, batch: &SeqBatch, keep_tape: bool) -> (ScoredOutpu
         let mut xn1 = vec![0f32; n * hd];
         let mut rstd1 = vec![0f32; n];
         kernels::rmsnorm_forward(&x, &p[lo.input_norm..][..hd], spec.rms_eps, &mut xn1, &mut rstd1);
-        let mut q = linear(&xn1, n, &p[lo.q..], hd, qd);
-        let mut k = linear(&xn1, n, &p[lo.k..], hd, kvd);
-        let v = linear(&xn1, n, &p[lo.v..], hd, kvd);
-        rope.apply(&mut q, qd, &batch.positions, false);
-        rope.apply(&mut k, kvd, &batch.positions, false);
+        // q, k and v weights are consecutive in the layout: one GEMM against the [q|k|v] stack.
+        let mut qkv = linear(&xn1, n, &p[lo.q..], hd, qkv_w);
+        rope.apply(&mut qkv, qkv_w, qd + kvd, &batch.positions, false);
         let mut att = vec![0f32; n * qd];
         let mut probs = vec![0f32; shape.prob_offsets().1];
-        kernels::attention_forward(&shape, &q, &k, &v, &mut att, &mut probs);
+        kernels::attention_forward(&shape, &qkv, &mut att, &mut probs);
         let x_in = x.clone();
         gemm(n, qd, hd, &att, false, &p[lo.o..], true, &mut x, true);
         let mut xn2 = vec![0f32; n * hd];
         let mut rstd2 = vec![0f32; n];
         kernels::rmsnorm_forward(&x, &p[lo.post_norm..][..hd], spec.rms_eps, &mut xn2, &mut rstd2);
-        let gate = linear(&xn2, n, &p[lo.gate..], hd, inter);
-        let up = linear(&xn2, n, &p[lo.up..], hd, inter);
+        // gate and up weights are consecutive too: one GEMM against the [gate|up] stack.
+        let gate_up = linear(&xn2, n, &p[lo.gate..], hd, 2 * inter);
         let mut h = vec![0f32; n * inter];
-        kernels::swiglu_forward(&gate, &up, &mut h);
+        kernels::swiglu_forward(&gate_up, inter, &mut h);
         let x_mid = x.clone();
         gemm(n, inter, hd, &h, false, &p[lo.down..], true, &mut x, true);
         if keep_tape {
-            tapes.push(LayerTape { x_in, xn1, rstd1, q, k, v, probs, att, x_mid, xn2, rstd2, gate, up, h });
+            tapes.push(LayerTape { x_in, xn1, rstd1, qkv, probs, att, x_mid, xn2, rstd2, gate_up, h });
         }
     }
     let mut xf = vec![0f32; n * hd];
@@ -180,22 +178,9 @@ fn lm_head_forward(model: &Model, hidden: &[f32], targets: &[u32], out: &mut Sco
         let z = &mut logits[..nr * vocab];
         gemm(nr, hd, vocab, &hidden[r0 * hd..], false, w, true, z, false);
         let stats: Vec<(f32, f32, f32, f32)> = z
-            .par_chunks(vocab)
+            .par_chunks_mut(vocab)
             .zip(targets[r0..r0 + nr].par_iter())
-            .map(|(zr, &t)| {
-                let max = zr.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let (mut sum, mut zsum, mut pz) = (0f64, 0f64, 0f64);
-                for &v in zr {
-                    let e = ((v - max) as f64).exp();
-                    sum += e;
-                    pz += e * v as f64;
-                    zsum += v as f64;
-                }
-                let l = max as f64 + sum.ln();
-                let logp = zr[t as usize] as f64 - l;
-                let entropy = l - pz / sum;
-                (logp as f32, entropy as f32, (zsum / vocab as f64) as f32, l as f32)
-            })
+            .map(|(zr, &t)| kernels::logit_row_stats(zr, t as usize))
             .collect();
         for (i, (lp, ent, ml, l)) in stats.into_iter().enumerate() {
             out.token_logps[r0 + i] = lp;
@@ -215,9 +200,10 @@ pub fn backward(model: &Model, batch: &SeqBatch, tape: &Tape, dlogp: &[f32], gra
     let (n, hd, vocab) = (batch.n_tokens(), spec.hidden, spec.vocab_size);
     let (qd, kvd, inter) = (spec.q_dim(), spec.kv_dim(), spec.intermediate);
     let m = batch.scored_rows.len();
-    let rope = Rope::new(spec.head_dim, spec.rope_theta, batch.max_len().max(1));
+    let rope = Rope::cached(spec.head_dim, spec.rope_theta, batch.max_len().max(1));
     let shape =
         AttnShape { seq_starts: &batch.seq_starts, heads: spec.heads, kv_heads: spec.kv_heads, head_dim: spec.head_dim };
+    let qkv_w = shape.qkv_width();
 
     // lm_head: dz = g · (onehot(target) − softmax(z)), recomputing z block by block.
     let w_lm = &p[lay.lm_head..][..vocab * hd];
@@ -232,7 +218,7 @@ pub fn backward(model: &Model, batch: &SeqBatch, tape: &Tape, dlogp: &[f32], gra
             let row = r0 + i;
             let g = dlogp[batch.scored_seq[row]];
             let l = tape.lse[row];
-            zr.iter_mut().for_each(|v| *v = -g * (*v - l).exp());
+            zr.iter_mut().for_each(|v| *v = -g * kernels::exp_f32(*v - l));
             zr[batch.scored_targets[row] as usize] += g;
         });
         gemm(nr, vocab, hd, z, false, w_lm, false, &mut d_hidden[r0 * hd..][..nr * hd], false);
@@ -257,14 +243,11 @@ pub fn backward(model: &Model, batch: &SeqBatch, tape: &Tape, dlogp: &[f32], gra
         let mut dh = vec![0f32; n * inter];
         gemm(n, hd, inter, &dx, false, &p[lo.down..], false, &mut dh, false);
         gemm(hd, n, inter, &dx, true, &t.h, false, &mut grads[lo.down..][..hd * inter], true);
-        let mut dgate = vec![0f32; n * inter];
-        let mut dup = vec![0f32; n * inter];
-        kernels::swiglu_backward(&dh, &t.gate, &t.up, &mut dgate, &mut dup);
+        let mut dgate_up = vec![0f32; n * 2 * inter];
+        kernels::swiglu_backward(&dh, &t.gate_up, inter, &mut dgate_up);
         let mut dxn2 = vec![0f32; n * hd];
-        gemm(n, inter, hd, &dgate, false, &p[lo.gate..], false, &mut dxn2, false);
-        gemm(n, inter, hd, &dup, false, &p[lo.up..], false, &mut dxn2, true);
-        gemm(inter, n, hd, &dgate, true, &t.xn2, false, &mut grads[lo.gate..][..inter * hd], true);
-        gemm(inter, n, hd, &dup, true, &t.xn2, false, &mut grads[lo.up..][..inter * hd], true);
+        gemm(n, 2 * inter, hd, &dgate_up, false, &p[lo.gate..], false, &mut dxn2, false);
+        gemm(2 * inter, n, hd, &dgate_up, true, &t.xn2, false, &mut grads[lo.gate..][..2 * inter * hd], true);
         let (dw_post, dx_mid) = (lo.post_norm, &mut dx);
         kernels::rmsnorm_backward(
             &dxn2,
@@ -279,19 +262,12 @@ pub fn backward(model: &Model, batch: &SeqBatch, tape: &Tape, dlogp: &[f32], gra
         let mut datt = vec![0f32; n * qd];
         gemm(n, hd, qd, &dx, false, &p[lo.o..], false, &mut datt, false);
         gemm(hd, n, qd, &dx, true, &t.att, false, &mut grads[lo.o..][..hd * qd], true);
-        let mut dq = vec![0f32; n * qd];
-        let mut dk = vec![0f32; n * kvd];
-        let mut dv = vec![0f32; n * kvd];
-        kernels::attention_backward(&shape, &datt, &t.q, &t.k, &t.v, &t.probs, &mut dq, &mut dk, &mut dv);
-        rope.apply(&mut dq, qd, &batch.positions, true);
-        rope.apply(&mut dk, kvd, &batch.positions, true);
+        let mut dqkv = vec![0f32; n * qkv_w];
+        kernels::attention_backward(&shape, &datt, &t.qkv, &t.probs, &mut dqkv);
+        rope.apply(&mut dqkv, qkv_w, qd + kvd, &batch.positions, true);
         let mut dxn1 = vec![0f32; n * hd];
-        gemm(n, qd, hd, &dq, false, &p[lo.q..], false, &mut dxn1, false);
-        gemm(n, kvd, hd, &dk, false, &p[lo.k..], false, &mut dxn1, true);
-        gemm(n, kvd, hd, &dv, false, &p[lo.v..], false, &mut dxn1, true);
-        gemm(qd, n, hd, &dq, true, &t.xn1, false, &mut grads[lo.q..][..qd * hd], true);
-        gemm(kvd, n, hd, &dk, true, &t.xn1, false, &mut grads[lo.k..][..kvd * hd], true);
-        gemm(kvd, n, hd, &dv, true, &t.xn1, false, &mut grads[lo.v..][..kvd * hd], true);
+        gemm(n, qkv_w, hd, &dqkv, false, &p[lo.q..], false, &mut dxn1, false);
+        gemm(qkv_w, n, hd, &dqkv, true, &t.xn1, false, &mut grads[lo.q..][..qkv_w * hd], true);
         kernels::rmsnorm_backward(&dxn1, &t.x_in, &p[lo.input_norm..][..hd], &t.rstd1, &mut dx, &mut grads[lo.input_norm..][..hd]);
     }
     // Embedding rows gather the gradient of every token that used them.

@@ -2,6 +2,7 @@
 //!
 //! We parallelise ourselves (rather than with the GEMM crate's own threads) so that one rayon pool owns the
 //! cores and kernels that already run in parallel never oversubscribe them.
+use super::kernels::SharedMut;
 use rayon::prelude::*;
 
 /// Below this many multiply-adds a product runs on one thread: splitting costs more than it saves.
@@ -21,34 +22,42 @@ pub fn gemm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: 
         }
         return;
     }
-    let (rsa, csa) = if a_t { (1isize, m as isize) } else { (k as isize, 1isize) };
-    let (rsb, csb) = if b_t { (1isize, k as isize) } else { (n as isize, 1isize) };
+    let (rsa, csa) = if a_t { (1, m) } else { (k, 1) };
+    let (rsb, csb) = if b_t { (1, k) } else { (n, 1) };
     let beta = if accumulate { 1.0 } else { 0.0 };
     let threads = rayon::current_num_threads();
-    let blocks = if m * n * k < PARALLEL_MIN_FLOPS || threads == 1 { 1 } else { (threads * 2).min(m) };
+    if m * n * k < PARALLEL_MIN_FLOPS || threads == 1 {
+        // SAFETY: the strides describe exactly the buffers checked above.
+        unsafe { sgemm_strided(m, k, n, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n, 1) };
+        return;
+    }
+    if n > m {
+        // Wide outputs (the vocabulary projection): split the columns, so each thread packs only its share of
+        // the large right-hand matrix instead of all of it.
+        let cols_per_block = n.div_ceil(threads);
+        let c_ptr = SharedMut(c.as_mut_ptr());
+        (0..threads).into_par_iter().for_each(|bi| {
+            let c0 = bi * cols_per_block;
+            if c0 >= n {
+                return;
+            }
+            let cols = cols_per_block.min(n - c0);
+            // SAFETY: block bi writes only columns c0..c0+cols of c; b's columns c0.. lie inside b.
+            unsafe {
+                sgemm_strided(m, k, cols, 1.0, a.as_ptr(), rsa, csa, b.as_ptr().add(c0 * csb), rsb, csb, beta, c_ptr.ptr().add(c0), n, 1)
+            };
+        });
+        return;
+    }
+    let blocks = (threads * 4).min(m);
     let rows_per_block = m.div_ceil(blocks);
     c[..m * n].par_chunks_mut(rows_per_block * n).enumerate().for_each(|(bi, c_block)| {
         let row0 = bi * rows_per_block;
         let rows = c_block.len() / n;
         // SAFETY: the strides describe exactly the buffers checked above; row0 + rows <= m.
         unsafe {
-            matrixmultiply::sgemm(
-                rows,
-                k,
-                n,
-                1.0,
-                a.as_ptr().offset(row0 as isize * rsa),
-                rsa,
-                csa,
-                b.as_ptr(),
-                rsb,
-                csb,
-                beta,
-                c_block.as_mut_ptr(),
-                n as isize,
-                1,
-            );
-        }
+            sgemm_strided(rows, k, n, 1.0, a.as_ptr().add(row0 * rsa), rsa, csa, b.as_ptr(), rsb, csb, beta, c_block.as_mut_ptr(), n, 1)
+        };
     });
 }
 

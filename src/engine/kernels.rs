@@ -17,11 +17,77 @@ impl SharedMut {
     }
 }
 
+/// Σ x² with eight independent partial sums, so the loop vectorises.
+#[inline]
+fn sum_of_squares(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for c in chunks {
+        for j in 0..8 {
+            acc[j] += c[j] * c[j];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+const LANES: usize = 8;
+
+/// Maximum with independent lanes (vectorises; no NaN handling needed for finite logits).
+#[inline]
+fn lane_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    for c in chunks {
+        for j in 0..LANES {
+            acc[j] = if c[j] > acc[j] { c[j] } else { acc[j] };
+        }
+    }
+    acc.iter().cloned().fold(tail, f32::max)
+}
+
+/// Statistics of one row of logits `z` with target token `t`: (log p(t), entropy, mean logit, log-sum-exp).
+/// Overwrites `z` with `exp(z − max)`. Sums run in eight f32 lanes per block of 512, blocks added in f64.
+pub fn logit_row_stats(z: &mut [f32], t: usize) -> (f32, f32, f32, f32) {
+    let target = z[t];
+    let max = lane_max(z);
+    let (mut sum, mut zsum, mut ezsum) = (0f64, 0f64, 0f64);
+    for block in z.chunks_mut(512) {
+        let (mut s, mut zs, mut ez) = ([0f32; LANES], [0f32; LANES], [0f32; LANES]);
+        let mut chunks = block.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for j in 0..LANES {
+                let v = c[j];
+                let e = exp_f32(v - max);
+                s[j] += e;
+                zs[j] += v;
+                ez[j] += e * v;
+                c[j] = e;
+            }
+        }
+        for v in chunks.into_remainder() {
+            let e = exp_f32(*v - max);
+            s[0] += e;
+            zs[0] += *v;
+            ez[0] += e * *v;
+            *v = e;
+        }
+        sum += s.iter().map(|&x| x as f64).sum::<f64>();
+        zsum += zs.iter().map(|&x| x as f64).sum::<f64>();
+        ezsum += ez.iter().map(|&x| x as f64).sum::<f64>();
+    }
+    let lse = max as f64 + sum.ln();
+    let logp = target as f64 - lse;
+    let entropy = lse - ezsum / sum;
+    (logp as f32, entropy as f32, (zsum / z.len() as f64) as f32, lse as f32)
+}
+
 /// RMSNorm as Llama computes it: `y = w ⊙ x / sqrt(mean(x²) + eps)`. Returns `rstd` per row for backward.
 pub fn rmsnorm_forward(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], rstd: &mut [f32]) {
     let h = w.len();
     y.par_chunks_mut(h).zip(x.par_chunks(h)).zip(rstd.par_iter_mut()).for_each(|((yr, xr), r)| {
-        let ms = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
+        let ms = sum_of_squares(xr) / h as f32;
         *r = 1.0 / (ms + eps).sqrt();
         for ((yv, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
             *yv = wv * (xv * *r);
@@ -68,6 +134,23 @@ pub struct Rope {
 }
 
 impl Rope {
+    /// A shared table for (head_dim, theta) covering at least `max_pos` positions; built once, reused by every
+    /// forward and backward pass.
+    pub fn cached(head_dim: usize, theta: f64, max_pos: usize) -> std::sync::Arc<Rope> {
+        use std::sync::{Arc, Mutex};
+        static TABLES: Mutex<Vec<(usize, u64, Arc<Rope>)>> = Mutex::new(Vec::new());
+        let mut tables = TABLES.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (head_dim, theta.to_bits());
+        if let Some((_, _, r)) = tables.iter().find(|(d, t, r)| (*d, *t) == key && r.cos.len() / r.half >= max_pos) {
+            return r.clone();
+        }
+        // Round up so a slowly growing maximum length does not rebuild the table every time.
+        let table = Arc::new(Rope::new(head_dim, theta, max_pos.next_power_of_two().max(256)));
+        tables.retain(|(d, t, _)| (*d, *t) != key);
+        tables.push((key.0, key.1, table.clone()));
+        table
+    }
+
     pub fn new(head_dim: usize, theta: f64, max_pos: usize) -> Self {
         let half = head_dim / 2;
         let inv_freq: Vec<f32> =
@@ -84,15 +167,16 @@ impl Rope {
         Rope { half, cos, sin }
     }
 
-    /// Rotates every head of every row in place; `positions[row]` is the token's position in its sequence.
-    /// `inverse` applies the transpose rotation (the backward pass).
-    pub fn apply(&self, x: &mut [f32], width: usize, positions: &[u32], inverse: bool) {
+    /// Rotates, in place, the heads in columns `0..cols` of every row of `x` (rows `row_stride` apart);
+    /// `positions[row]` is the token's position in its sequence. `inverse` applies the transpose rotation
+    /// (the backward pass).
+    pub fn apply(&self, x: &mut [f32], row_stride: usize, cols: usize, positions: &[u32], inverse: bool) {
         let half = self.half;
         let sign = if inverse { -1.0 } else { 1.0 };
-        x.par_chunks_mut(width).zip(positions.par_iter()).for_each(|(row, &p)| {
+        x.par_chunks_mut(row_stride).zip(positions.par_iter()).for_each(|(row, &p)| {
             let c = &self.cos[p as usize * half..][..half];
             let s = &self.sin[p as usize * half..][..half];
-            for head in row.chunks_mut(2 * half) {
+            for head in row[..cols].chunks_mut(2 * half) {
                 let (a, b) = head.split_at_mut(half);
                 for j in 0..half {
                     let (x1, x2) = (a[j], b[j]);
@@ -104,27 +188,59 @@ impl Rope {
     }
 }
 
-#[inline]
+/// `exp` for f32 by range reduction and a degree-6 polynomial (Cephes `expf`): within 2 ulp of the libm result
+/// on the range that matters here, and simple enough for the compiler to vectorise the loops that call it.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 88.7);
+    // Round to nearest by adding and subtracting 1.5·2²³: plain f32 arithmetic, so loops vectorise (f32::round
+    // is a libm call on baseline x86-64).
+    const SHIFTER: f32 = 12_582_912.0;
+    let n = (x * std::f32::consts::LOG2_E + SHIFTER) - SHIFTER;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = 1.987_569_1e-4f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let p = p * r * r + r + 1.0;
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp_f32(-x))
 }
 
-/// SwiGLU: `h = silu(gate) ⊙ up`.
-pub fn swiglu_forward(gate: &[f32], up: &[f32], h: &mut [f32]) {
-    h.par_iter_mut().zip(gate.par_iter()).zip(up.par_iter()).for_each(|((h, &g), &u)| *h = g * sigmoid(g) * u);
-}
-
-/// Backward of `swiglu_forward`: writes `dgate` and `dup`.
-pub fn swiglu_backward(dh: &[f32], gate: &[f32], up: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
-    dgate.par_iter_mut().zip(dup.par_iter_mut()).enumerate().for_each(|(i, (dg, du))| {
-        let g = gate[i];
-        let s = sigmoid(g);
-        *du = dh[i] * g * s;
-        *dg = dh[i] * up[i] * s * (1.0 + g * (1.0 - s));
+/// SwiGLU on the fused gate/up projection: each row of `gate_up` is `[gate (inter) | up (inter)]`;
+/// `h = silu(gate) ⊙ up`, `[rows, inter]`.
+pub fn swiglu_forward(gate_up: &[f32], inter: usize, h: &mut [f32]) {
+    h.par_chunks_mut(inter).zip(gate_up.par_chunks(2 * inter)).for_each(|(h, gu)| {
+        let (gate, up) = gu.split_at(inter);
+        for ((h, &g), &u) in h.iter_mut().zip(gate).zip(up) {
+            *h = g * sigmoid(g) * u;
+        }
     });
 }
 
-/// Geometry of grouped-query attention over a packed batch.
+/// Backward of `swiglu_forward`: writes `dgate_up` (same layout as `gate_up`).
+pub fn swiglu_backward(dh: &[f32], gate_up: &[f32], inter: usize, dgate_up: &mut [f32]) {
+    dgate_up.par_chunks_mut(2 * inter).zip(gate_up.par_chunks(2 * inter)).zip(dh.par_chunks(inter)).for_each(
+        |((dgu, gu), dh)| {
+            let (gate, up) = gu.split_at(inter);
+            let (dgate, dup) = dgu.split_at_mut(inter);
+            for j in 0..inter {
+                let (g, s) = (gate[j], sigmoid(gate[j]));
+                dup[j] = dh[j] * g * s;
+                dgate[j] = dh[j] * up[j] * s * (1.0 + g * (1.0 - s));
+            }
+        },
+    );
+}
+
+/// Geometry of grouped-query attention over a packed batch whose q, k and v come fused in one row per token:
+/// `[q (heads·d) | k (kv_heads·d) | v (kv_heads·d)]`.
 pub struct AttnShape<'a> {
     pub seq_starts: &'a [usize],
     pub heads: usize,
@@ -135,6 +251,10 @@ pub struct AttnShape<'a> {
 impl AttnShape<'_> {
     pub fn n_seqs(&self) -> usize {
         self.seq_starts.len() - 1
+    }
+    /// Width of a fused q|k|v row.
+    pub fn qkv_width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
     }
     /// Offsets of each (sequence, head) probability matrix `[L, L]` in the saved buffer, and its total size.
     pub fn prob_offsets(&self) -> (Vec<usize>, usize) {
@@ -151,16 +271,38 @@ impl AttnShape<'_> {
     }
 }
 
-/// Causal attention inside each sequence. `q: [N, heads·d]`, `k, v: [N, kv_heads·d]`, `out: [N, heads·d]`;
+/// In-place softmax of row `t` of a causal score matrix over keys `0..=t`, zeros after.
+#[inline]
+fn causal_softmax_row(row: &mut [f32], t: usize) {
+    let max = lane_max(&row[..=t]);
+    let mut lanes = [0f32; LANES];
+    let mut chunks = row[..=t].chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for j in 0..LANES {
+            c[j] = exp_f32(c[j] - max);
+            lanes[j] += c[j];
+        }
+    }
+    for v in chunks.into_remainder() {
+        *v = exp_f32(*v - max);
+        lanes[0] += *v;
+    }
+    let inv = 1.0 / lanes.iter().sum::<f32>();
+    row[..=t].iter_mut().for_each(|v| *v *= inv);
+    row[t + 1..].fill(0.0);
+}
+
+/// Causal attention inside each sequence on fused `qkv: [N, qkv_width]`, writing `out: [N, heads·d]`;
 /// `probs` receives each (sequence, head) softmax matrix (row t holds the weights over keys 0..=t, zeros after).
 /// Scores and outputs are GEMMs on strided views of the packed rows, one (sequence, head) per task.
-pub fn attention_forward(shape: &AttnShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], probs: &mut [f32]) {
+pub fn attention_forward(shape: &AttnShape, qkv: &[f32], out: &mut [f32], probs: &mut [f32]) {
     let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
-    let (qw, kw) = (h * d, kvh * d);
+    let (w, ow) = (shape.qkv_width(), h * d);
     let group = h / kvh;
     let scale = 1.0 / (d as f32).sqrt();
     let (offs, total) = shape.prob_offsets();
-    assert!(probs.len() >= total && out.len() >= q.len());
+    let n = *shape.seq_starts.last().unwrap_or(&0);
+    assert!(probs.len() >= total && out.len() >= n * ow && qkv.len() >= n * w);
     let out_ptr = SharedMut(out.as_mut_ptr());
     let probs_ptr = SharedMut(probs.as_mut_ptr());
     let tasks: Vec<(usize, usize)> = (0..shape.n_seqs()).flat_map(|s| (0..h).map(move |hh| (s, hh))).collect();
@@ -169,49 +311,31 @@ pub fn attention_forward(shape: &AttnShape, q: &[f32], k: &[f32], v: &[f32], out
         let l = end - start;
         let kv = hh / group;
         // SAFETY: task (s, hh) writes only its own [l, l] block of `probs` and head hh's columns of rows
-        // start..end of `out`; no two tasks share either. The read views lie inside q, k, v.
+        // start..end of `out`; no two tasks share either. The read views lie inside `qkv` (asserted above).
         unsafe {
             let p = std::slice::from_raw_parts_mut(probs_ptr.ptr().add(offs[s * h + hh]), l * l);
-            let qs = q.as_ptr().add(start * qw + hh * d);
-            let ks = k.as_ptr().add(start * kw + kv * d);
-            let vs = v.as_ptr().add(start * kw + kv * d);
-            sgemm_strided(l, d, l, scale, qs, qw, 1, ks, 1, kw, 0.0, p.as_mut_ptr(), l, 1);
+            let rows = qkv.as_ptr().add(start * w);
+            let (qs, ks, vs) = (rows.add(hh * d), rows.add(ow + kv * d), rows.add(ow + kvh * d + kv * d));
+            sgemm_strided(l, d, l, scale, qs, w, 1, ks, 1, w, 0.0, p.as_mut_ptr(), l, 1);
             for t in 0..l {
-                let row = &mut p[t * l..t * l + l];
-                let max = row[..=t].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for val in row[..=t].iter_mut() {
-                    *val = (*val - max).exp();
-                    sum += *val;
-                }
-                let inv = 1.0 / sum;
-                row[..=t].iter_mut().for_each(|v| *v *= inv);
-                row[t + 1..].fill(0.0);
+                causal_softmax_row(&mut p[t * l..t * l + l], t);
             }
-            sgemm_strided(l, l, d, 1.0, p.as_ptr(), l, 1, vs, kw, 1, 0.0, out_ptr.ptr().add(start * qw + hh * d), qw, 1);
+            sgemm_strided(l, l, d, 1.0, p.as_ptr(), l, 1, vs, w, 1, 0.0, out_ptr.ptr().add(start * ow + hh * d), ow, 1);
         }
     });
 }
 
-/// Backward of `attention_forward`: writes `dq` and adds into `dk`, `dv` (which must start zeroed).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_backward(
-    shape: &AttnShape,
-    dout: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    probs: &[f32],
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
-) {
+/// Backward of `attention_forward`: writes the q part of `dqkv` and adds into its k and v parts, which must start
+/// zeroed.
+pub fn attention_backward(shape: &AttnShape, dout: &[f32], qkv: &[f32], probs: &[f32], dqkv: &mut [f32]) {
     let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
-    let (qw, kw) = (h * d, kvh * d);
+    let (w, ow) = (shape.qkv_width(), h * d);
     let group = h / kvh;
     let scale = 1.0 / (d as f32).sqrt();
-    let (offs, _) = shape.prob_offsets();
-    let (dq_ptr, dk_ptr, dv_ptr) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
+    let (offs, total) = shape.prob_offsets();
+    let n = *shape.seq_starts.last().unwrap_or(&0);
+    assert!(probs.len() >= total && dout.len() >= n * ow && qkv.len() >= n * w && dqkv.len() >= n * w);
+    let d_ptr = SharedMut(dqkv.as_mut_ptr());
     // One task per (sequence, kv head): the query heads of a group all add into the same dk/dv columns.
     let tasks: Vec<(usize, usize)> = (0..shape.n_seqs()).flat_map(|s| (0..kvh).map(move |kv| (s, kv))).collect();
     tasks.par_iter().for_each(|&(s, kv)| {
@@ -220,15 +344,16 @@ pub fn attention_backward(
         let mut ds = vec![0f32; l * l];
         for hh in kv * group..(kv + 1) * group {
             let p = &probs[offs[s * h + hh]..][..l * l];
-            // SAFETY: this task alone writes head hh's columns of dq rows start..end (hh is in its group) and
-            // kv head kv's columns of dk/dv rows start..end; the read views lie inside their buffers.
+            // SAFETY: this task alone writes head hh's q columns (hh is in its group) and kv head kv's k/v columns
+            // of rows start..end of dqkv; the read views lie inside their buffers (asserted above).
             unsafe {
-                let dos = dout.as_ptr().add(start * qw + hh * d);
-                let qs = q.as_ptr().add(start * qw + hh * d);
-                let ks = k.as_ptr().add(start * kw + kv * d);
-                let vs = v.as_ptr().add(start * kw + kv * d);
+                let dos = dout.as_ptr().add(start * ow + hh * d);
+                let rows = qkv.as_ptr().add(start * w);
+                let (qs, ks, vs) = (rows.add(hh * d), rows.add(ow + kv * d), rows.add(ow + kvh * d + kv * d));
+                let drows = d_ptr.ptr().add(start * w);
+                let (dq, dk, dv) = (drows.add(hh * d), drows.add(ow + kv * d), drows.add(ow + kvh * d + kv * d));
                 // dP = dO·Vᵀ, then dS = P ∘ (dP − Σ_u P·dP) · scale, row by row.
-                sgemm_strided(l, d, l, 1.0, dos, qw, 1, vs, 1, kw, 0.0, ds.as_mut_ptr(), l, 1);
+                sgemm_strided(l, d, l, 1.0, dos, ow, 1, vs, 1, w, 0.0, ds.as_mut_ptr(), l, 1);
                 for t in 0..l {
                     let (pr, dr) = (&p[t * l..t * l + l], &mut ds[t * l..t * l + l]);
                     let dot: f32 = pr[..=t].iter().zip(&dr[..=t]).map(|(a, b)| a * b).sum();
@@ -237,9 +362,9 @@ pub fn attention_backward(
                     }
                     dr[t + 1..].fill(0.0);
                 }
-                sgemm_strided(l, l, d, 1.0, ds.as_ptr(), l, 1, ks, kw, 1, 0.0, dq_ptr.ptr().add(start * qw + hh * d), qw, 1);
-                sgemm_strided(l, l, d, 1.0, ds.as_ptr(), 1, l, qs, qw, 1, 1.0, dk_ptr.ptr().add(start * kw + kv * d), kw, 1);
-                sgemm_strided(l, l, d, 1.0, p.as_ptr(), 1, l, dos, qw, 1, 1.0, dv_ptr.ptr().add(start * kw + kv * d), kw, 1);
+                sgemm_strided(l, l, d, 1.0, ds.as_ptr(), l, 1, ks, w, 1, 0.0, dq, w, 1);
+                sgemm_strided(l, l, d, 1.0, ds.as_ptr(), 1, l, qs, w, 1, 1.0, dk, w, 1);
+                sgemm_strided(l, l, d, 1.0, p.as_ptr(), 1, l, dos, ow, 1, 1.0, dv, w, 1);
             }
         }
     });

@@ -202,6 +202,10 @@ impl ParamLayout {
                 down: add(format!("{p}mlp.down_proj.weight"), vec![h, i], true),
             });
         }
+        // The engine multiplies by the [q|k|v] and [gate|up] stacks in one GEMM each, so they must be adjacent.
+        for lo in &layers {
+            assert!(lo.k == lo.q + q * h && lo.v == lo.k + kv * h && lo.up == lo.gate + i * h);
+        }
         let final_norm = add("model.norm.weight".into(), vec![h], false);
         let lm_head =
             if spec.tied_embeddings { embed } else { add("lm_head.weight".into(), vec![spec.vocab_size, h], true) };
