@@ -98,14 +98,13 @@ pub fn gemm_peak_gflops(n: usize) -> f64 {
     2.0 * (n * n * n) as f64 / best / 1e9
 }
 
-/// FLOPs of one forward pass over `seqs` sequences of `len` tokens with `scored` scored positions each.
-fn forward_flops(s: &ModelSpec, seqs: usize, len: usize, scored: usize) -> f64 {
-    let n = (seqs * len) as f64;
+/// FLOPs of one forward pass: `tokens` rows through the layers, `attention_pairs` (query, key) pairs per head,
+/// and `scored` rows through the vocabulary projection.
+fn forward_flops(s: &ModelSpec, tokens: usize, attention_pairs: usize, scored: usize) -> f64 {
     let (h, q, kv, i) = (s.hidden as f64, s.q_dim() as f64, s.kv_dim() as f64, s.intermediate as f64);
-    let linear = 2.0 * n * h * (q + 2.0 * kv + q + 3.0 * i);
-    let causal_pairs = (seqs * len * (len + 1) / 2) as f64;
-    let attention = 2.0 * 2.0 * causal_pairs * q;
-    let lm_head = 2.0 * (seqs * scored) as f64 * h * s.vocab_size as f64;
+    let linear = 2.0 * tokens as f64 * h * (q + 2.0 * kv + q + 3.0 * i);
+    let attention = 2.0 * 2.0 * attention_pairs as f64 * q;
+    let lm_head = 2.0 * scored as f64 * h * s.vocab_size as f64;
     s.layers as f64 * (linear + attention) + lm_head
 }
 
@@ -183,10 +182,14 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     let n = opts.steps.max(1) as f64;
     let step_ms = median(&mut step_times) * 1e3;
     let tokens = (opts.batch * len) as f64;
-    let fwd = forward_flops(&spec, opts.batch, len, opts.completion_len);
-    // A step: KL forward, main forward, backward (≈ 2× forward, plus the lm_head recompute), two reference forwards.
-    let lm_recompute = 2.0 * (opts.batch * opts.completion_len) as f64 * spec.hidden as f64 * spec.vocab_size as f64;
-    let step_flops = 4.0 * fwd + 2.0 * fwd + lm_recompute;
+    // The work the engine does per step: the main sequences forward (with tape) and backward (≈ 2× forward,
+    // plus recomputing the vocabulary projection), and twice (policy, reference) a no-grad forward of the main
+    // sequences and of the KL completions continuing the cached prompt.
+    let (b, pl, cl) = (opts.batch, opts.prompt_len, opts.completion_len);
+    let main = forward_flops(&spec, b * len, b * len * (len + 1) / 2, b * cl);
+    let kl = forward_flops(&spec, b * cl, b * (cl * pl + cl * (cl + 1) / 2), b * cl);
+    let lm_recompute = 2.0 * (b * cl) as f64 * spec.hidden as f64 * spec.vocab_size as f64;
+    let step_flops = 3.0 * main + lm_recompute + 2.0 * main + 2.0 * kl;
     let gflops = step_flops / (step_ms / 1e3) / 1e9;
     let peak = gemm_peak_gflops(1024);
     let rss = peak_rss_mb();

@@ -3,7 +3,7 @@
 //! clips, steps the optimizer and schedule, logs TRL's `log_history` to `metrics.jsonl` and saves the model.
 use crate::config::TrainConfig;
 use crate::data::{self, Batch, PrepareOptions, Prepared, TextTokenizer};
-use crate::engine::{backward, forward, SeqBatch};
+use crate::engine::{backward, forward_continuation, forward_with_cache, ContinuationBatch, PrefixCache, SeqBatch};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::objective::{KtoObjective, MicroBatchLogps};
@@ -243,13 +243,36 @@ impl Trainer {
         };
         let main = as_refs(&batch.main);
         let with_kl = self.objective.loss_type.uses_kl();
-        let kl_seqs = with_kl.then(|| as_refs(&batch.kl));
-        let no_grad = |model: &Model, b: &SeqBatch| forward(model, b, false).0.seq_logps;
-        let policy_kl =
-            timed(&mut times.policy_kl_forward, || kl_seqs.as_ref().map(|b| no_grad(&self.policy, b)).unwrap_or_default());
-        let (policy_out, tape) = timed(&mut times.policy_forward, || forward(&self.policy, &main, grads.is_some()));
-        let (reference_kl, reference) = timed(&mut times.reference_forward, || {
-            (kl_seqs.as_ref().map(|b| no_grad(&self.reference, b)).unwrap_or_default(), no_grad(&self.reference, &main))
+        // A KL sequence shares its prompt with the main sequence of the same row, so its no-grad passes continue
+        // the main pass's cached prompt instead of recomputing it.
+        let kl_continuation = |cache: &PrefixCache| -> ContinuationBatch {
+            let seqs: Vec<(usize, usize, &[u32], &[bool])> = batch
+                .kl
+                .iter()
+                .zip(&batch.main)
+                .enumerate()
+                .map(|(s, ((ids, mask), (_, main_mask)))| {
+                    let prompt = main_mask.iter().take_while(|c| !**c).count();
+                    let shared = prompt.min(mask.iter().take_while(|c| !**c).count());
+                    (s, shared, ids.as_slice(), mask.as_slice())
+                })
+                .collect();
+            ContinuationBatch::new(cache, &seqs)
+        };
+        let (policy_out, tape, cache) =
+            timed(&mut times.policy_forward, || forward_with_cache(&self.policy, &main, grads.is_some(), with_kl));
+        let policy_kl = timed(&mut times.policy_kl_forward, || match &cache {
+            Some(c) => forward_continuation(&self.policy, &kl_continuation(c), c).seq_logps,
+            None => Vec::new(),
+        });
+        drop(cache);
+        let (reference, reference_kl) = timed(&mut times.reference_forward, || {
+            let (out, _, cache) = forward_with_cache(&self.reference, &main, false, with_kl);
+            let kl = match &cache {
+                Some(c) => forward_continuation(&self.reference, &kl_continuation(c), c).seq_logps,
+                None => Vec::new(),
+            };
+            (out.seq_logps, kl)
         });
         let num_tokens = main.n_tokens();
         let lp = MicroBatchLogps {

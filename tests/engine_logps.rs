@@ -52,3 +52,39 @@ fn step0_sequence_logps_match_trl_within_1e4() {
     }
     eprintln!("worst |Δ logp| = {worst:.2e}");
 }
+
+#[test]
+fn continuing_the_shared_prompt_equals_a_full_forward_of_the_kl_sequences() {
+    use kto::engine::{forward_continuation, forward_with_cache, ContinuationBatch};
+    let policy = Model::load(&fixture("policy")).unwrap();
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(fixture("expected_step0.json")).unwrap()).unwrap();
+    for batch in expected["batches"].as_array().unwrap() {
+        let main = unpadded(batch, "");
+        let kl = unpadded(batch, "KL_");
+        let main_refs: Vec<(&[u32], &[bool])> = main.iter().map(|(i, m)| (i.as_slice(), m.as_slice())).collect();
+        let (_, _, cache) = forward_with_cache(&policy, &SeqBatch::new(&main_refs), false, true);
+        let cache = cache.unwrap();
+        // The shared prefix is the prompt: the tokens before the first completion token. Also try shorter
+        // prefixes (0 and 1 tokens) to exercise the general path.
+        for shorten in [None, Some(0), Some(1)] {
+            let conts: Vec<(usize, usize, &[u32], &[bool])> = kl
+                .iter()
+                .enumerate()
+                .map(|(s, (ids, mask))| {
+                    let prompt = mask.iter().position(|&c| c).unwrap();
+                    (s, shorten.unwrap_or(prompt).min(prompt), ids.as_slice(), mask.as_slice())
+                })
+                .collect();
+            let got = forward_continuation(&policy, &ContinuationBatch::new(&cache, &conts), &cache);
+            let kl_refs: Vec<(&[u32], &[bool])> = kl.iter().map(|(i, m)| (i.as_slice(), m.as_slice())).collect();
+            let (full, _) = forward(&policy, &SeqBatch::new(&kl_refs), false);
+            for (g, w) in got.seq_logps.iter().zip(&full.seq_logps) {
+                assert!((g - w).abs() < 1e-4, "prefix {shorten:?}: continuation {g} vs full {w}");
+            }
+            let trl: Vec<f64> = batch["policy_KL_logps"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+            for (g, w) in got.seq_logps.iter().zip(&trl) {
+                assert!((g - w).abs() < 1e-4, "continuation {g} vs TRL {w}");
+            }
+        }
+    }
+}

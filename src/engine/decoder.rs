@@ -100,33 +100,69 @@ fn linear(x: &[f32], rows: usize, w: &[f32], in_dim: usize, out_dim: usize) -> V
     y
 }
 
-/// Runs the decoder. With `keep_tape` the activations are kept for `backward`.
-pub fn forward(model: &Model, batch: &SeqBatch, keep_tape: bool) -> (ScoredOutput, Option<Tape>) {
+/// Hidden states and keys/values of a finished pass that later passes may continue from (see
+/// `forward_continuation`): per layer the fused q|k|v rows, and the final-normed hidden state of every row.
+pub struct PrefixCache {
+    seq_starts: Vec<usize>,
+    tokens: Vec<u32>,
+    qkv: Vec<Vec<f32>>,
+    final_hidden: Vec<f32>,
+}
+
+/// Which keys the tokens of a pass attend to.
+enum Keys<'a> {
+    /// Causal, inside each sequence of the pass.
+    Causal { seq_starts: &'a [usize] },
+    /// Each sequence of the pass continues `prefix[s] = (base row start, length)` rows of a cached pass.
+    Continuation { seq_starts: &'a [usize], cache: &'a PrefixCache, prefix: &'a [(usize, usize)] },
+}
+
+/// The decoder layers over `tokens` (embedding in, pre-norm hidden states out). Keeps the backward tape and/or
+/// each layer's q|k|v rows when asked.
+fn run_layers(
+    model: &Model,
+    tokens: &[u32],
+    positions: &[u32],
+    keys: Keys,
+    keep_tape: bool,
+    keep_qkv: bool,
+) -> (Vec<f32>, Vec<LayerTape>, Vec<Vec<f32>>) {
     let spec = &model.spec;
     let lay = &model.layout;
     let p = &model.params;
-    let (n, hd) = (batch.n_tokens(), spec.hidden);
+    let (n, hd) = (tokens.len(), spec.hidden);
     let (qd, kvd, inter) = (spec.q_dim(), spec.kv_dim(), spec.intermediate);
-    let rope = Rope::cached(spec.head_dim, spec.rope_theta, batch.max_len().max(1));
-    let shape =
-        AttnShape { seq_starts: &batch.seq_starts, heads: spec.heads, kv_heads: spec.kv_heads, head_dim: spec.head_dim };
+    let max_pos = positions.iter().max().map_or(1, |&m| m as usize + 1);
+    let rope = Rope::cached(spec.head_dim, spec.rope_theta, max_pos);
+    let seq_starts = match &keys {
+        Keys::Causal { seq_starts } | Keys::Continuation { seq_starts, .. } => *seq_starts,
+    };
+    let shape = AttnShape { seq_starts, heads: spec.heads, kv_heads: spec.kv_heads, head_dim: spec.head_dim };
     let qkv_w = shape.qkv_width();
 
     let mut x = vec![0f32; n * hd];
-    x.par_chunks_mut(hd).zip(batch.tokens.par_iter()).for_each(|(row, &t)| {
+    x.par_chunks_mut(hd).zip(tokens.par_iter()).for_each(|(row, &t)| {
         row.copy_from_slice(&p[lay.embed + t as usize * hd..][..hd]);
     });
-    let mut tapes = Vec::new();
-    for lo in &lay.layers {
+    let (mut tapes, mut kept_qkv) = (Vec::new(), Vec::new());
+    for (l, lo) in lay.layers.iter().enumerate() {
         let mut xn1 = vec![0f32; n * hd];
         let mut rstd1 = vec![0f32; n];
         kernels::rmsnorm_forward(&x, &p[lo.input_norm..][..hd], spec.rms_eps, &mut xn1, &mut rstd1);
         // q, k and v weights are consecutive in the layout: one GEMM against the [q|k|v] stack.
         let mut qkv = linear(&xn1, n, &p[lo.q..], hd, qkv_w);
-        rope.apply(&mut qkv, qkv_w, qd + kvd, &batch.positions, false);
+        rope.apply(&mut qkv, qkv_w, qd + kvd, positions, false);
         let mut att = vec![0f32; n * qd];
-        let mut probs = vec![0f32; shape.prob_offsets().1];
-        kernels::attention_forward(&shape, &qkv, &mut att, &mut probs);
+        let mut probs = Vec::new();
+        match &keys {
+            Keys::Causal { .. } => {
+                probs = vec![0f32; shape.prob_offsets().1];
+                kernels::attention_forward(&shape, &qkv, &mut att, &mut probs);
+            }
+            Keys::Continuation { cache, prefix, .. } => {
+                kernels::attention_continuation(&shape, &qkv, &cache.qkv[l], prefix, &mut att);
+            }
+        }
         let x_in = x.clone();
         gemm(n, qd, hd, &att, false, &p[lo.o..], true, &mut x, true);
         let mut xn2 = vec![0f32; n * hd];
@@ -138,32 +174,130 @@ pub fn forward(model: &Model, batch: &SeqBatch, keep_tape: bool) -> (ScoredOutpu
         kernels::swiglu_forward(&gate_up, inter, &mut h);
         let x_mid = x.clone();
         gemm(n, inter, hd, &h, false, &p[lo.down..], true, &mut x, true);
+        if keep_qkv {
+            kept_qkv.push(qkv.clone());
+        }
         if keep_tape {
             tapes.push(LayerTape { x_in, xn1, rstd1, qkv, probs, att, x_mid, xn2, rstd2, gate_up, h });
         }
     }
-    let mut xf = vec![0f32; n * hd];
-    let mut rstd_final = vec![0f32; n];
-    kernels::rmsnorm_forward(&x, &p[lay.final_norm..][..hd], spec.rms_eps, &mut xf, &mut rstd_final);
+    (x, tapes, kept_qkv)
+}
 
-    let m = batch.scored_rows.len();
-    let mut scored_hidden = vec![0f32; m * hd];
-    scored_hidden.par_chunks_mut(hd).zip(batch.scored_rows.par_iter()).for_each(|(dst, &r)| {
-        dst.copy_from_slice(&xf[r * hd..][..hd]);
-    });
+fn final_norm(model: &Model, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let hd = model.spec.hidden;
+    let mut xf = vec![0f32; x.len()];
+    let mut rstd = vec![0f32; x.len() / hd];
+    let w = &model.params[model.layout.final_norm..][..hd];
+    kernels::rmsnorm_forward(x, w, model.spec.rms_eps, &mut xf, &mut rstd);
+    (xf, rstd)
+}
+
+/// Log-probs of the scored positions from their final hidden states, summed per sequence.
+fn score(model: &Model, hidden: &[f32], targets: &[u32], seq_of: &[usize], n_seqs: usize) -> (ScoredOutput, Vec<f32>) {
+    let m = targets.len();
     let mut out = ScoredOutput {
-        seq_logps: vec![0.0; batch.n_seqs()],
+        seq_logps: vec![0.0; n_seqs],
         token_logps: vec![0.0; m],
         entropy: vec![0.0; m],
         mean_logit: vec![0.0; m],
     };
     let mut lse = vec![0f32; m];
-    lm_head_forward(model, &scored_hidden, &batch.scored_targets, &mut out, &mut lse);
-    for (i, &s) in batch.scored_seq.iter().enumerate() {
+    lm_head_forward(model, hidden, targets, &mut out, &mut lse);
+    for (i, &s) in seq_of.iter().enumerate() {
         out.seq_logps[s] += out.token_logps[i] as f64;
     }
-    let tape = keep_tape.then_some(Tape { layers: tapes, x_final: x, rstd_final, scored_hidden, lse });
+    (out, lse)
+}
+
+fn gather_rows(src: &[f32], rows: &[usize], width: usize) -> Vec<f32> {
+    let mut dst = vec![0f32; rows.len() * width];
+    dst.par_chunks_mut(width).zip(rows.par_iter()).for_each(|(d, &r)| d.copy_from_slice(&src[r * width..][..width]));
+    dst
+}
+
+/// Runs the decoder. With `keep_tape` the activations are kept for `backward`.
+pub fn forward(model: &Model, batch: &SeqBatch, keep_tape: bool) -> (ScoredOutput, Option<Tape>) {
+    let (out, tape, _) = forward_with_cache(model, batch, keep_tape, false);
     (out, tape)
+}
+
+/// `forward`, also returning what `forward_continuation` needs to continue this pass's sequences.
+pub fn forward_with_cache(
+    model: &Model,
+    batch: &SeqBatch,
+    keep_tape: bool,
+    keep_cache: bool,
+) -> (ScoredOutput, Option<Tape>, Option<PrefixCache>) {
+    let keys = Keys::Causal { seq_starts: &batch.seq_starts };
+    let (x, tapes, qkv) = run_layers(model, &batch.tokens, &batch.positions, keys, keep_tape, keep_cache);
+    let (xf, rstd_final) = final_norm(model, &x);
+    let scored_hidden = gather_rows(&xf, &batch.scored_rows, model.spec.hidden);
+    let (out, lse) = score(model, &scored_hidden, &batch.scored_targets, &batch.scored_seq, batch.n_seqs());
+    let cache = keep_cache.then(|| PrefixCache {
+        seq_starts: batch.seq_starts.clone(),
+        tokens: batch.tokens.clone(),
+        qkv,
+        final_hidden: xf,
+    });
+    let tape = keep_tape.then_some(Tape { layers: tapes, x_final: x, rstd_final, scored_hidden, lse });
+    (out, tape, cache)
+}
+
+/// Sequences that share a prefix with sequences of a cached pass: only the tokens after the prefix are run.
+#[derive(Debug, Clone, Default)]
+pub struct ContinuationBatch {
+    tokens: Vec<u32>,
+    positions: Vec<u32>,
+    seq_starts: Vec<usize>,
+    /// Per sequence: (first row of its base sequence in the cache, prefix length).
+    prefix: Vec<(usize, usize)>,
+    /// Per scored position: row of its hidden state (in the cache when `from_cache`), target, sequence.
+    scored_rows: Vec<(bool, usize)>,
+    scored_targets: Vec<u32>,
+    scored_seq: Vec<usize>,
+}
+
+impl ContinuationBatch {
+    /// `seqs[s] = (base sequence in `cache`, prefix length, full ids, full completion mask)`; the first
+    /// `prefix length` ids must be the base sequence's first tokens.
+    pub fn new(cache: &PrefixCache, seqs: &[(usize, usize, &[u32], &[bool])]) -> Self {
+        let mut b = ContinuationBatch { seq_starts: vec![0], ..Default::default() };
+        for (s, &(base, plen, ids, mask)) in seqs.iter().enumerate() {
+            let base_start = cache.seq_starts[base];
+            assert!(plen <= cache.seq_starts[base + 1] - base_start && plen <= ids.len(), "prefix longer than a sequence");
+            assert_eq!(&cache.tokens[base_start..base_start + plen], &ids[..plen], "prefix differs from the cached tokens");
+            let own_start = b.tokens.len();
+            b.tokens.extend_from_slice(&ids[plen..]);
+            b.positions.extend(plen as u32..ids.len() as u32);
+            for t in 0..ids.len().saturating_sub(1) {
+                if mask[t + 1] {
+                    let row = if t < plen { (true, base_start + t) } else { (false, own_start + t - plen) };
+                    b.scored_rows.push(row);
+                    b.scored_targets.push(ids[t + 1]);
+                    b.scored_seq.push(s);
+                }
+            }
+            b.prefix.push((base_start, plen));
+            b.seq_starts.push(b.tokens.len());
+        }
+        b
+    }
+}
+
+/// A no-gradient forward of sequences that continue cached prefixes: equal to `forward` on the full sequences,
+/// without recomputing the prefix.
+pub fn forward_continuation(model: &Model, batch: &ContinuationBatch, cache: &PrefixCache) -> ScoredOutput {
+    let keys = Keys::Continuation { seq_starts: &batch.seq_starts, cache, prefix: &batch.prefix };
+    let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, false, false);
+    let (xf, _) = final_norm(model, &x);
+    let hd = model.spec.hidden;
+    let mut hidden = vec![0f32; batch.scored_rows.len() * hd];
+    hidden.par_chunks_mut(hd).zip(batch.scored_rows.par_iter()).for_each(|(d, &(from_cache, r))| {
+        let src = if from_cache { &cache.final_hidden } else { &xf };
+        d.copy_from_slice(&src[r * hd..][..hd]);
+    });
+    score(model, &hidden, &batch.scored_targets, &batch.scored_seq, batch.seq_starts.len() - 1).0
 }
 
 /// Logits of the scored rows, one block of rows at a time, reduced to log p(target), entropy, mean logit and

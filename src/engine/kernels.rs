@@ -325,6 +325,55 @@ pub fn attention_forward(shape: &AttnShape, qkv: &[f32], out: &mut [f32], probs:
     });
 }
 
+/// Attention of sequences that continue cached prefixes (no gradient): sequence s of the pass (rows of `qkv`)
+/// attends to rows `prefix[s].0 .. prefix[s].0 + prefix[s].1` of `prefix_qkv`, then causally to its own rows.
+pub fn attention_continuation(
+    shape: &AttnShape,
+    qkv: &[f32],
+    prefix_qkv: &[f32],
+    prefix: &[(usize, usize)],
+    out: &mut [f32],
+) {
+    let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+    let (w, ow) = (shape.qkv_width(), h * d);
+    let group = h / kvh;
+    let scale = 1.0 / (d as f32).sqrt();
+    let n = *shape.seq_starts.last().unwrap_or(&0);
+    assert!(out.len() >= n * ow && qkv.len() >= n * w && prefix.len() == shape.n_seqs());
+    for &(start, len) in prefix {
+        assert!(prefix_qkv.len() >= (start + len) * w, "prefix rows outside the cache");
+    }
+    let out_ptr = SharedMut(out.as_mut_ptr());
+    let tasks: Vec<(usize, usize)> = (0..shape.n_seqs()).flat_map(|s| (0..h).map(move |hh| (s, hh))).collect();
+    tasks.par_iter().for_each(|&(s, hh)| {
+        let (start, end) = (shape.seq_starts[s], shape.seq_starts[s + 1]);
+        let (l, (pstart, plen)) = (end - start, prefix[s]);
+        let kv = hh / group;
+        let width = plen + l;
+        let mut sc = vec![0f32; l * width];
+        // SAFETY: task (s, hh) writes only head hh's columns of rows start..end of `out`; all reads lie inside
+        // `qkv` and `prefix_qkv` (asserted above).
+        unsafe {
+            let rows = qkv.as_ptr().add(start * w);
+            let (qs, ks, vs) = (rows.add(hh * d), rows.add(ow + kv * d), rows.add(ow + kvh * d + kv * d));
+            let prows = prefix_qkv.as_ptr().add(pstart * w);
+            let (pk, pv) = (prows.add(ow + kv * d), prows.add(ow + kvh * d + kv * d));
+            let o = out_ptr.ptr().add(start * ow + hh * d);
+            if plen > 0 {
+                sgemm_strided(l, d, plen, scale, qs, w, 1, pk, 1, w, 0.0, sc.as_mut_ptr(), width, 1);
+            }
+            sgemm_strided(l, d, l, scale, qs, w, 1, ks, 1, w, 0.0, sc.as_mut_ptr().add(plen), width, 1);
+            for t in 0..l {
+                causal_softmax_row(&mut sc[t * width..(t + 1) * width], plen + t);
+            }
+            sgemm_strided(l, l, d, 1.0, sc.as_ptr().add(plen), width, 1, vs, w, 1, 0.0, o, ow, 1);
+            if plen > 0 {
+                sgemm_strided(l, plen, d, 1.0, sc.as_ptr(), width, 1, pv, w, 1, 1.0, o, ow, 1);
+            }
+        }
+    });
+}
+
 /// Backward of `attention_forward`: writes the q part of `dqkv` and adds into its k and v parts, which must start
 /// zeroed.
 pub fn attention_backward(shape: &AttnShape, dout: &[f32], qkv: &[f32], probs: &[f32], dqkv: &mut [f32]) {

@@ -4,4 +4,6 @@ pub mod gemm;
 pub mod kernels;
 pub mod reference;
 
-pub use decoder::{backward, forward, ScoredOutput, SeqBatch, Tape};
+pub use decoder::{
+    backward, forward, forward_continuation, forward_with_cache, ContinuationBatch, PrefixCache, ScoredOutput, SeqBatch, Tape,
+};
