@@ -4,6 +4,7 @@
 //! Sequences are packed without padding: each token row knows its position, and attention never crosses a
 //! sequence. That equals Hugging Face's right-padded forward at every real token (padding never changes a real
 //! token's output), and the padding positions are never scored.
+use super::buffers::Buf;
 use super::gemm::gemm;
 use super::kernels::{self, AttnShape, Rope};
 use crate::model::Model;
@@ -69,33 +70,33 @@ pub struct ScoredOutput {
 }
 
 struct LayerTape {
-    x_in: Vec<f32>,
-    xn1: Vec<f32>,
-    rstd1: Vec<f32>,
-    /// Fused `[q | k | v]` rows after RoPE.
-    qkv: Vec<f32>,
-    probs: Vec<f32>,
-    att: Vec<f32>,
-    x_mid: Vec<f32>,
-    xn2: Vec<f32>,
-    rstd2: Vec<f32>,
+    x_in: Buf,
+    xn1: Buf,
+    rstd1: Buf,
+    /// Fused `[q | k | v]` rows after RoPE, and the log-sum-exp of every (row, head) attention score row.
+    qkv: Buf,
+    attn_lse: Buf,
+    att: Buf,
+    x_mid: Buf,
+    xn2: Buf,
+    rstd2: Buf,
     /// Fused `[gate | up]` rows.
-    gate_up: Vec<f32>,
-    h: Vec<f32>,
+    gate_up: Buf,
+    h: Buf,
 }
 
 /// Activations a backward pass needs.
 pub struct Tape {
     layers: Vec<LayerTape>,
-    x_final: Vec<f32>,
-    rstd_final: Vec<f32>,
+    x_final: Buf,
+    rstd_final: Buf,
     /// Final-normed hidden states at the scored rows, `[M, hidden]`, and the log-sum-exp of their logits.
-    scored_hidden: Vec<f32>,
-    lse: Vec<f32>,
+    scored_hidden: Buf,
+    lse: Buf,
 }
 
-fn linear(x: &[f32], rows: usize, w: &[f32], in_dim: usize, out_dim: usize) -> Vec<f32> {
-    let mut y = vec![0f32; rows * out_dim];
+fn linear(x: &[f32], rows: usize, w: &[f32], in_dim: usize, out_dim: usize) -> Buf {
+    let mut y = Buf::zeros(rows * out_dim);
     gemm(rows, in_dim, out_dim, x, false, w, true, &mut y, false);
     y
 }
@@ -105,8 +106,8 @@ fn linear(x: &[f32], rows: usize, w: &[f32], in_dim: usize, out_dim: usize) -> V
 pub struct PrefixCache {
     seq_starts: Vec<usize>,
     tokens: Vec<u32>,
-    qkv: Vec<Vec<f32>>,
-    final_hidden: Vec<f32>,
+    qkv: Vec<Buf>,
+    final_hidden: Buf,
 }
 
 /// Which keys the tokens of a pass attend to.
@@ -126,7 +127,7 @@ fn run_layers(
     keys: Keys,
     keep_tape: bool,
     keep_qkv: bool,
-) -> (Vec<f32>, Vec<LayerTape>, Vec<Vec<f32>>) {
+) -> (Buf, Vec<LayerTape>, Vec<Buf>) {
     let spec = &model.spec;
     let lay = &model.layout;
     let p = &model.params;
@@ -140,61 +141,61 @@ fn run_layers(
     let shape = AttnShape { seq_starts, heads: spec.heads, kv_heads: spec.kv_heads, head_dim: spec.head_dim };
     let qkv_w = shape.qkv_width();
 
-    let mut x = vec![0f32; n * hd];
+    let mut x = Buf::zeros(n * hd);
     x.par_chunks_mut(hd).zip(tokens.par_iter()).for_each(|(row, &t)| {
         row.copy_from_slice(&p[lay.embed + t as usize * hd..][..hd]);
     });
     let (mut tapes, mut kept_qkv) = (Vec::new(), Vec::new());
     for (l, lo) in lay.layers.iter().enumerate() {
-        let mut xn1 = vec![0f32; n * hd];
-        let mut rstd1 = vec![0f32; n];
+        let mut xn1 = Buf::zeros(n * hd);
+        let mut rstd1 = Buf::zeros(n);
         kernels::rmsnorm_forward(&x, &p[lo.input_norm..][..hd], spec.rms_eps, &mut xn1, &mut rstd1);
         // q, k and v weights are consecutive in the layout: one GEMM against the [q|k|v] stack.
         let mut qkv = linear(&xn1, n, &p[lo.q..], hd, qkv_w);
         rope.apply(&mut qkv, qkv_w, qd + kvd, positions, false);
-        let mut att = vec![0f32; n * qd];
-        let mut probs = Vec::new();
+        let mut att = Buf::zeros(n * qd);
+        let mut attn_lse = Buf::default();
         match &keys {
             Keys::Causal { .. } => {
-                probs = vec![0f32; shape.prob_offsets().1];
-                kernels::attention_forward(&shape, &qkv, &mut att, &mut probs);
+                attn_lse = Buf::zeros(n * spec.heads);
+                kernels::attention_forward(&shape, &qkv, &mut att, &mut attn_lse);
             }
             Keys::Continuation { cache, prefix, .. } => {
                 kernels::attention_continuation(&shape, &qkv, &cache.qkv[l], prefix, &mut att);
             }
         }
-        let x_in = x.clone();
+        let x_in = Buf::copy_of(&x);
         gemm(n, qd, hd, &att, false, &p[lo.o..], true, &mut x, true);
-        let mut xn2 = vec![0f32; n * hd];
-        let mut rstd2 = vec![0f32; n];
+        let mut xn2 = Buf::zeros(n * hd);
+        let mut rstd2 = Buf::zeros(n);
         kernels::rmsnorm_forward(&x, &p[lo.post_norm..][..hd], spec.rms_eps, &mut xn2, &mut rstd2);
         // gate and up weights are consecutive too: one GEMM against the [gate|up] stack.
         let gate_up = linear(&xn2, n, &p[lo.gate..], hd, 2 * inter);
-        let mut h = vec![0f32; n * inter];
+        let mut h = Buf::zeros(n * inter);
         kernels::swiglu_forward(&gate_up, inter, &mut h);
-        let x_mid = x.clone();
+        let x_mid = Buf::copy_of(&x);
         gemm(n, inter, hd, &h, false, &p[lo.down..], true, &mut x, true);
         if keep_qkv {
-            kept_qkv.push(qkv.clone());
+            kept_qkv.push(Buf::copy_of(&qkv));
         }
         if keep_tape {
-            tapes.push(LayerTape { x_in, xn1, rstd1, qkv, probs, att, x_mid, xn2, rstd2, gate_up, h });
+            tapes.push(LayerTape { x_in, xn1, rstd1, qkv, attn_lse, att, x_mid, xn2, rstd2, gate_up, h });
         }
     }
     (x, tapes, kept_qkv)
 }
 
-fn final_norm(model: &Model, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+fn final_norm(model: &Model, x: &[f32]) -> (Buf, Buf) {
     let hd = model.spec.hidden;
-    let mut xf = vec![0f32; x.len()];
-    let mut rstd = vec![0f32; x.len() / hd];
+    let mut xf = Buf::zeros(x.len());
+    let mut rstd = Buf::zeros(x.len() / hd);
     let w = &model.params[model.layout.final_norm..][..hd];
     kernels::rmsnorm_forward(x, w, model.spec.rms_eps, &mut xf, &mut rstd);
     (xf, rstd)
 }
 
 /// Log-probs of the scored positions from their final hidden states, summed per sequence.
-fn score(model: &Model, hidden: &[f32], targets: &[u32], seq_of: &[usize], n_seqs: usize) -> (ScoredOutput, Vec<f32>) {
+fn score(model: &Model, hidden: &[f32], targets: &[u32], seq_of: &[usize], n_seqs: usize) -> (ScoredOutput, Buf) {
     let m = targets.len();
     let mut out = ScoredOutput {
         seq_logps: vec![0.0; n_seqs],
@@ -202,7 +203,7 @@ fn score(model: &Model, hidden: &[f32], targets: &[u32], seq_of: &[usize], n_seq
         entropy: vec![0.0; m],
         mean_logit: vec![0.0; m],
     };
-    let mut lse = vec![0f32; m];
+    let mut lse = Buf::zeros(m);
     lm_head_forward(model, hidden, targets, &mut out, &mut lse);
     for (i, &s) in seq_of.iter().enumerate() {
         out.seq_logps[s] += out.token_logps[i] as f64;
@@ -210,8 +211,8 @@ fn score(model: &Model, hidden: &[f32], targets: &[u32], seq_of: &[usize], n_seq
     (out, lse)
 }
 
-fn gather_rows(src: &[f32], rows: &[usize], width: usize) -> Vec<f32> {
-    let mut dst = vec![0f32; rows.len() * width];
+fn gather_rows(src: &[f32], rows: &[usize], width: usize) -> Buf {
+    let mut dst = Buf::zeros(rows.len() * width);
     dst.par_chunks_mut(width).zip(rows.par_iter()).for_each(|(d, &r)| d.copy_from_slice(&src[r * width..][..width]));
     dst
 }
@@ -292,7 +293,7 @@ pub fn forward_continuation(model: &Model, batch: &ContinuationBatch, cache: &Pr
     let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, false, false);
     let (xf, _) = final_norm(model, &x);
     let hd = model.spec.hidden;
-    let mut hidden = vec![0f32; batch.scored_rows.len() * hd];
+    let mut hidden = Buf::zeros(batch.scored_rows.len() * hd);
     hidden.par_chunks_mut(hd).zip(batch.scored_rows.par_iter()).for_each(|(d, &(from_cache, r))| {
         let src = if from_cache { &cache.final_hidden } else { &xf };
         d.copy_from_slice(&src[r * hd..][..hd]);
@@ -305,7 +306,7 @@ pub fn forward_continuation(model: &Model, batch: &ContinuationBatch, cache: &Pr
 fn lm_head_forward(model: &Model, hidden: &[f32], targets: &[u32], out: &mut ScoredOutput, lse: &mut [f32]) {
     let (hd, vocab) = (model.spec.hidden, model.spec.vocab_size);
     let w = &model.params[model.layout.lm_head..][..vocab * hd];
-    let mut logits = vec![0f32; LM_HEAD_ROWS.min(targets.len()) * vocab];
+    let mut logits = Buf::zeros(LM_HEAD_ROWS.min(targets.len()) * vocab);
     for (c, rows) in (0..targets.len()).collect::<Vec<_>>().chunks(LM_HEAD_ROWS).enumerate() {
         let r0 = c * LM_HEAD_ROWS;
         let nr = rows.len();
@@ -341,8 +342,8 @@ pub fn backward(model: &Model, batch: &SeqBatch, tape: &Tape, dlogp: &[f32], gra
 
     // lm_head: dz = g · (onehot(target) − softmax(z)), recomputing z block by block.
     let w_lm = &p[lay.lm_head..][..vocab * hd];
-    let mut d_hidden = vec![0f32; m * hd];
-    let mut dz = vec![0f32; LM_HEAD_ROWS.min(m) * vocab];
+    let mut d_hidden = Buf::zeros(m * hd);
+    let mut dz = Buf::zeros(LM_HEAD_ROWS.min(m) * vocab);
     for r0 in (0..m).step_by(LM_HEAD_ROWS) {
         let nr = LM_HEAD_ROWS.min(m - r0);
         let z = &mut dz[..nr * vocab];
@@ -358,11 +359,11 @@ pub fn backward(model: &Model, batch: &SeqBatch, tape: &Tape, dlogp: &[f32], gra
         gemm(nr, vocab, hd, z, false, w_lm, false, &mut d_hidden[r0 * hd..][..nr * hd], false);
         gemm(vocab, nr, hd, z, true, xs, false, &mut grads[lay.lm_head..][..vocab * hd], true);
     }
-    let mut dxf = vec![0f32; n * hd];
+    let mut dxf = Buf::zeros(n * hd);
     for (i, &r) in batch.scored_rows.iter().enumerate() {
         dxf[r * hd..][..hd].copy_from_slice(&d_hidden[i * hd..][..hd]);
     }
-    let mut dx = vec![0f32; n * hd];
+    let mut dx = Buf::zeros(n * hd);
     kernels::rmsnorm_backward(
         &dxf,
         &tape.x_final,
@@ -374,12 +375,12 @@ pub fn backward(model: &Model, batch: &SeqBatch, tape: &Tape, dlogp: &[f32], gra
 
     for (lo, t) in lay.layers.iter().zip(&tape.layers).rev() {
         // MLP block: x_out = x_mid + down(swiglu(gate(xn2), up(xn2))).
-        let mut dh = vec![0f32; n * inter];
+        let mut dh = Buf::zeros(n * inter);
         gemm(n, hd, inter, &dx, false, &p[lo.down..], false, &mut dh, false);
         gemm(hd, n, inter, &dx, true, &t.h, false, &mut grads[lo.down..][..hd * inter], true);
-        let mut dgate_up = vec![0f32; n * 2 * inter];
+        let mut dgate_up = Buf::zeros(n * 2 * inter);
         kernels::swiglu_backward(&dh, &t.gate_up, inter, &mut dgate_up);
-        let mut dxn2 = vec![0f32; n * hd];
+        let mut dxn2 = Buf::zeros(n * hd);
         gemm(n, 2 * inter, hd, &dgate_up, false, &p[lo.gate..], false, &mut dxn2, false);
         gemm(2 * inter, n, hd, &dgate_up, true, &t.xn2, false, &mut grads[lo.gate..][..2 * inter * hd], true);
         let (dw_post, dx_mid) = (lo.post_norm, &mut dx);
@@ -393,13 +394,13 @@ pub fn backward(model: &Model, batch: &SeqBatch, tape: &Tape, dlogp: &[f32], gra
         );
 
         // Attention block: x_mid = x_in + o(attention(rope(q(xn1)), rope(k(xn1)), v(xn1))).
-        let mut datt = vec![0f32; n * qd];
+        let mut datt = Buf::zeros(n * qd);
         gemm(n, hd, qd, &dx, false, &p[lo.o..], false, &mut datt, false);
         gemm(hd, n, qd, &dx, true, &t.att, false, &mut grads[lo.o..][..hd * qd], true);
-        let mut dqkv = vec![0f32; n * qkv_w];
-        kernels::attention_backward(&shape, &datt, &t.qkv, &t.probs, &mut dqkv);
+        let mut dqkv = Buf::zeros(n * qkv_w);
+        kernels::attention_backward(&shape, &datt, &t.qkv, &t.att, &t.attn_lse, &mut dqkv);
         rope.apply(&mut dqkv, qkv_w, qd + kvd, &batch.positions, true);
-        let mut dxn1 = vec![0f32; n * hd];
+        let mut dxn1 = Buf::zeros(n * hd);
         gemm(n, qkv_w, hd, &dqkv, false, &p[lo.q..], false, &mut dxn1, false);
         gemm(qkv_w, n, hd, &dqkv, true, &t.xn1, false, &mut grads[lo.q..][..qkv_w * hd], true);
         kernels::rmsnorm_backward(&dxn1, &t.x_in, &p[lo.input_norm..][..hd], &t.rstd1, &mut dx, &mut grads[lo.input_norm..][..hd]);

@@ -271,9 +271,9 @@ impl AttnShape<'_> {
     }
 }
 
-/// In-place softmax of row `t` of a causal score matrix over keys `0..=t`, zeros after.
+/// In-place softmax of a score row over keys `0..=t`, zeros after; returns the row's log-sum-exp.
 #[inline]
-fn causal_softmax_row(row: &mut [f32], t: usize) {
+fn causal_softmax_row(row: &mut [f32], t: usize) -> f32 {
     let max = lane_max(&row[..=t]);
     let mut lanes = [0f32; LANES];
     let mut chunks = row[..=t].chunks_exact_mut(LANES);
@@ -287,40 +287,107 @@ fn causal_softmax_row(row: &mut [f32], t: usize) {
         *v = exp_f32(*v - max);
         lanes[0] += *v;
     }
-    let inv = 1.0 / lanes.iter().sum::<f32>();
+    let sum = lanes.iter().sum::<f32>();
+    let inv = 1.0 / sum;
     row[..=t].iter_mut().for_each(|v| *v *= inv);
     row[t + 1..].fill(0.0);
+    max + sum.ln()
 }
 
-/// Causal attention inside each sequence on fused `qkv: [N, qkv_width]`, writing `out: [N, heads·d]`;
-/// `probs` receives each (sequence, head) softmax matrix (row t holds the weights over keys 0..=t, zeros after).
-/// Scores and outputs are GEMMs on strided views of the packed rows, one (sequence, head) per task.
-pub fn attention_forward(shape: &AttnShape, qkv: &[f32], out: &mut [f32], probs: &mut [f32]) {
+/// Query rows handled at once by the attention kernels: their score block is `ATTN_BLOCK × keys`, so memory
+/// grows linearly with the sequence length, never quadratically.
+const ATTN_BLOCK: usize = 64;
+
+/// Causal attention inside each sequence on fused `qkv: [N, qkv_width]`, writing `out: [N, heads·d]` and the
+/// log-sum-exp of every (row, head) score row, `lse: [N, heads]`, which is all the backward pass needs to rebuild
+/// the probabilities. Scores and outputs are GEMMs on strided views, one (sequence, head) per task, one block of
+/// query rows at a time.
+pub fn attention_forward(shape: &AttnShape, qkv: &[f32], out: &mut [f32], lse: &mut [f32]) {
     let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
     let (w, ow) = (shape.qkv_width(), h * d);
     let group = h / kvh;
     let scale = 1.0 / (d as f32).sqrt();
-    let (offs, total) = shape.prob_offsets();
     let n = *shape.seq_starts.last().unwrap_or(&0);
-    assert!(probs.len() >= total && out.len() >= n * ow && qkv.len() >= n * w);
+    assert!(lse.len() >= n * h && out.len() >= n * ow && qkv.len() >= n * w);
     let out_ptr = SharedMut(out.as_mut_ptr());
-    let probs_ptr = SharedMut(probs.as_mut_ptr());
+    let lse_ptr = SharedMut(lse.as_mut_ptr());
     let tasks: Vec<(usize, usize)> = (0..shape.n_seqs()).flat_map(|s| (0..h).map(move |hh| (s, hh))).collect();
     tasks.par_iter().for_each(|&(s, hh)| {
         let (start, end) = (shape.seq_starts[s], shape.seq_starts[s + 1]);
         let l = end - start;
         let kv = hh / group;
-        // SAFETY: task (s, hh) writes only its own [l, l] block of `probs` and head hh's columns of rows
-        // start..end of `out`; no two tasks share either. The read views lie inside `qkv` (asserted above).
+        let mut sc = vec![0f32; ATTN_BLOCK.min(l) * l];
+        // SAFETY: task (s, hh) writes only head hh's columns of rows start..end of `out` and of `lse`; no two
+        // tasks share them. The read views lie inside `qkv` (asserted above).
         unsafe {
-            let p = std::slice::from_raw_parts_mut(probs_ptr.ptr().add(offs[s * h + hh]), l * l);
             let rows = qkv.as_ptr().add(start * w);
-            let (qs, ks, vs) = (rows.add(hh * d), rows.add(ow + kv * d), rows.add(ow + kvh * d + kv * d));
-            sgemm_strided(l, d, l, scale, qs, w, 1, ks, 1, w, 0.0, p.as_mut_ptr(), l, 1);
-            for t in 0..l {
-                causal_softmax_row(&mut p[t * l..t * l + l], t);
+            let (ks, vs) = (rows.add(ow + kv * d), rows.add(ow + kvh * d + kv * d));
+            for b0 in (0..l).step_by(ATTN_BLOCK) {
+                let (bn, keys) = (ATTN_BLOCK.min(l - b0), (b0 + ATTN_BLOCK).min(l));
+                let qs = rows.add(b0 * w + hh * d);
+                sgemm_strided(bn, d, keys, scale, qs, w, 1, ks, 1, w, 0.0, sc.as_mut_ptr(), keys, 1);
+                for i in 0..bn {
+                    let l_row = causal_softmax_row(&mut sc[i * keys..(i + 1) * keys], b0 + i);
+                    *lse_ptr.ptr().add((start + b0 + i) * h + hh) = l_row;
+                }
+                let o = out_ptr.ptr().add((start + b0) * ow + hh * d);
+                sgemm_strided(bn, keys, d, 1.0, sc.as_ptr(), keys, 1, vs, w, 1, 0.0, o, ow, 1);
             }
-            sgemm_strided(l, l, d, 1.0, p.as_ptr(), l, 1, vs, w, 1, 0.0, out_ptr.ptr().add(start * ow + hh * d), ow, 1);
+        }
+    });
+}
+
+/// Backward of `attention_forward`, rebuilding each block of probabilities from `lse`: writes the q part of
+/// `dqkv` and adds into its k and v parts, which must start zeroed. `out` is the forward's output.
+pub fn attention_backward(shape: &AttnShape, dout: &[f32], qkv: &[f32], out: &[f32], lse: &[f32], dqkv: &mut [f32]) {
+    let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+    let (w, ow) = (shape.qkv_width(), h * d);
+    let group = h / kvh;
+    let scale = 1.0 / (d as f32).sqrt();
+    let n = *shape.seq_starts.last().unwrap_or(&0);
+    assert!(lse.len() >= n * h && dout.len() >= n * ow && out.len() >= n * ow && qkv.len() >= n * w && dqkv.len() >= n * w);
+    let d_ptr = SharedMut(dqkv.as_mut_ptr());
+    // One task per (sequence, kv head): the query heads of a group all add into the same dk/dv columns.
+    let tasks: Vec<(usize, usize)> = (0..shape.n_seqs()).flat_map(|s| (0..kvh).map(move |kv| (s, kv))).collect();
+    tasks.par_iter().for_each(|&(s, kv)| {
+        let (start, end) = (shape.seq_starts[s], shape.seq_starts[s + 1]);
+        let l = end - start;
+        let mut p = vec![0f32; ATTN_BLOCK.min(l) * l];
+        let mut ds = vec![0f32; ATTN_BLOCK.min(l) * l];
+        for hh in kv * group..(kv + 1) * group {
+            // SAFETY: this task alone writes head hh's q columns (hh is in its group) and kv head kv's k/v columns
+            // of rows start..end of dqkv; the read views lie inside their buffers (asserted above).
+            unsafe {
+                let rows = qkv.as_ptr().add(start * w);
+                let (ks, vs) = (rows.add(ow + kv * d), rows.add(ow + kvh * d + kv * d));
+                let drows = d_ptr.ptr().add(start * w);
+                let (dk, dv) = (drows.add(ow + kv * d), drows.add(ow + kvh * d + kv * d));
+                for b0 in (0..l).step_by(ATTN_BLOCK) {
+                    let (bn, keys) = (ATTN_BLOCK.min(l - b0), (b0 + ATTN_BLOCK).min(l));
+                    let qs = rows.add(b0 * w + hh * d);
+                    let dos = dout.as_ptr().add((start + b0) * ow + hh * d);
+                    // P = exp(scale·Q·Kᵀ − lse), dP = dO·Vᵀ, dS = P ∘ (dP − rowsum(dO ∘ O)) · scale.
+                    sgemm_strided(bn, d, keys, scale, qs, w, 1, ks, 1, w, 0.0, p.as_mut_ptr(), keys, 1);
+                    sgemm_strided(bn, d, keys, 1.0, dos, ow, 1, vs, 1, w, 0.0, ds.as_mut_ptr(), keys, 1);
+                    for i in 0..bn {
+                        let t = b0 + i;
+                        let row_lse = lse[(start + t) * h + hh];
+                        let (pr, dr) = (&mut p[i * keys..(i + 1) * keys], &mut ds[i * keys..(i + 1) * keys]);
+                        let (dor, orow) = (&dout[(start + t) * ow + hh * d..][..d], &out[(start + t) * ow + hh * d..][..d]);
+                        let delta: f32 = dor.iter().zip(orow).map(|(a, b)| a * b).sum();
+                        for u in 0..=t {
+                            pr[u] = exp_f32(pr[u] - row_lse);
+                            dr[u] = pr[u] * (dr[u] - delta) * scale;
+                        }
+                        pr[t + 1..].fill(0.0);
+                        dr[t + 1..].fill(0.0);
+                    }
+                    let dq = drows.add(b0 * w + hh * d);
+                    sgemm_strided(bn, keys, d, 1.0, ds.as_ptr(), keys, 1, ks, w, 1, 0.0, dq, w, 1);
+                    sgemm_strided(keys, bn, d, 1.0, ds.as_ptr(), 1, keys, qs, w, 1, 1.0, dk, w, 1);
+                    sgemm_strided(keys, bn, d, 1.0, p.as_ptr(), 1, keys, dos, ow, 1, 1.0, dv, w, 1);
+                }
+            }
         }
     });
 }
@@ -349,71 +416,30 @@ pub fn attention_continuation(
         let (start, end) = (shape.seq_starts[s], shape.seq_starts[s + 1]);
         let (l, (pstart, plen)) = (end - start, prefix[s]);
         let kv = hh / group;
-        let width = plen + l;
-        let mut sc = vec![0f32; l * width];
+        let mut sc = vec![0f32; ATTN_BLOCK.min(l) * (plen + l)];
         // SAFETY: task (s, hh) writes only head hh's columns of rows start..end of `out`; all reads lie inside
         // `qkv` and `prefix_qkv` (asserted above).
         unsafe {
             let rows = qkv.as_ptr().add(start * w);
-            let (qs, ks, vs) = (rows.add(hh * d), rows.add(ow + kv * d), rows.add(ow + kvh * d + kv * d));
+            let (ks, vs) = (rows.add(ow + kv * d), rows.add(ow + kvh * d + kv * d));
             let prows = prefix_qkv.as_ptr().add(pstart * w);
             let (pk, pv) = (prows.add(ow + kv * d), prows.add(ow + kvh * d + kv * d));
-            let o = out_ptr.ptr().add(start * ow + hh * d);
-            if plen > 0 {
-                sgemm_strided(l, d, plen, scale, qs, w, 1, pk, 1, w, 0.0, sc.as_mut_ptr(), width, 1);
-            }
-            sgemm_strided(l, d, l, scale, qs, w, 1, ks, 1, w, 0.0, sc.as_mut_ptr().add(plen), width, 1);
-            for t in 0..l {
-                causal_softmax_row(&mut sc[t * width..(t + 1) * width], plen + t);
-            }
-            sgemm_strided(l, l, d, 1.0, sc.as_ptr().add(plen), width, 1, vs, w, 1, 0.0, o, ow, 1);
-            if plen > 0 {
-                sgemm_strided(l, plen, d, 1.0, sc.as_ptr(), width, 1, pv, w, 1, 1.0, o, ow, 1);
-            }
-        }
-    });
-}
-
-/// Backward of `attention_forward`: writes the q part of `dqkv` and adds into its k and v parts, which must start
-/// zeroed.
-pub fn attention_backward(shape: &AttnShape, dout: &[f32], qkv: &[f32], probs: &[f32], dqkv: &mut [f32]) {
-    let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
-    let (w, ow) = (shape.qkv_width(), h * d);
-    let group = h / kvh;
-    let scale = 1.0 / (d as f32).sqrt();
-    let (offs, total) = shape.prob_offsets();
-    let n = *shape.seq_starts.last().unwrap_or(&0);
-    assert!(probs.len() >= total && dout.len() >= n * ow && qkv.len() >= n * w && dqkv.len() >= n * w);
-    let d_ptr = SharedMut(dqkv.as_mut_ptr());
-    // One task per (sequence, kv head): the query heads of a group all add into the same dk/dv columns.
-    let tasks: Vec<(usize, usize)> = (0..shape.n_seqs()).flat_map(|s| (0..kvh).map(move |kv| (s, kv))).collect();
-    tasks.par_iter().for_each(|&(s, kv)| {
-        let (start, end) = (shape.seq_starts[s], shape.seq_starts[s + 1]);
-        let l = end - start;
-        let mut ds = vec![0f32; l * l];
-        for hh in kv * group..(kv + 1) * group {
-            let p = &probs[offs[s * h + hh]..][..l * l];
-            // SAFETY: this task alone writes head hh's q columns (hh is in its group) and kv head kv's k/v columns
-            // of rows start..end of dqkv; the read views lie inside their buffers (asserted above).
-            unsafe {
-                let dos = dout.as_ptr().add(start * ow + hh * d);
-                let rows = qkv.as_ptr().add(start * w);
-                let (qs, ks, vs) = (rows.add(hh * d), rows.add(ow + kv * d), rows.add(ow + kvh * d + kv * d));
-                let drows = d_ptr.ptr().add(start * w);
-                let (dq, dk, dv) = (drows.add(hh * d), drows.add(ow + kv * d), drows.add(ow + kvh * d + kv * d));
-                // dP = dO·Vᵀ, then dS = P ∘ (dP − Σ_u P·dP) · scale, row by row.
-                sgemm_strided(l, d, l, 1.0, dos, ow, 1, vs, 1, w, 0.0, ds.as_mut_ptr(), l, 1);
-                for t in 0..l {
-                    let (pr, dr) = (&p[t * l..t * l + l], &mut ds[t * l..t * l + l]);
-                    let dot: f32 = pr[..=t].iter().zip(&dr[..=t]).map(|(a, b)| a * b).sum();
-                    for u in 0..=t {
-                        dr[u] = pr[u] * (dr[u] - dot) * scale;
-                    }
-                    dr[t + 1..].fill(0.0);
+            for b0 in (0..l).step_by(ATTN_BLOCK) {
+                let (bn, own_keys) = (ATTN_BLOCK.min(l - b0), (b0 + ATTN_BLOCK).min(l));
+                let width = plen + own_keys;
+                let qs = rows.add(b0 * w + hh * d);
+                let o = out_ptr.ptr().add((start + b0) * ow + hh * d);
+                if plen > 0 {
+                    sgemm_strided(bn, d, plen, scale, qs, w, 1, pk, 1, w, 0.0, sc.as_mut_ptr(), width, 1);
                 }
-                sgemm_strided(l, l, d, 1.0, ds.as_ptr(), l, 1, ks, w, 1, 0.0, dq, w, 1);
-                sgemm_strided(l, l, d, 1.0, ds.as_ptr(), 1, l, qs, w, 1, 1.0, dk, w, 1);
-                sgemm_strided(l, l, d, 1.0, p.as_ptr(), 1, l, dos, ow, 1, 1.0, dv, w, 1);
+                sgemm_strided(bn, d, own_keys, scale, qs, w, 1, ks, 1, w, 0.0, sc.as_mut_ptr().add(plen), width, 1);
+                for i in 0..bn {
+                    causal_softmax_row(&mut sc[i * width..(i + 1) * width], plen + b0 + i);
+                }
+                sgemm_strided(bn, own_keys, d, 1.0, sc.as_ptr().add(plen), width, 1, vs, w, 1, 0.0, o, ow, 1);
+                if plen > 0 {
+                    sgemm_strided(bn, plen, d, 1.0, sc.as_ptr(), width, 1, pv, w, 1, 1.0, o, ow, 1);
+                }
             }
         }
     });

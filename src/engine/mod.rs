@@ -1,4 +1,5 @@
 //! The compute engine: explicit forward and backward kernels of the decoder on the CPU. Knows nothing of KTO.
+pub mod buffers;
 pub mod decoder;
 pub mod gemm;
 pub mod kernels;
