@@ -6,6 +6,7 @@ use crate::data::{PrepareOptions, Prepared, TokenizedRow};
 use crate::engine::gemm::gemm;
 use crate::model::{Model, ModelSpec, ParamLayout};
 use crate::train::{PhaseTimes, Trainer};
+use rayon::prelude::*;
 use serde_json::json;
 use std::time::Instant;
 
@@ -164,11 +165,11 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     let mut phases = PhaseTimes::default();
     for it in 0..opts.warmup + opts.steps {
         let t = Instant::now();
-        grads.iter_mut().for_each(|g| *g = 0.0);
+        grads.par_iter_mut().for_each(|g| *g = 0.0);
         let mut times = PhaseTimes::default();
         trainer.micro_batch(&batch, 0, Some((&mut grads, 1.0)), &mut times);
         trainer.phases = PhaseTimes::default();
-        trainer.apply_update(&mut grads, it);
+        trainer.apply_update(&grads, it);
         times.optimizer = trainer.phases.optimizer;
         if it >= opts.warmup {
             step_times.push(t.elapsed().as_secs_f64());
@@ -188,7 +189,9 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     let (b, pl, cl) = (opts.batch, opts.prompt_len, opts.completion_len);
     let main = forward_flops(&spec, b * len, b * len * (len + 1) / 2, b * cl);
     let kl = forward_flops(&spec, b * cl, b * (cl * pl + cl * (cl + 1) / 2), b * cl);
-    let lm_recompute = 2.0 * (b * cl) as f64 * spec.hidden as f64 * spec.vocab_size as f64;
+    let kept_softmax = b * cl * spec.vocab_size * 4 <= crate::engine::decoder::softmax_cache_bytes();
+    let lm_recompute =
+        if kept_softmax { 0.0 } else { 2.0 * (b * cl) as f64 * spec.hidden as f64 * spec.vocab_size as f64 };
     let step_flops = 3.0 * main + lm_recompute + 2.0 * main + 2.0 * kl;
     let gflops = step_flops / (step_ms / 1e3) / 1e9;
     let peak = gemm_peak_gflops(1024);

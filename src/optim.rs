@@ -45,8 +45,9 @@ impl Optimizer {
         Optimizer { kind, beta1, beta2, eps, weight_decay, decay, exp_avg: m, exp_avg_sq: v, steps: 0 }
     }
 
-    /// One update with learning rate `lr`.
-    pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64) {
+    /// One update with learning rate `lr` on the gradient `grad_scale · grads` (the clipping coefficient is
+    /// applied here rather than in a separate pass over the gradient).
+    pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64, grad_scale: f32) {
         self.steps += 1;
         let t = self.steps as i32;
         for (range, decays) in &self.decay {
@@ -56,7 +57,7 @@ impl Optimizer {
             match self.kind {
                 OptimKind::Sgd => {
                     let (lr, wd) = (lr as f32, wd as f32);
-                    p.par_iter_mut().zip(g.par_iter()).for_each(|(p, &g)| *p -= lr * (g + wd * *p));
+                    p.par_iter_mut().zip(g.par_iter()).for_each(|(p, &g)| *p -= lr * (g * grad_scale + wd * *p));
                 }
                 OptimKind::AdamW => {
                     let decay = (1.0 - lr * wd) as f32;
@@ -68,6 +69,7 @@ impl Optimizer {
                     let v = &mut self.exp_avg_sq[range.clone()];
                     p.par_iter_mut().zip(g.par_iter()).zip(m.par_iter_mut()).zip(v.par_iter_mut()).for_each(
                         |(((p, &g), m), v)| {
+                            let g = g * grad_scale;
                             *p *= decay;
                             *m += (1.0 - b1) * (g - *m);
                             *v = *v * b2 + (1.0 - b2) * g * g;
@@ -81,18 +83,21 @@ impl Optimizer {
     }
 }
 
-/// Global L2 norm of the gradient; scales it to `max_norm` when larger (`max_norm <= 0` disables clipping).
-/// Returns the norm before clipping, which is what transformers logs as `grad_norm`.
-pub fn clip_grad_norm(grads: &mut [f32], max_norm: f64) -> f64 {
-    let norm = grads.par_iter().map(|&g| g as f64 * g as f64).sum::<f64>().sqrt();
+/// Global L2 norm of the gradient: what transformers logs as `grad_norm` (before clipping).
+pub fn grad_norm(grads: &[f32]) -> f64 {
+    grads.par_chunks(1 << 14).map(|c| c.iter().map(|&g| g as f64 * g as f64).sum::<f64>()).sum::<f64>().sqrt()
+}
+
+/// The factor `clip_grad_norm_` scales the gradient by: `max_norm / (norm + 1e-6)` when that is below 1, else 1
+/// (`max_norm <= 0` disables clipping).
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f32 {
     if max_norm > 0.0 {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
-            let c = coef as f32;
-            grads.par_iter_mut().for_each(|g| *g *= c);
+            return coef as f32;
         }
     }
-    norm
+    1.0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,11 +154,23 @@ mod tests {
 
     #[test]
     fn clipping_scales_to_max_norm_and_reports_the_norm_before() {
-        let mut g = vec![3.0f32, 4.0];
-        assert!((clip_grad_norm(&mut g, 1.0) - 5.0).abs() < 1e-9);
-        assert!((g[0] - 0.6).abs() < 1e-5 && (g[1] - 0.8).abs() < 1e-5);
-        let mut small = vec![0.3f32, 0.4];
-        clip_grad_norm(&mut small, 1.0);
-        assert_eq!(small, vec![0.3, 0.4]);
+        let g = vec![3.0f32, 4.0];
+        assert!((grad_norm(&g) - 5.0).abs() < 1e-9);
+        assert!((clip_coefficient(5.0, 1.0) - 0.2).abs() < 1e-6);
+        assert_eq!(clip_coefficient(0.5, 1.0), 1.0);
+        assert_eq!(clip_coefficient(5.0, 0.0), 1.0);
+        // SGD applies the coefficient: p −= lr · coef · g.
+        let layout = crate::model::ParamLayout {
+            tensors: vec![crate::model::TensorSlot { name: "w".into(), shape: vec![2], offset: 0, decay: true }],
+            embed: 0,
+            layers: vec![],
+            final_norm: 0,
+            lm_head: 0,
+            total: 2,
+        };
+        let mut opt = Optimizer::new(OptimKind::Sgd, &layout, 0.9, 0.999, 1e-8, 0.0);
+        let mut p = vec![1.0f32, 1.0];
+        opt.step(&mut p, &g, 0.5, 0.2);
+        assert!((p[0] - 0.7).abs() < 1e-6 && (p[1] - 0.6).abs() < 1e-6);
     }
 }

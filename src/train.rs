@@ -7,7 +7,8 @@ use crate::engine::{backward, forward_continuation, forward_with_cache, Continua
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::objective::{KtoObjective, MicroBatchLogps};
-use crate::optim::{clip_grad_norm, Optimizer, Schedule};
+use crate::optim::{clip_coefficient, grad_norm, Optimizer, Schedule};
+use rayon::prelude::*;
 use serde_json::{Map, Value};
 use std::io::Write;
 use std::path::PathBuf;
@@ -286,7 +287,7 @@ impl Trainer {
             self.objective.evaluate(&lp, &policy_out, &main.scored_seq, (num_tokens_before + num_tokens) as f64);
         if let (Some((g, divisor)), Some(tape)) = (grads, tape) {
             let d: Vec<f32> = result.dloss_dlogp.iter().map(|v| (v / divisor) as f32).collect();
-            timed(&mut times.backward, || backward(&self.policy, &main, &tape, &d, g));
+            timed(&mut times.backward, || backward(&self.policy, &main, tape, &d, g));
         }
         MicroBatchRecord {
             rows: batch.rows.clone(),
@@ -304,12 +305,13 @@ impl Trainer {
 
     /// Clips `grads`, updates the policy with the learning rate of update number `step` (0-based), and returns
     /// (gradient norm before clipping, learning rate used).
-    pub fn apply_update(&mut self, grads: &mut [f32], step: usize) -> (f64, f64) {
+    pub fn apply_update(&mut self, grads: &[f32], step: usize) -> (f64, f64) {
         let t = Instant::now();
-        let grad_norm = clip_grad_norm(grads, self.cfg.max_grad_norm);
+        let grad_norm = grad_norm(grads);
         let lr = self.cfg.learning_rate * self.schedule.factor(step, self.warmup, self.max_steps);
         if grad_norm.is_finite() {
-            self.optimizer.step(&mut self.policy.params, grads, lr);
+            let coef = clip_coefficient(grad_norm, self.cfg.max_grad_norm);
+            self.optimizer.step(&mut self.policy.params, grads, lr, coef);
         }
         self.phases.optimizer += t.elapsed().as_secs_f64();
         (grad_norm, lr)
@@ -339,7 +341,7 @@ impl Trainer {
         obs.start(self.max_steps);
         'run: loop {
             for (g, group) in epoch_batches.chunks(ga).enumerate() {
-                grads.iter_mut().for_each(|v| *v = 0.0);
+                grads.par_iter_mut().for_each(|v| *v = 0.0);
                 let mut step_loss = 0.0;
                 for (j, rows) in group.iter().enumerate() {
                     let batch = self.collate(rows);
@@ -361,7 +363,7 @@ impl Trainer {
                     let micro_index = g * ga + j;
                     epoch_progress = epoch as f64 + (micro_index + 1) as f64 / batches_per_epoch as f64;
                 }
-                let (grad_norm, lr) = self.apply_update(&mut grads, step);
+                let (grad_norm, lr) = self.apply_update(&grads, step);
                 if !grad_norm.is_finite() {
                     return Err(Error::Train(format!(
                         "non-finite gradient norm at step {} (rows {:?}); nothing was saved",

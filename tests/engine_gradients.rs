@@ -56,7 +56,7 @@ fn check(tied: bool) {
     let coef = [0.7f32, -1.3, 0.45];
     let (_, tape) = forward(&model, &b, true);
     let mut grads = vec![0f32; model.layout.total];
-    backward(&model, &b, &tape.unwrap(), &coef, &mut grads);
+    backward(&model, &b, tape.unwrap(), &coef, &mut grads);
     let mut rng = Rng(42);
     // Central differences: h small enough that the O(h²) truncation stays below the tolerance, large enough
     // that f32 round-off (about 1e-6 of a loss near 20) does not dominate.
@@ -77,6 +77,26 @@ fn check(tied: bool) {
             "{} (tied={tied}): finite difference {fd:.6} vs backward {analytic:.6}",
             t.name
         );
+    }
+}
+
+#[test]
+fn kept_and_recomputed_softmax_give_the_same_gradient() {
+    let model = tiny_model(false, 7);
+    let b = batch();
+    let coef = [0.7f32, -1.3, 0.45];
+    let grads_with = |cache_bytes: usize| {
+        kto::engine::decoder::set_softmax_cache_bytes(cache_bytes);
+        let (_, tape) = forward(&model, &b, true);
+        let mut g = vec![0f32; model.layout.total];
+        backward(&model, &b, tape.unwrap(), &coef, &mut g);
+        g
+    };
+    let (kept, recomputed) = (grads_with(64 << 20), grads_with(0));
+    kto::engine::decoder::set_softmax_cache_bytes(64 << 20);
+    let scale = recomputed.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (a, r) in kept.iter().zip(&recomputed) {
+        assert!((a - r).abs() <= 1e-5 * scale, "{a} vs {r}");
     }
 }
 

@@ -13,6 +13,20 @@ use rayon::prelude::*;
 /// Rows of the vocabulary projection computed at once: bounds the logits buffer to `LM_HEAD_ROWS × vocab`.
 const LM_HEAD_ROWS: usize = 256;
 
+/// A training forward keeps the softmax of its scored rows for the backward pass when it fits in this many
+/// bytes (saving the backward a second vocabulary projection); larger ones are recomputed block by block.
+static SOFTMAX_CACHE_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(64 << 20);
+
+/// The budget for keeping the softmax between forward and backward, in bytes.
+pub fn softmax_cache_bytes() -> usize {
+    SOFTMAX_CACHE_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Sets the budget for keeping the softmax between forward and backward (0: always recompute).
+pub fn set_softmax_cache_bytes(bytes: usize) {
+    SOFTMAX_CACHE_BYTES.store(bytes, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Sequences packed end to end, with the positions whose next token is scored.
 #[derive(Debug, Clone, Default)]
 pub struct SeqBatch {
@@ -93,6 +107,8 @@ pub struct Tape {
     /// Final-normed hidden states at the scored rows, `[M, hidden]`, and the log-sum-exp of their logits.
     scored_hidden: Buf,
     lse: Buf,
+    /// The softmax of the scored rows, `[M, vocab]`, when it fits `SOFTMAX_CACHE_BYTES`.
+    softmax: Option<Buf>,
 }
 
 fn linear(x: &[f32], rows: usize, w: &[f32], in_dim: usize, out_dim: usize) -> Buf {
@@ -195,7 +211,14 @@ fn final_norm(model: &Model, x: &[f32]) -> (Buf, Buf) {
 }
 
 /// Log-probs of the scored positions from their final hidden states, summed per sequence.
-fn score(model: &Model, hidden: &[f32], targets: &[u32], seq_of: &[usize], n_seqs: usize) -> (ScoredOutput, Buf) {
+fn score(
+    model: &Model,
+    hidden: &[f32],
+    targets: &[u32],
+    seq_of: &[usize],
+    n_seqs: usize,
+    mut softmax: Option<&mut [f32]>,
+) -> (ScoredOutput, Buf) {
     let m = targets.len();
     let mut out = ScoredOutput {
         seq_logps: vec![0.0; n_seqs],
@@ -204,7 +227,7 @@ fn score(model: &Model, hidden: &[f32], targets: &[u32], seq_of: &[usize], n_seq
         mean_logit: vec![0.0; m],
     };
     let mut lse = Buf::zeros(m);
-    lm_head_forward(model, hidden, targets, &mut out, &mut lse);
+    lm_head_forward(model, hidden, targets, &mut out, &mut lse, softmax.as_deref_mut());
     for (i, &s) in seq_of.iter().enumerate() {
         out.seq_logps[s] += out.token_logps[i] as f64;
     }
@@ -234,14 +257,18 @@ pub fn forward_with_cache(
     let (x, tapes, qkv) = run_layers(model, &batch.tokens, &batch.positions, keys, keep_tape, keep_cache);
     let (xf, rstd_final) = final_norm(model, &x);
     let scored_hidden = gather_rows(&xf, &batch.scored_rows, model.spec.hidden);
-    let (out, lse) = score(model, &scored_hidden, &batch.scored_targets, &batch.scored_seq, batch.n_seqs());
+    let m = batch.scored_rows.len();
+    let mut softmax = (keep_tape && m * model.spec.vocab_size * 4 <= softmax_cache_bytes())
+        .then(|| Buf::zeros(m * model.spec.vocab_size));
+    let (out, lse) =
+        score(model, &scored_hidden, &batch.scored_targets, &batch.scored_seq, batch.n_seqs(), softmax.as_deref_mut().map(|v| v.as_mut_slice()));
     let cache = keep_cache.then(|| PrefixCache {
         seq_starts: batch.seq_starts.clone(),
         tokens: batch.tokens.clone(),
         qkv,
         final_hidden: xf,
     });
-    let tape = keep_tape.then_some(Tape { layers: tapes, x_final: x, rstd_final, scored_hidden, lse });
+    let tape = keep_tape.then_some(Tape { layers: tapes, x_final: x, rstd_final, scored_hidden, lse, softmax });
     (out, tape, cache)
 }
 
@@ -298,24 +325,42 @@ pub fn forward_continuation(model: &Model, batch: &ContinuationBatch, cache: &Pr
         let src = if from_cache { &cache.final_hidden } else { &xf };
         d.copy_from_slice(&src[r * hd..][..hd]);
     });
-    score(model, &hidden, &batch.scored_targets, &batch.scored_seq, batch.seq_starts.len() - 1).0
+    score(model, &hidden, &batch.scored_targets, &batch.scored_seq, batch.seq_starts.len() - 1, None).0
 }
 
 /// Logits of the scored rows, one block of rows at a time, reduced to log p(target), entropy, mean logit and
-/// log-sum-exp; the full `[M, vocab]` logits never exist at once.
-fn lm_head_forward(model: &Model, hidden: &[f32], targets: &[u32], out: &mut ScoredOutput, lse: &mut [f32]) {
+/// log-sum-exp; the full `[M, vocab]` logits never exist at once unless `softmax` asks to keep them (then it
+/// receives the normalised probabilities).
+fn lm_head_forward(
+    model: &Model,
+    hidden: &[f32],
+    targets: &[u32],
+    out: &mut ScoredOutput,
+    lse: &mut [f32],
+    mut softmax: Option<&mut [f32]>,
+) {
     let (hd, vocab) = (model.spec.hidden, model.spec.vocab_size);
     let w = &model.params[model.layout.lm_head..][..vocab * hd];
-    let mut logits = Buf::zeros(LM_HEAD_ROWS.min(targets.len()) * vocab);
-    for (c, rows) in (0..targets.len()).collect::<Vec<_>>().chunks(LM_HEAD_ROWS).enumerate() {
-        let r0 = c * LM_HEAD_ROWS;
-        let nr = rows.len();
-        let z = &mut logits[..nr * vocab];
+    let m = targets.len();
+    let keep = softmax.is_some();
+    let mut scratch = if keep { Buf::default() } else { Buf::zeros(LM_HEAD_ROWS.min(m) * vocab) };
+    for r0 in (0..m).step_by(LM_HEAD_ROWS) {
+        let nr = LM_HEAD_ROWS.min(m - r0);
+        let z = match softmax.as_deref_mut() {
+            Some(all) => &mut all[r0 * vocab..(r0 + nr) * vocab],
+            None => &mut scratch[..nr * vocab],
+        };
         gemm(nr, hd, vocab, &hidden[r0 * hd..], false, w, true, z, false);
         let stats: Vec<(f32, f32, f32, f32)> = z
             .par_chunks_mut(vocab)
             .zip(targets[r0..r0 + nr].par_iter())
-            .map(|(zr, &t)| kernels::logit_row_stats(zr, t as usize))
+            .map(|(zr, &t)| {
+                let (lp, ent, ml, l, inv_sum) = kernels::logit_row_stats(zr, t as usize);
+                if keep {
+                    zr.iter_mut().for_each(|e| *e *= inv_sum);
+                }
+                (lp, ent, ml, l)
+            })
             .collect();
         for (i, (lp, ent, ml, l)) in stats.into_iter().enumerate() {
             out.token_logps[r0 + i] = lp;
@@ -328,7 +373,7 @@ fn lm_head_forward(model: &Model, hidden: &[f32], targets: &[u32], out: &mut Sco
 
 /// Backward pass: `dlogp[s]` is ∂loss/∂(sequence log-prob of s). Gradients are added into `grads`, which has
 /// the model's parameter layout.
-pub fn backward(model: &Model, batch: &SeqBatch, tape: &Tape, dlogp: &[f32], grads: &mut [f32]) {
+pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], grads: &mut [f32]) {
     let spec = &model.spec;
     let lay = &model.layout;
     let p = &model.params;
@@ -340,20 +385,30 @@ pub fn backward(model: &Model, batch: &SeqBatch, tape: &Tape, dlogp: &[f32], gra
         AttnShape { seq_starts: &batch.seq_starts, heads: spec.heads, kv_heads: spec.kv_heads, head_dim: spec.head_dim };
     let qkv_w = shape.qkv_width();
 
-    // lm_head: dz = g · (onehot(target) − softmax(z)), recomputing z block by block.
+    // lm_head: dz = g · (onehot(target) − softmax(z)), from the kept softmax or recomputing z block by block.
     let w_lm = &p[lay.lm_head..][..vocab * hd];
     let mut d_hidden = Buf::zeros(m * hd);
-    let mut dz = Buf::zeros(LM_HEAD_ROWS.min(m) * vocab);
+    let mut kept = tape.softmax.take();
+    let mut scratch = if kept.is_some() { Buf::default() } else { Buf::zeros(LM_HEAD_ROWS.min(m) * vocab) };
     for r0 in (0..m).step_by(LM_HEAD_ROWS) {
         let nr = LM_HEAD_ROWS.min(m - r0);
-        let z = &mut dz[..nr * vocab];
         let xs = &tape.scored_hidden[r0 * hd..][..nr * hd];
-        gemm(nr, hd, vocab, xs, false, w_lm, true, z, false);
+        let z = match kept.as_deref_mut() {
+            Some(all) => &mut all[r0 * vocab..(r0 + nr) * vocab],
+            None => {
+                let z = &mut scratch[..nr * vocab];
+                gemm(nr, hd, vocab, xs, false, w_lm, true, z, false);
+                z.par_chunks_mut(vocab).enumerate().for_each(|(i, zr)| {
+                    let l = tape.lse[r0 + i];
+                    zr.iter_mut().for_each(|v| *v = kernels::exp_f32(*v - l));
+                });
+                z
+            }
+        };
         z.par_chunks_mut(vocab).enumerate().for_each(|(i, zr)| {
             let row = r0 + i;
             let g = dlogp[batch.scored_seq[row]];
-            let l = tape.lse[row];
-            zr.iter_mut().for_each(|v| *v = -g * kernels::exp_f32(*v - l));
+            zr.iter_mut().for_each(|v| *v *= -g);
             zr[batch.scored_targets[row] as usize] += g;
         });
         gemm(nr, vocab, hd, z, false, w_lm, false, &mut d_hidden[r0 * hd..][..nr * hd], false);
