@@ -41,6 +41,10 @@ pub struct BenchOptions {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// `online`: reference forwards every step (TRL's default); `precomputed`: reference log-probs computed once
+    /// before the timed steps (`precompute_ref_log_probs`).
+    #[arg(long, default_value = "online", value_parser = ["online", "precomputed"])]
+    pub reference: String,
 }
 
 /// A small deterministic generator (xorshift64*) for weights and tokens.
@@ -150,15 +154,23 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     let mut prepared = Prepared { rows, dropped_source_rows: vec![], prefix_mismatches: 0 };
     let popts = PrepareOptions { max_length: Some(len), batch_size: opts.batch, with_kl: true };
     crate::data::prepare::rotate_kl_completions(&mut prepared.rows, popts.batch_size);
+    let scratch = std::env::temp_dir().join(format!("kto-bench-{}", std::process::id()));
     let cfg = TrainConfig::from_toml(
         &format!(
-            "model = \"bench\"\ntrain_dataset = \"bench\"\nper_device_train_batch_size = {}\nmax_length = {len}\noptim = \"adamw_torch\"\nlearning_rate = 1e-5\nlr_scheduler_type = \"constant\"\nmax_steps = {}\n",
+            "model = \"bench\"\ntrain_dataset = \"bench\"\noutput_dir = {:?}\nper_device_train_batch_size = {}\nmax_length = {len}\noptim = \"adamw_torch\"\nlearning_rate = 1e-5\nlr_scheduler_type = \"constant\"\nmax_steps = {}\n",
+            scratch.display().to_string(),
             opts.batch,
             opts.steps + opts.warmup
         ),
         &[],
     )?;
     let mut trainer = Trainer::from_parts(cfg, policy, reference, prepared);
+    let precomputed = opts.reference == "precomputed";
+    if precomputed {
+        let result = trainer.precompute_reference(&crate::train::Silent);
+        let _ = std::fs::remove_dir_all(&scratch);
+        result?;
+    }
     let batch = trainer.collate(&(0..opts.batch).collect::<Vec<_>>());
     let mut grads = vec![0f32; trainer.policy.layout.total];
     let mut step_times = Vec::new();
@@ -192,13 +204,14 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     let kept_softmax = b * cl * spec.vocab_size * 4 <= crate::engine::decoder::softmax_cache_bytes();
     let lm_recompute =
         if kept_softmax { 0.0 } else { 2.0 * (b * cl) as f64 * spec.hidden as f64 * spec.vocab_size as f64 };
-    let step_flops = 3.0 * main + lm_recompute + 2.0 * main + 2.0 * kl;
+    let reference_flops = if precomputed { 0.0 } else { main + kl };
+    let step_flops = 3.0 * main + lm_recompute + main + kl + reference_flops;
     let gflops = step_flops / (step_ms / 1e3) / 1e9;
     let peak = gemm_peak_gflops(1024);
     let rss = peak_rss_mb();
     let threads = rayon::current_num_threads();
-    println!("kto bench: Llama vocab {} hidden {} intermediate {} layers {} heads {}/{} ({} parameters), batch {} x {} tokens, kto, AdamW, online reference, {threads} threads",
-        spec.vocab_size, spec.hidden, spec.intermediate, spec.layers, spec.heads, spec.kv_heads, trainer.policy.num_parameters(), opts.batch, len);
+    println!("kto bench: Llama vocab {} hidden {} intermediate {} layers {} heads {}/{} ({} parameters), batch {} x {} tokens, kto, AdamW, {} reference, {threads} threads",
+        spec.vocab_size, spec.hidden, spec.intermediate, spec.layers, spec.heads, spec.kv_heads, trainer.policy.num_parameters(), opts.batch, len, opts.reference);
     println!("{:<28} {:>10}", "phase (mean over steps)", "ms");
     for (name, t) in [
         ("policy KL forward", phases.policy_kl_forward),
@@ -221,6 +234,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         "peak_rss_mb": rss,
         "step_gflop": step_flops / 1e9,
         "threads": threads,
+        "reference": opts.reference,
         "phases_ms": {
             "policy_kl_forward": phases.policy_kl_forward / n * 1e3,
             "policy_forward": phases.policy_forward / n * 1e3,

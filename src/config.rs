@@ -97,9 +97,13 @@ pub struct TrainConfig {
     pub bf16: Option<bool>,
     #[serde(default)]
     pub fp16: bool,
-    /// Not supported yet: the reference is computed online (identical numbers on a frozen reference).
+    /// Compute the reference log-probs of every row once before training (cached in `output_dir`), then train
+    /// without a reference model in memory. Same numbers as the online reference.
     #[serde(default)]
     pub precompute_ref_log_probs: bool,
+    /// Batch size of that pass (default: `per_device_train_batch_size`).
+    #[serde(default)]
+    pub precompute_ref_batch_size: Option<usize>,
     /// Only 1 (or unset) is supported: TRL with several processes rotates KL pairs inside shards.
     #[serde(default)]
     pub dataset_num_proc: Option<usize>,
@@ -239,9 +243,6 @@ impl TrainConfig {
         }
         if self.max_steps == -1 && !(self.num_train_epochs > 0.0) {
             return bad(format!("num_train_epochs must be positive, got {}", self.num_train_epochs));
-        }
-        if self.precompute_ref_log_probs {
-            return bad("precompute_ref_log_probs = true is not supported yet; the reference runs online (same numbers)".into());
         }
         if self.dataset_num_proc.is_some_and(|n| n > 1) {
             return bad("dataset_num_proc > 1 is not supported: TRL would then rotate KL pairs inside shards".into());

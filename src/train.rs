@@ -3,7 +3,7 @@
 //! clips, steps the optimizer and schedule, logs TRL's `log_history` to `metrics.jsonl` and saves the model.
 use crate::config::TrainConfig;
 use crate::data::{self, Batch, PrepareOptions, Prepared, TextTokenizer};
-use crate::engine::{backward, forward_continuation, forward_with_cache, ContinuationBatch, PrefixCache, SeqBatch};
+use crate::engine::{backward, forward_continuation, forward_with_cache, ContinuationBatch, SeqBatch};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::objective::{KtoObjective, MicroBatchLogps};
@@ -24,6 +24,69 @@ pub trait Observer {
     /// After each log entry is written.
     fn log(&self, _entry: &Map<String, Value>) {}
     fn finish(&self) {}
+}
+
+fn packed(seqs: &[(Vec<u32>, Vec<bool>)]) -> SeqBatch {
+    let refs: Vec<(&[u32], &[bool])> = seqs.iter().map(|(i, m)| (i.as_slice(), m.as_slice())).collect();
+    SeqBatch::new(&refs)
+}
+
+/// Sequence log-probs of a micro-batch under `model`: the main sequences (keeping the tape when asked) and the
+/// KL sequences, which continue the main pass's cached prompt instead of recomputing it (a KL sequence shares
+/// its prompt with the main sequence of the same row). `times` receives (main pass, KL pass) seconds.
+fn sequence_logps(
+    model: &Model,
+    batch: &Batch,
+    main: &SeqBatch,
+    with_kl: bool,
+    keep_tape: bool,
+    times: (&mut f64, &mut f64),
+) -> (crate::engine::ScoredOutput, Option<crate::engine::Tape>, Vec<f64>) {
+    let (out, tape, cache) = timed(times.0, || forward_with_cache(model, main, keep_tape, with_kl));
+    let kl = timed(times.1, || match &cache {
+        Some(c) => {
+            let seqs: Vec<(usize, usize, &[u32], &[bool])> = batch
+                .kl
+                .iter()
+                .zip(&batch.main)
+                .enumerate()
+                .map(|(s, ((ids, mask), (_, main_mask)))| {
+                    let prompt = main_mask.iter().take_while(|c| !**c).count();
+                    let shared = prompt.min(mask.iter().take_while(|c| !**c).count());
+                    (s, shared, ids.as_slice(), mask.as_slice())
+                })
+                .collect();
+            forward_continuation(model, &ContinuationBatch::new(c, &seqs), c).seq_logps
+        }
+        None => Vec::new(),
+    });
+    (out, tape, kl)
+}
+
+/// A 64-bit FNV-1a hash of everything the precomputed reference log-probs depend on.
+fn reference_cache_key(model: &Model, data: &Prepared, max_length: Option<usize>, with_kl: bool) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    };
+    for v in &model.params {
+        eat(&v.to_le_bytes());
+    }
+    eat(format!("{:?}", model.spec).as_bytes());
+    eat(&(max_length.unwrap_or(0) as u64).to_le_bytes());
+    eat(&[with_kl as u8]);
+    for r in &data.rows {
+        for ids in [&r.prompt_ids, &r.completion_ids, &r.kl_completion_ids] {
+            eat(&(ids.len() as u64).to_le_bytes());
+            for t in ids.iter() {
+                eat(&t.to_le_bytes());
+            }
+        }
+    }
+    h
 }
 
 /// An observer that reports nothing.
@@ -70,7 +133,10 @@ pub struct Trainer {
     pub cfg: TrainConfig,
     pub objective: KtoObjective,
     pub policy: Model,
-    pub reference: Model,
+    /// The frozen reference; `None` once its log-probs are precomputed.
+    pub reference: Option<Model>,
+    /// Per training row: reference log-probs of the main and the KL sequence, when precomputed.
+    pub precomputed_reference: Option<Vec<(f64, f64)>>,
     pub data: Prepared,
     pub optimizer: Optimizer,
     schedule: Schedule,
@@ -171,7 +237,10 @@ impl Trainer {
         if let Some(msg) = weight_balance_warning(&prepared, cfg.desirable_weight, cfg.undesirable_weight) {
             obs.warn(&msg);
         }
-        let t = Self::from_parts(cfg, policy, reference, prepared);
+        let mut t = Self::from_parts(cfg, policy, reference, prepared);
+        if t.cfg.precompute_ref_log_probs {
+            t.precompute_reference(obs)?;
+        }
         obs.info(&format!(
             "{} rows ({} desirable), {} parameters, {} optimizer steps",
             t.data.rows.len(),
@@ -212,7 +281,8 @@ impl Trainer {
             cfg,
             objective,
             policy,
-            reference,
+            reference: Some(reference),
+            precomputed_reference: None,
             data: prepared,
             optimizer,
             max_steps,
@@ -230,6 +300,63 @@ impl Trainer {
         data::collate(&self.data.rows, rows, self.cfg.max_length(), self.objective.loss_type.uses_kl())
     }
 
+    /// Reference log-probs of a micro-batch's main and KL sequences: precomputed ones when the run has them,
+    /// else a pass of the reference model.
+    fn reference_logps(&self, batch: &Batch, main: &SeqBatch) -> (Vec<f64>, Vec<f64>) {
+        if let Some(pre) = &self.precomputed_reference {
+            let with_kl = self.objective.loss_type.uses_kl();
+            let main_lp = batch.rows.iter().map(|&r| pre[r].0).collect();
+            let kl_lp = if with_kl { batch.rows.iter().map(|&r| pre[r].1).collect() } else { Vec::new() };
+            return (main_lp, kl_lp);
+        }
+        let model = self.reference.as_ref().expect("a reference model or precomputed reference log-probs");
+        let (out, _, kl) =
+            sequence_logps(model, batch, main, self.objective.loss_type.uses_kl(), false, (&mut 0.0, &mut 0.0));
+        (out.seq_logps, kl)
+    }
+
+    /// `precompute_ref_log_probs`: one pass of the reference over the whole data set before training, in batches
+    /// of `precompute_ref_batch_size` (default: the training batch size), cached on disk in `output_dir` keyed
+    /// by the reference weights, the tokenized rows and the settings. The reference model is then released.
+    pub fn precompute_reference(&mut self, obs: &dyn Observer) -> Result<()> {
+        let Some(model) = self.reference.take() else { return Ok(()) };
+        let with_kl = self.objective.loss_type.uses_kl();
+        let key = reference_cache_key(&model, &self.data, self.cfg.max_length(), with_kl);
+        let path = self.cfg.output_dir.join(format!("ref_logps-{key:016x}.json"));
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if let Ok(values) = serde_json::from_str::<Vec<(f64, f64)>>(&text) {
+                if values.len() == self.data.rows.len() {
+                    obs.info(&format!("reference log-probs reused from {}", path.display()));
+                    self.precomputed_reference = Some(values);
+                    return Ok(());
+                }
+            }
+        }
+        let t = Instant::now();
+        let bs = self.cfg.precompute_ref_batch_size.unwrap_or(self.cfg.per_device_train_batch_size).max(1);
+        let mut values = Vec::with_capacity(self.data.rows.len());
+        let rows: Vec<usize> = (0..self.data.rows.len()).collect();
+        for chunk in rows.chunks(bs) {
+            let batch = self.collate(chunk);
+            let main = packed(&batch.main);
+            let (out, _, kl) = sequence_logps(&model, &batch, &main, with_kl, false, (&mut 0.0, &mut 0.0));
+            for (i, lp) in out.seq_logps.iter().enumerate() {
+                values.push((*lp, if with_kl { kl[i] } else { 0.0 }));
+            }
+        }
+        std::fs::create_dir_all(&self.cfg.output_dir).map_err(|e| Error::file(&self.cfg.output_dir, e))?;
+        let text = serde_json::to_string(&values).map_err(|e| Error::Train(e.to_string()))?;
+        crate::files::write_atomic(&path, text.as_bytes())?;
+        obs.info(&format!(
+            "reference log-probs of {} rows precomputed in {:.1} s, cached in {}",
+            values.len(),
+            t.elapsed().as_secs_f64(),
+            path.display()
+        ));
+        self.precomputed_reference = Some(values);
+        Ok(())
+    }
+
     /// Runs one micro-batch. With `grads`, backpropagates `loss / loss_divisor` into it.
     pub fn micro_batch(
         &self,
@@ -238,43 +365,17 @@ impl Trainer {
         grads: Option<(&mut [f32], f64)>,
         times: &mut PhaseTimes,
     ) -> MicroBatchRecord {
-        let as_refs = |seqs: &[(Vec<u32>, Vec<bool>)]| -> SeqBatch {
-            let refs: Vec<(&[u32], &[bool])> = seqs.iter().map(|(i, m)| (i.as_slice(), m.as_slice())).collect();
-            SeqBatch::new(&refs)
-        };
-        let main = as_refs(&batch.main);
+        let main = packed(&batch.main);
         let with_kl = self.objective.loss_type.uses_kl();
-        // A KL sequence shares its prompt with the main sequence of the same row, so its no-grad passes continue
-        // the main pass's cached prompt instead of recomputing it.
-        let kl_continuation = |cache: &PrefixCache| -> ContinuationBatch {
-            let seqs: Vec<(usize, usize, &[u32], &[bool])> = batch
-                .kl
-                .iter()
-                .zip(&batch.main)
-                .enumerate()
-                .map(|(s, ((ids, mask), (_, main_mask)))| {
-                    let prompt = main_mask.iter().take_while(|c| !**c).count();
-                    let shared = prompt.min(mask.iter().take_while(|c| !**c).count());
-                    (s, shared, ids.as_slice(), mask.as_slice())
-                })
-                .collect();
-            ContinuationBatch::new(cache, &seqs)
-        };
-        let (policy_out, tape, cache) =
-            timed(&mut times.policy_forward, || forward_with_cache(&self.policy, &main, grads.is_some(), with_kl));
-        let policy_kl = timed(&mut times.policy_kl_forward, || match &cache {
-            Some(c) => forward_continuation(&self.policy, &kl_continuation(c), c).seq_logps,
-            None => Vec::new(),
-        });
-        drop(cache);
-        let (reference, reference_kl) = timed(&mut times.reference_forward, || {
-            let (out, _, cache) = forward_with_cache(&self.reference, &main, false, with_kl);
-            let kl = match &cache {
-                Some(c) => forward_continuation(&self.reference, &kl_continuation(c), c).seq_logps,
-                None => Vec::new(),
-            };
-            (out.seq_logps, kl)
-        });
+        let (policy_out, tape, policy_kl) = sequence_logps(
+            &self.policy,
+            batch,
+            &main,
+            with_kl,
+            grads.is_some(),
+            (&mut times.policy_forward, &mut times.policy_kl_forward),
+        );
+        let (reference, reference_kl) = timed(&mut times.reference_forward, || self.reference_logps(batch, &main));
         let num_tokens = main.n_tokens();
         let lp = MicroBatchLogps {
             labels: &batch.labels,

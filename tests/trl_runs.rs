@@ -89,3 +89,28 @@ fn apo_zero_unpaired_run_matches_trl() {
     let (_, logs, _dir) = run("apo", &["optim=sgd", "loss_type=apo_zero_unpaired"]);
     assert_logs_match(&logs, json("expected_trl_sgd_apo.json")["log_history"].as_array().unwrap());
 }
+
+#[test]
+fn precomputed_reference_gives_the_same_run_and_is_cached() {
+    let (t, logs, dir) = run("precompute", &["optim=sgd", "precompute_ref_log_probs=true", "precompute_ref_batch_size=5"]);
+    assert!(t.reference.is_none(), "the reference model is released after precomputing");
+    assert_logs_match(&logs, json("expected_trl_sgd.json")["log_history"].as_array().unwrap());
+    let cached: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("ref_logps-"))
+        .collect();
+    assert_eq!(cached.len(), 1, "one cache file");
+    // A second run over the same output folder reuses the cache: corrupting its values must show in the loss,
+    // which proves the values are read rather than recomputed.
+    let path = cached[0].path();
+    let mut values: Vec<(f64, f64)> = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    values.iter_mut().for_each(|v| v.0 -= 10.0);
+    std::fs::write(&path, serde_json::to_string(&values).unwrap()).unwrap();
+    let cfg = fixture_config(dir.path(), &["optim=sgd", "precompute_ref_log_probs=true", "max_steps=1"]);
+    let mut again = Trainer::new(cfg, &Silent).unwrap();
+    let logs2 = again.train(&Silent).unwrap().log_history;
+    let first = json("expected_trl_sgd.json")["log_history"][0]["rewards/chosen"].as_f64().unwrap();
+    let got = logs2[0]["rewards/chosen"].as_f64().unwrap();
+    assert!((got - (first + 1.0)).abs() < 1e-3, "cached reference values were not used: {got} vs {first} + 1");
+}
