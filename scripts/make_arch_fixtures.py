@@ -132,7 +132,7 @@ def main():
             for r in rows:
                 f.write(json.dumps(r) + "\n")
         args = KTOConfig(output_dir=os.path.join("/tmp", "kto-arch", family), per_device_train_batch_size=4,
-                         max_length=64, learning_rate=1e-2, optim="sgd", lr_scheduler_type="constant", max_steps=2,
+                         max_length=128, learning_rate=1e-2, optim="sgd", lr_scheduler_type="constant", max_steps=2,
                          logging_steps=1, save_strategy="no", report_to="none", bf16=False, use_cpu=True,
                          gradient_checkpointing=False, disable_tqdm=True, seed=0, beta=0.1, undesirable_weight=1.33)
         trl_policy = AutoModelForCausalLM.from_pretrained(os.path.join(d, "policy"), dtype=torch.float32)

@@ -136,7 +136,10 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         kv_heads: opts.kv_heads,
         head_dim: opts.hidden / opts.heads,
         rms_eps: 1e-6,
-        rope_theta: 10000.0,
+        rope: crate::model::RopeSpec::plain(10000.0),
+        qkv_bias: false,
+        qk_norm: false,
+        layer_windows: vec![None; opts.layers],
         tied_embeddings: false,
     };
     let policy = random_model(&spec, 0);

@@ -12,7 +12,20 @@ impl Rng {
     }
 }
 
+/// The family differences on top of the plain Llama block.
+#[derive(Clone, Copy, Default)]
+struct Variant {
+    qkv_bias: bool,
+    qk_norm: bool,
+    window: Option<usize>,
+    llama3_rope: bool,
+}
+
 fn tiny_model(tied: bool, seed: u64) -> Model {
+    tiny_variant(tied, seed, Variant::default())
+}
+
+fn tiny_variant(tied: bool, seed: u64, v: Variant) -> Model {
     let spec = ModelSpec {
         vocab_size: 29,
         hidden: 16,
@@ -22,7 +35,22 @@ fn tiny_model(tied: bool, seed: u64) -> Model {
         kv_heads: 2,
         head_dim: 4,
         rms_eps: 1e-6,
-        rope_theta: 10000.0,
+        rope: if v.llama3_rope {
+            kto::model::RopeSpec {
+                theta: 500000.0,
+                scaling: kto::model::RopeScaling::Llama3 {
+                    factor: 8.0,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_position_embeddings: 4.0,
+                },
+            }
+        } else {
+            kto::model::RopeSpec::plain(10000.0)
+        },
+        qkv_bias: v.qkv_bias,
+        qk_norm: v.qk_norm,
+        layer_windows: vec![v.window, None],
         tied_embeddings: tied,
     };
     let layout = ParamLayout::new(&spec);
@@ -51,7 +79,11 @@ fn loss(model: &Model, b: &SeqBatch, coef: &[f32]) -> f64 {
 }
 
 fn check(tied: bool) {
-    let model = tiny_model(tied, 0x9e3779b97f4a7c15);
+    check_model(tiny_model(tied, 0x9e3779b97f4a7c15), &format!("tied={tied}"));
+}
+
+fn check_model(model: Model, label: &str) {
+    let tied = label;
     let b = batch();
     let coef = [0.7f32, -1.3, 0.45];
     let (_, tape) = forward(&model, &b, true);
@@ -108,4 +140,12 @@ fn every_parameter_tensor_matches_finite_differences_untied() {
 #[test]
 fn every_parameter_tensor_matches_finite_differences_tied() {
     check(true);
+}
+
+#[test]
+fn family_branches_match_finite_differences() {
+    // q/k/v biases (Qwen2), per-head q/k norms (Qwen3), a sliding window on layer 0 (Mistral), Llama 3 RoPE.
+    let all = Variant { qkv_bias: true, qk_norm: true, window: Some(3), llama3_rope: true };
+    check_model(tiny_variant(false, 0x5151, all), "all family branches");
+    check_model(tiny_variant(true, 0x5152, Variant { qkv_bias: true, ..Default::default() }), "qkv bias, tied");
 }

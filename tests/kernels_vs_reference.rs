@@ -16,6 +16,7 @@ impl Rng {
 }
 
 fn assert_close(name: &str, fast: &[f32], reference: &[f32]) {
+    assert!(reference.iter().any(|v| *v != 0.0), "{name}: reference is all zeros");
     assert_eq!(fast.len(), reference.len(), "{name}: length");
     let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
     let worst = fast.iter().zip(reference).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
@@ -24,6 +25,12 @@ fn assert_close(name: &str, fast: &[f32], reference: &[f32]) {
 
 #[test]
 fn attention_forward_and_backward_match_the_reference() {
+    for window in [None, Some(5), Some(70)] {
+        attention_case(window);
+    }
+}
+
+fn attention_case(window: Option<usize>) {
     // Lengths around the kernels' 64-row query blocks.
     let lens = [5usize, 17, 64, 1, 33, 65, 150];
     let mut starts = vec![0];
@@ -32,7 +39,7 @@ fn attention_forward_and_backward_match_the_reference() {
     }
     let n = *starts.last().unwrap();
     let (heads, kv_heads, d) = (6, 2, 8);
-    let shape = AttnShape { seq_starts: &starts, heads, kv_heads, head_dim: d };
+    let shape = AttnShape { seq_starts: &starts, heads, kv_heads, head_dim: d, window };
     let mut rng = Rng(0x1234_5678_9abc_def1);
     let q = rng.vec(n * heads * d, 2.0);
     let k = rng.vec(n * kv_heads * d, 2.0);

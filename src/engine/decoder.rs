@@ -90,6 +90,9 @@ struct LayerTape {
     /// Fused `[q | k | v]` rows after RoPE, and the log-sum-exp of every (row, head) attention score row.
     qkv: Buf,
     attn_lse: Buf,
+    /// With per-head q/k norms: the rows before the norm, and each (row, head)'s inverse RMS.
+    qk_pre: Buf,
+    qk_rstd: Buf,
     att: Buf,
     x_mid: Buf,
     xn2: Buf,
@@ -150,12 +153,11 @@ fn run_layers(
     let (n, hd) = (tokens.len(), spec.hidden);
     let (qd, kvd, inter) = (spec.q_dim(), spec.kv_dim(), spec.intermediate);
     let max_pos = positions.iter().max().map_or(1, |&m| m as usize + 1);
-    let rope = Rope::cached(spec.head_dim, spec.rope_theta, max_pos);
+    let rope = Rope::cached(spec.head_dim, &spec.rope, max_pos);
     let seq_starts = match &keys {
         Keys::Causal { seq_starts } | Keys::Continuation { seq_starts, .. } => *seq_starts,
     };
-    let shape = AttnShape { seq_starts, heads: spec.heads, kv_heads: spec.kv_heads, head_dim: spec.head_dim };
-    let qkv_w = shape.qkv_width();
+    let qkv_w = (spec.heads + 2 * spec.kv_heads) * spec.head_dim;
 
     let mut x = Buf::zeros(n * hd);
     x.par_chunks_mut(hd).zip(tokens.par_iter()).for_each(|(row, &t)| {
@@ -163,11 +165,30 @@ fn run_layers(
     });
     let (mut tapes, mut kept_qkv) = (Vec::new(), Vec::new());
     for (l, lo) in lay.layers.iter().enumerate() {
+        let shape = AttnShape {
+            seq_starts,
+            heads: spec.heads,
+            kv_heads: spec.kv_heads,
+            head_dim: spec.head_dim,
+            window: spec.layer_windows[l],
+        };
         let mut xn1 = Buf::zeros(n * hd);
         let mut rstd1 = Buf::zeros(n);
         kernels::rmsnorm_forward(&x, &p[lo.input_norm..][..hd], spec.rms_eps, &mut xn1, &mut rstd1);
         // q, k and v weights are consecutive in the layout: one GEMM against the [q|k|v] stack.
         let mut qkv = linear(&xn1, n, &p[lo.q..], hd, qkv_w);
+        if let Some(b) = lo.qkv_bias {
+            kernels::add_bias(&mut qkv, qkv_w, &p[b..][..qkv_w]);
+        }
+        let (mut qk_pre, mut qk_rstd) = (Buf::default(), Buf::default());
+        if let (Some(qn), Some(kn)) = (lo.q_norm, lo.k_norm) {
+            if keep_tape {
+                qk_pre = Buf::copy_of(&qkv);
+            }
+            qk_rstd = Buf::zeros(n * (spec.heads + spec.kv_heads));
+            let (wq, wk) = (&p[qn..][..spec.head_dim], &p[kn..][..spec.head_dim]);
+            kernels::head_rmsnorm_forward(&mut qkv, qkv_w, spec.heads, spec.kv_heads, wq, wk, spec.rms_eps, &mut qk_rstd);
+        }
         rope.apply(&mut qkv, qkv_w, qd + kvd, positions, false);
         let mut att = Buf::zeros(n * qd);
         let mut attn_lse = Buf::default();
@@ -195,7 +216,7 @@ fn run_layers(
             kept_qkv.push(Buf::copy_of(&qkv));
         }
         if keep_tape {
-            tapes.push(LayerTape { x_in, xn1, rstd1, qkv, attn_lse, att, x_mid, xn2, rstd2, gate_up, h });
+            tapes.push(LayerTape { x_in, xn1, rstd1, qkv, attn_lse, qk_pre, qk_rstd, att, x_mid, xn2, rstd2, gate_up, h });
         }
     }
     (x, tapes, kept_qkv)
@@ -238,6 +259,29 @@ fn gather_rows(src: &[f32], rows: &[usize], width: usize) -> Buf {
     let mut dst = Buf::zeros(rows.len() * width);
     dst.par_chunks_mut(width).zip(rows.par_iter()).for_each(|(d, &r)| d.copy_from_slice(&src[r * width..][..width]));
     dst
+}
+
+/// Full logits `[len, vocab]` of every position of each sequence (for checks against other implementations and
+/// for sampling; training never builds them).
+pub fn forward_logits(model: &Model, seqs: &[&[u32]]) -> Vec<Vec<f32>> {
+    let masks: Vec<Vec<bool>> = seqs.iter().map(|s| vec![false; s.len()]).collect();
+    let pairs: Vec<(&[u32], &[bool])> = seqs.iter().zip(&masks).map(|(s, m)| (*s, m.as_slice())).collect();
+    let batch = SeqBatch::new(&pairs);
+    let keys = Keys::Causal { seq_starts: &batch.seq_starts };
+    let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, false, false);
+    let (xf, _) = final_norm(model, &x);
+    let (hd, vocab) = (model.spec.hidden, model.spec.vocab_size);
+    let w = &model.params[model.layout.lm_head..][..vocab * hd];
+    batch
+        .seq_starts
+        .windows(2)
+        .map(|r| {
+            let rows = r[1] - r[0];
+            let mut logits = vec![0f32; rows * vocab];
+            gemm(rows, hd, vocab, &xf[r[0] * hd..r[1] * hd], false, w, true, &mut logits, false);
+            logits
+        })
+        .collect()
 }
 
 /// Runs the decoder. With `keep_tape` the activations are kept for `backward`.
@@ -380,10 +424,8 @@ pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], 
     let (n, hd, vocab) = (batch.n_tokens(), spec.hidden, spec.vocab_size);
     let (qd, kvd, inter) = (spec.q_dim(), spec.kv_dim(), spec.intermediate);
     let m = batch.scored_rows.len();
-    let rope = Rope::cached(spec.head_dim, spec.rope_theta, batch.max_len().max(1));
-    let shape =
-        AttnShape { seq_starts: &batch.seq_starts, heads: spec.heads, kv_heads: spec.kv_heads, head_dim: spec.head_dim };
-    let qkv_w = shape.qkv_width();
+    let rope = Rope::cached(spec.head_dim, &spec.rope, batch.max_len().max(1));
+    let qkv_w = (spec.heads + 2 * spec.kv_heads) * spec.head_dim;
 
     // lm_head: dz = g · (onehot(target) − softmax(z)), from the kept softmax or recomputing z block by block.
     let w_lm = &p[lay.lm_head..][..vocab * hd];
@@ -428,7 +470,14 @@ pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], 
         &mut grads[lay.final_norm..][..hd],
     );
 
-    for (lo, t) in lay.layers.iter().zip(&tape.layers).rev() {
+    for (l, (lo, t)) in lay.layers.iter().zip(&tape.layers).enumerate().rev() {
+        let shape = AttnShape {
+            seq_starts: &batch.seq_starts,
+            heads: spec.heads,
+            kv_heads: spec.kv_heads,
+            head_dim: spec.head_dim,
+            window: spec.layer_windows[l],
+        };
         // MLP block: x_out = x_mid + down(swiglu(gate(xn2), up(xn2))).
         let mut dh = Buf::zeros(n * inter);
         gemm(n, hd, inter, &dx, false, &p[lo.down..], false, &mut dh, false);
@@ -455,6 +504,19 @@ pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], 
         let mut dqkv = Buf::zeros(n * qkv_w);
         kernels::attention_backward(&shape, &datt, &t.qkv, &t.att, &t.attn_lse, &mut dqkv);
         rope.apply(&mut dqkv, qkv_w, qd + kvd, &batch.positions, true);
+        if let (Some(qn), Some(kn)) = (lo.q_norm, lo.k_norm) {
+            let d = spec.head_dim;
+            let (mut dwq, mut dwk) = (vec![0f32; d], vec![0f32; d]);
+            let (wq, wk) = (&p[qn..][..d], &p[kn..][..d]);
+            kernels::head_rmsnorm_backward(
+                &mut dqkv, &t.qk_pre, qkv_w, spec.heads, spec.kv_heads, wq, wk, &t.qk_rstd, &mut dwq, &mut dwk,
+            );
+            grads[qn..qn + d].iter_mut().zip(&dwq).for_each(|(a, b)| *a += b);
+            grads[kn..kn + d].iter_mut().zip(&dwk).for_each(|(a, b)| *a += b);
+        }
+        if let Some(b) = lo.qkv_bias {
+            kernels::bias_backward(&dqkv, qkv_w, &mut grads[b..b + qkv_w]);
+        }
         let mut dxn1 = Buf::zeros(n * hd);
         gemm(n, qkv_w, hd, &dqkv, false, &p[lo.q..], false, &mut dxn1, false);
         gemm(qkv_w, n, hd, &dqkv, true, &t.xn1, false, &mut grads[lo.q..][..qkv_w * hd], true);

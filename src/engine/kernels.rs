@@ -1,5 +1,6 @@
 //! The per-layer kernels of the decoder, each forward beside its backward. Rows are tokens of a packed batch.
 use super::gemm::sgemm_strided;
+use crate::model::RopeSpec;
 use rayon::prelude::*;
 
 /// A raw pointer that tasks may share when each writes a disjoint set of elements.
@@ -126,6 +127,104 @@ pub fn rmsnorm_backward(dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], dx: &mut
     dw.iter_mut().zip(&dw_sum).for_each(|(a, b)| *a += b);
 }
 
+/// Adds `bias` to the first `bias.len()` columns of every row (rows `row_stride` apart).
+pub fn add_bias(x: &mut [f32], row_stride: usize, bias: &[f32]) {
+    x.par_chunks_mut(row_stride).for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
+}
+
+/// Backward of `add_bias`: adds the column sums of the first `dbias.len()` columns into `dbias`.
+pub fn bias_backward(dy: &[f32], row_stride: usize, dbias: &mut [f32]) {
+    let width = dbias.len();
+    let sums = dy
+        .par_chunks(row_stride)
+        .fold(|| vec![0f32; width], |mut acc, row| {
+            acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+            acc
+        })
+        .reduce(|| vec![0f32; width], |mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+            a
+        });
+    dbias.iter_mut().zip(&sums).for_each(|(a, b)| *a += b);
+}
+
+/// Qwen3's per-head RMSNorm, in place on the q and k heads of fused q|k|v rows: each of the `heads` query heads
+/// is normalised with `wq`, each of the `kv_heads` key heads with `wk`. `rstd` receives `[rows, heads + kv_heads]`.
+#[allow(clippy::too_many_arguments)]
+pub fn head_rmsnorm_forward(
+    qkv: &mut [f32],
+    row_stride: usize,
+    heads: usize,
+    kv_heads: usize,
+    wq: &[f32],
+    wk: &[f32],
+    eps: f32,
+    rstd: &mut [f32],
+) {
+    let d = wq.len();
+    let nh = heads + kv_heads;
+    qkv.par_chunks_mut(row_stride).zip(rstd.par_chunks_mut(nh)).for_each(|(row, r)| {
+        for (hh, head) in row[..nh * d].chunks_mut(d).enumerate() {
+            let w = if hh < heads { wq } else { wk };
+            let inv = 1.0 / (sum_of_squares(head) / d as f32 + eps).sqrt();
+            r[hh] = inv;
+            head.iter_mut().zip(w).for_each(|(v, w)| *v = w * (*v * inv));
+        }
+    });
+}
+
+/// Backward of `head_rmsnorm_forward`: turns the q and k parts of `dqkv` (gradient after the norm) into the
+/// gradient before it, given the pre-norm rows `pre`, and adds into `dwq`, `dwk`.
+#[allow(clippy::too_many_arguments)]
+pub fn head_rmsnorm_backward(
+    dqkv: &mut [f32],
+    pre: &[f32],
+    row_stride: usize,
+    heads: usize,
+    kv_heads: usize,
+    wq: &[f32],
+    wk: &[f32],
+    rstd: &[f32],
+    dwq: &mut [f32],
+    dwk: &mut [f32],
+) {
+    let d = wq.len();
+    let nh = heads + kv_heads;
+    let (gq, gk) = dqkv
+        .par_chunks_mut(row_stride)
+        .zip(pre.par_chunks(row_stride))
+        .zip(rstd.par_chunks(nh))
+        .fold(
+            || (vec![0f32; d], vec![0f32; d]),
+            |(mut gq, mut gk), ((drow, xrow), r)| {
+                for hh in 0..nh {
+                    let (w, gw) = if hh < heads { (wq, &mut gq) } else { (wk, &mut gk) };
+                    let (dy, x, inv) = (&mut drow[hh * d..(hh + 1) * d], &xrow[hh * d..(hh + 1) * d], r[hh]);
+                    let mut dot = 0f32;
+                    for j in 0..d {
+                        gw[j] += dy[j] * x[j] * inv;
+                        dot += dy[j] * w[j] * x[j];
+                    }
+                    let c = inv * inv * inv * dot / d as f32;
+                    for j in 0..d {
+                        dy[j] = inv * dy[j] * w[j] - c * x[j];
+                    }
+                }
+                (gq, gk)
+            },
+        )
+        .reduce(
+            || (vec![0f32; d], vec![0f32; d]),
+            |(mut a, mut b), (c, e)| {
+                a.iter_mut().zip(&c).for_each(|(x, y)| *x += y);
+                b.iter_mut().zip(&e).for_each(|(x, y)| *x += y);
+                (a, b)
+            },
+        );
+    dwq.iter_mut().zip(&gq).for_each(|(a, b)| *a += b);
+    dwk.iter_mut().zip(&gk).for_each(|(a, b)| *a += b);
+}
+
 /// Rotary tables in Hugging Face's "rotate half" layout, computed in f32 as transformers does.
 pub struct Rope {
     pub half: usize,
@@ -134,27 +233,26 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// A shared table for (head_dim, theta) covering at least `max_pos` positions; built once, reused by every
-    /// forward and backward pass.
-    pub fn cached(head_dim: usize, theta: f64, max_pos: usize) -> std::sync::Arc<Rope> {
+    /// A shared table for (head_dim, rope parameters) covering at least `max_pos` positions; built once, reused
+    /// by every forward and backward pass.
+    pub fn cached(head_dim: usize, spec: &RopeSpec, max_pos: usize) -> std::sync::Arc<Rope> {
         use std::sync::{Arc, Mutex};
-        static TABLES: Mutex<Vec<(usize, u64, Arc<Rope>)>> = Mutex::new(Vec::new());
+        type Entry = (usize, RopeSpec, Arc<Rope>);
+        static TABLES: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
         let mut tables = TABLES.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (head_dim, theta.to_bits());
-        if let Some((_, _, r)) = tables.iter().find(|(d, t, r)| (*d, *t) == key && r.cos.len() / r.half >= max_pos) {
+        if let Some((_, _, r)) = tables.iter().find(|(d, s, r)| *d == head_dim && s == spec && r.cos.len() / r.half >= max_pos) {
             return r.clone();
         }
         // Round up so a slowly growing maximum length does not rebuild the table every time.
-        let table = Arc::new(Rope::new(head_dim, theta, max_pos.next_power_of_two().max(256)));
-        tables.retain(|(d, t, _)| (*d, *t) != key);
-        tables.push((key.0, key.1, table.clone()));
+        let table = Arc::new(Rope::new(head_dim, spec, max_pos.next_power_of_two().max(256)));
+        tables.retain(|(d, s, _)| !(*d == head_dim && s == spec));
+        tables.push((head_dim, spec.clone(), table.clone()));
         table
     }
 
-    pub fn new(head_dim: usize, theta: f64, max_pos: usize) -> Self {
+    pub fn new(head_dim: usize, spec: &RopeSpec, max_pos: usize) -> Self {
         let half = head_dim / 2;
-        let inv_freq: Vec<f32> =
-            (0..half).map(|j| 1.0 / (theta as f32).powf((2 * j) as f32 / head_dim as f32)).collect();
+        let inv_freq = spec.inv_freq(head_dim);
         let mut cos = vec![0f32; max_pos * half];
         let mut sin = vec![0f32; max_pos * half];
         for p in 0..max_pos {
@@ -246,9 +344,20 @@ pub struct AttnShape<'a> {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// Sliding window: position p sees keys p − window + 1 ..= p. `None`: all earlier keys.
+    pub window: Option<usize>,
 }
 
 impl AttnShape<'_> {
+    /// The first key position that position `p` attends to.
+    #[inline]
+    pub fn first_key(&self, p: usize) -> usize {
+        match self.window {
+            Some(w) => (p + 1).saturating_sub(w),
+            None => 0,
+        }
+    }
+
     pub fn n_seqs(&self) -> usize {
         self.seq_starts.len() - 1
     }
@@ -271,12 +380,13 @@ impl AttnShape<'_> {
     }
 }
 
-/// In-place softmax of a score row over keys `0..=t`, zeros after; returns the row's log-sum-exp.
+/// In-place softmax of a score row over keys `lo..=t`, zeros elsewhere; returns the row's log-sum-exp.
 #[inline]
-fn causal_softmax_row(row: &mut [f32], t: usize) -> f32 {
-    let max = lane_max(&row[..=t]);
+fn causal_softmax_row(row: &mut [f32], lo: usize, t: usize) -> f32 {
+    row[..lo].fill(0.0);
+    let max = lane_max(&row[lo..=t]);
     let mut lanes = [0f32; LANES];
-    let mut chunks = row[..=t].chunks_exact_mut(LANES);
+    let mut chunks = row[lo..=t].chunks_exact_mut(LANES);
     for c in &mut chunks {
         for j in 0..LANES {
             c[j] = exp_f32(c[j] - max);
@@ -289,7 +399,7 @@ fn causal_softmax_row(row: &mut [f32], t: usize) -> f32 {
     }
     let sum = lanes.iter().sum::<f32>();
     let inv = 1.0 / sum;
-    row[..=t].iter_mut().for_each(|v| *v *= inv);
+    row[lo..=t].iter_mut().for_each(|v| *v *= inv);
     row[t + 1..].fill(0.0);
     max + sum.ln()
 }
@@ -323,15 +433,18 @@ pub fn attention_forward(shape: &AttnShape, qkv: &[f32], out: &mut [f32], lse: &
             let rows = qkv.as_ptr().add(start * w);
             let (ks, vs) = (rows.add(ow + kv * d), rows.add(ow + kvh * d + kv * d));
             for b0 in (0..l).step_by(ATTN_BLOCK) {
-                let (bn, keys) = (ATTN_BLOCK.min(l - b0), (b0 + ATTN_BLOCK).min(l));
+                // Keys k0..end cover every row of the block (k0 > 0 only under a sliding window).
+                let (bn, end, k0) = (ATTN_BLOCK.min(l - b0), (b0 + ATTN_BLOCK).min(l), shape.first_key(b0));
+                let keys = end - k0;
                 let qs = rows.add(b0 * w + hh * d);
-                sgemm_strided(bn, d, keys, scale, qs, w, 1, ks, 1, w, 0.0, sc.as_mut_ptr(), keys, 1);
+                sgemm_strided(bn, d, keys, scale, qs, w, 1, ks.add(k0 * w), 1, w, 0.0, sc.as_mut_ptr(), keys, 1);
                 for i in 0..bn {
-                    let l_row = causal_softmax_row(&mut sc[i * keys..(i + 1) * keys], b0 + i);
-                    *lse_ptr.ptr().add((start + b0 + i) * h + hh) = l_row;
+                    let t = b0 + i;
+                    let l_row = causal_softmax_row(&mut sc[i * keys..(i + 1) * keys], shape.first_key(t) - k0, t - k0);
+                    *lse_ptr.ptr().add((start + t) * h + hh) = l_row;
                 }
                 let o = out_ptr.ptr().add((start + b0) * ow + hh * d);
-                sgemm_strided(bn, keys, d, 1.0, sc.as_ptr(), keys, 1, vs, w, 1, 0.0, o, ow, 1);
+                sgemm_strided(bn, keys, d, 1.0, sc.as_ptr(), keys, 1, vs.add(k0 * w), w, 1, 0.0, o, ow, 1);
             }
         }
     });
@@ -363,29 +476,34 @@ pub fn attention_backward(shape: &AttnShape, dout: &[f32], qkv: &[f32], out: &[f
                 let drows = d_ptr.ptr().add(start * w);
                 let (dk, dv) = (drows.add(ow + kv * d), drows.add(ow + kvh * d + kv * d));
                 for b0 in (0..l).step_by(ATTN_BLOCK) {
-                    let (bn, keys) = (ATTN_BLOCK.min(l - b0), (b0 + ATTN_BLOCK).min(l));
+                    let (bn, end, k0) = (ATTN_BLOCK.min(l - b0), (b0 + ATTN_BLOCK).min(l), shape.first_key(b0));
+                    let keys = end - k0;
                     let qs = rows.add(b0 * w + hh * d);
                     let dos = dout.as_ptr().add((start + b0) * ow + hh * d);
+                    let (kb, vb) = (ks.add(k0 * w), vs.add(k0 * w));
                     // P = exp(scale·Q·Kᵀ − lse), dP = dO·Vᵀ, dS = P ∘ (dP − rowsum(dO ∘ O)) · scale.
-                    sgemm_strided(bn, d, keys, scale, qs, w, 1, ks, 1, w, 0.0, p.as_mut_ptr(), keys, 1);
-                    sgemm_strided(bn, d, keys, 1.0, dos, ow, 1, vs, 1, w, 0.0, ds.as_mut_ptr(), keys, 1);
+                    sgemm_strided(bn, d, keys, scale, qs, w, 1, kb, 1, w, 0.0, p.as_mut_ptr(), keys, 1);
+                    sgemm_strided(bn, d, keys, 1.0, dos, ow, 1, vb, 1, w, 0.0, ds.as_mut_ptr(), keys, 1);
                     for i in 0..bn {
                         let t = b0 + i;
+                        let (lo, hi) = (shape.first_key(t) - k0, t - k0);
                         let row_lse = lse[(start + t) * h + hh];
                         let (pr, dr) = (&mut p[i * keys..(i + 1) * keys], &mut ds[i * keys..(i + 1) * keys]);
                         let (dor, orow) = (&dout[(start + t) * ow + hh * d..][..d], &out[(start + t) * ow + hh * d..][..d]);
                         let delta: f32 = dor.iter().zip(orow).map(|(a, b)| a * b).sum();
-                        for u in 0..=t {
+                        for u in lo..=hi {
                             pr[u] = exp_f32(pr[u] - row_lse);
                             dr[u] = pr[u] * (dr[u] - delta) * scale;
                         }
-                        pr[t + 1..].fill(0.0);
-                        dr[t + 1..].fill(0.0);
+                        for u in (0..lo).chain(hi + 1..keys) {
+                            pr[u] = 0.0;
+                            dr[u] = 0.0;
+                        }
                     }
                     let dq = drows.add(b0 * w + hh * d);
-                    sgemm_strided(bn, keys, d, 1.0, ds.as_ptr(), keys, 1, ks, w, 1, 0.0, dq, w, 1);
-                    sgemm_strided(keys, bn, d, 1.0, ds.as_ptr(), 1, keys, qs, w, 1, 1.0, dk, w, 1);
-                    sgemm_strided(keys, bn, d, 1.0, p.as_ptr(), 1, keys, dos, ow, 1, 1.0, dv, w, 1);
+                    sgemm_strided(bn, keys, d, 1.0, ds.as_ptr(), keys, 1, kb, w, 1, 0.0, dq, w, 1);
+                    sgemm_strided(keys, bn, d, 1.0, ds.as_ptr(), 1, keys, qs, w, 1, 1.0, dk.add(k0 * w), w, 1);
+                    sgemm_strided(keys, bn, d, 1.0, p.as_ptr(), 1, keys, dos, ow, 1, 1.0, dv.add(k0 * w), w, 1);
                 }
             }
         }
@@ -434,7 +552,8 @@ pub fn attention_continuation(
                 }
                 sgemm_strided(bn, d, own_keys, scale, qs, w, 1, ks, 1, w, 0.0, sc.as_mut_ptr().add(plen), width, 1);
                 for i in 0..bn {
-                    causal_softmax_row(&mut sc[i * width..(i + 1) * width], plen + b0 + i);
+                    let pos = plen + b0 + i;
+                    causal_softmax_row(&mut sc[i * width..(i + 1) * width], shape.first_key(pos), pos);
                 }
                 sgemm_strided(bn, own_keys, d, 1.0, sc.as_ptr().add(plen), width, 1, vs, w, 1, 0.0, o, ow, 1);
                 if plen > 0 {

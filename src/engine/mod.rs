@@ -6,5 +6,5 @@ pub mod kernels;
 pub mod reference;
 
 pub use decoder::{
-    backward, forward, forward_continuation, forward_with_cache, ContinuationBatch, PrefixCache, ScoredOutput, SeqBatch, Tape,
+    backward, forward, forward_continuation, forward_logits, forward_with_cache, ContinuationBatch, PrefixCache, ScoredOutput, SeqBatch, Tape,
 };

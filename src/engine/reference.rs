@@ -25,23 +25,24 @@ pub fn attention_forward_naive(shape: &AttnShape, q: &[f32], k: &[f32], v: &[f32
             let qr = &q[(start + t) * qw + hh * d..][..d];
             let row = &mut p[t * l..t * l + l];
             let mut max = f32::NEG_INFINITY;
-            for u in 0..=t {
+            let lo = shape.first_key(t);
+            row.fill(0.0);
+            for u in lo..=t {
                 let kr = &k[(start + u) * kw + kv * d..][..d];
                 let sc = qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
                 row[u] = sc;
                 max = max.max(sc);
             }
             let mut sum = 0f32;
-            for val in row[..=t].iter_mut() {
+            for val in row[lo..=t].iter_mut() {
                 *val = (*val - max).exp();
                 sum += *val;
             }
             let inv = 1.0 / sum;
-            row[..=t].iter_mut().for_each(|v| *v *= inv);
-            row[t + 1..].fill(0.0);
+            row[lo..=t].iter_mut().for_each(|v| *v *= inv);
             let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.ptr().add((start + t) * qw + hh * d), d) };
             o.fill(0.0);
-            for u in 0..=t {
+            for u in shape.first_key(t)..=t {
                 let vr = &v[(start + u) * kw + kv * d..][..d];
                 let pu = row[u];
                 o.iter_mut().zip(vr).for_each(|(a, b)| *a += pu * b);

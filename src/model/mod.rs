@@ -9,12 +9,68 @@ use serde::Deserialize;
 use std::path::Path;
 
 /// The model families the engine runs. Each difference between families is a named field of `ModelSpec`.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
 
-#[derive(Debug, Deserialize)]
+/// `rope_parameters` (transformers 5) or `rope_scaling` (older configs).
+#[derive(Debug, Deserialize, Default)]
 struct RopeParameters {
     rope_theta: Option<f64>,
+    #[serde(alias = "type")]
     rope_type: Option<String>,
+    factor: Option<f64>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<f64>,
+}
+
+/// How rotary frequencies are derived from `rope_theta`, as transformers' `ROPE_INIT_FUNCTIONS`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    Default,
+    /// Positions divided by `factor` (frequencies divided by it).
+    Linear { factor: f64 },
+    /// Llama 3.1: low frequencies divided by `factor`, high ones kept, a smooth blend between.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+}
+
+/// Rotary embedding parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeSpec {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+impl RopeSpec {
+    pub fn plain(theta: f64) -> Self {
+        RopeSpec { theta, scaling: RopeScaling::Default }
+    }
+
+    /// The inverse frequencies for a head of `head_dim`, computed in f32 as transformers does.
+    pub fn inv_freq(&self, head_dim: usize) -> Vec<f32> {
+        let base: Vec<f32> =
+            (0..head_dim / 2).map(|j| 1.0 / (self.theta as f32).powf((2 * j) as f32 / head_dim as f32)).collect();
+        match self.scaling {
+            RopeScaling::Default => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+                let (factor, low, high, old) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32, old as f32);
+                let (low_wavelen, high_wavelen) = (old / low, old / high);
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                        let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                        if medium {
+                            let smooth = (old / wavelen - low) / (high - low);
+                            (1.0 - smooth) * scaled / factor + smooth * scaled
+                        } else {
+                            scaled
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
 }
 
 /// The subset of `config.json` the engine reads. Unknown keys are ignored, as transformers does.
@@ -32,14 +88,17 @@ struct HfConfig {
     rms_norm_eps: f64,
     rope_theta: Option<f64>,
     rope_parameters: Option<RopeParameters>,
-    rope_scaling: Option<serde_json::Value>,
+    rope_scaling: Option<RopeParameters>,
     #[serde(default)]
     tie_word_embeddings: bool,
-    #[serde(default)]
-    attention_bias: bool,
+    attention_bias: Option<bool>,
     #[serde(default)]
     mlp_bias: bool,
     hidden_act: Option<String>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
+    layer_types: Option<Vec<String>>,
 }
 
 fn default_rms_eps() -> f64 {
@@ -57,8 +116,15 @@ pub struct ModelSpec {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub rms_eps: f32,
-    pub rope_theta: f64,
+    pub rope: RopeSpec,
     pub tied_embeddings: bool,
+    /// Biases on the q, k and v projections (Qwen2; `attention_bias` elsewhere).
+    pub qkv_bias: bool,
+    /// RMSNorm over each query and key head before RoPE (Qwen3's `q_norm` / `k_norm`).
+    pub qk_norm: bool,
+    /// Per layer: the sliding attention window (a token sees itself and the `window − 1` before it), or `None`
+    /// for full causal attention (Mistral's `sliding_window`, Qwen's `layer_types`).
+    pub layer_windows: Vec<Option<usize>>,
 }
 
 impl ModelSpec {
@@ -80,22 +146,29 @@ impl ModelSpec {
         }
         if let Some(act) = &c.hidden_act {
             if act != "silu" {
-                return Err(format!("hidden_act {act:?} is not supported for llama (only \"silu\")"));
+                return Err(format!("hidden_act {act:?} is not supported for {model_type} (only \"silu\")"));
             }
         }
-        if c.attention_bias || c.mlp_bias {
-            return Err("attention_bias / mlp_bias are not supported yet".into());
+        if c.mlp_bias {
+            return Err("mlp_bias is not supported".into());
         }
-        let rope_type = c.rope_parameters.as_ref().and_then(|r| r.rope_type.clone());
-        if rope_type.as_deref().is_some_and(|t| t != "default") || c.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err("rope scaling is not supported yet (only rope_type \"default\")".into());
-        }
-        let rope_theta = c
-            .rope_parameters
-            .as_ref()
-            .and_then(|r| r.rope_theta)
-            .or(c.rope_theta)
-            .unwrap_or(10000.0);
+        let rope_cfg = c.rope_parameters.as_ref().or(c.rope_scaling.as_ref());
+        let theta = rope_cfg.and_then(|r| r.rope_theta).or(c.rope_theta).unwrap_or(10000.0);
+        let need = |v: Option<f64>, name: &str| v.ok_or_else(|| format!("rope scaling needs {name}"));
+        let scaling = match rope_cfg.and_then(|r| r.rope_type.as_deref()).unwrap_or("default") {
+            "default" => RopeScaling::Default,
+            "linear" => RopeScaling::Linear { factor: need(rope_cfg.and_then(|r| r.factor), "factor")? },
+            "llama3" => {
+                let r = rope_cfg.expect("a rope_type implies rope parameters");
+                RopeScaling::Llama3 {
+                    factor: need(r.factor, "factor")?,
+                    low_freq_factor: need(r.low_freq_factor, "low_freq_factor")?,
+                    high_freq_factor: need(r.high_freq_factor, "high_freq_factor")?,
+                    original_max_position_embeddings: need(r.original_max_position_embeddings, "original_max_position_embeddings")?,
+                }
+            }
+            other => return Err(format!("rope_type {other:?} is not supported; supported: default, linear, llama3")),
+        };
         let heads = c.num_attention_heads;
         let kv_heads = c.num_key_value_heads.unwrap_or(heads);
         if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
@@ -105,18 +178,71 @@ impl ModelSpec {
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(format!("head_dim {head_dim} must be even and positive"));
         }
+        // Sliding windows: explicit layer_types win; Mistral slides everywhere when sliding_window is set; Qwen
+        // slides only with use_sliding_window, from max_window_layers on (transformers' defaults).
+        let layers = c.num_hidden_layers;
+        let window = match model_type.as_str() {
+            "qwen2" | "qwen3" if c.use_sliding_window != Some(true) => None,
+            _ => c.sliding_window,
+        };
+        let layer_windows: Vec<Option<usize>> = match (&c.layer_types, window) {
+            (_, None) => vec![None; layers],
+            (Some(types), Some(w)) => {
+                if types.len() != layers {
+                    return Err(format!("layer_types has {} entries for {layers} layers", types.len()));
+                }
+                types.iter().map(|t| (t == "sliding_attention").then_some(w)).collect()
+            }
+            (None, Some(w)) if model_type == "mistral" || model_type == "llama" => vec![Some(w); layers],
+            (None, Some(w)) => {
+                let from = c.max_window_layers.unwrap_or(28);
+                (0..layers).map(|i| (i >= from).then_some(w)).collect()
+            }
+        };
         Ok(ModelSpec {
             vocab_size: c.vocab_size,
             hidden: c.hidden_size,
             intermediate: c.intermediate_size,
-            layers: c.num_hidden_layers,
+            layers,
             heads,
             kv_heads,
             head_dim,
             rms_eps: c.rms_norm_eps as f32,
-            rope_theta,
+            rope: RopeSpec { theta, scaling },
             tied_embeddings: c.tie_word_embeddings,
+            qkv_bias: model_type == "qwen2" || c.attention_bias == Some(true),
+            qk_norm: model_type == "qwen3",
+            layer_windows,
         })
+    }
+
+    /// A plain Llama block (no biases, no q/k norms, no sliding window, default RoPE).
+    #[allow(clippy::too_many_arguments)]
+    pub fn llama(
+        vocab_size: usize,
+        hidden: usize,
+        intermediate: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        tied_embeddings: bool,
+    ) -> Self {
+        ModelSpec {
+            vocab_size,
+            hidden,
+            intermediate,
+            layers,
+            heads,
+            kv_heads,
+            head_dim,
+            rms_eps: 1e-6,
+            rope: RopeSpec::plain(10000.0),
+            tied_embeddings,
+            qkv_bias: false,
+            qk_norm: false,
+            layer_windows: vec![None; layers],
+        }
     }
 
     pub fn q_dim(&self) -> usize {
@@ -139,6 +265,11 @@ pub struct LayerOffsets {
     pub gate: usize,
     pub up: usize,
     pub down: usize,
+    /// The q, k and v biases, consecutive (`[q | k | v]`), when the family has them.
+    pub qkv_bias: Option<usize>,
+    /// Per-head RMSNorm weights of queries and keys (`[head_dim]` each), when the family has them.
+    pub q_norm: Option<usize>,
+    pub k_norm: Option<usize>,
 }
 
 /// One named tensor of the flat buffer.
@@ -190,11 +321,28 @@ impl ParamLayout {
         let mut layers = Vec::with_capacity(spec.layers);
         for l in 0..spec.layers {
             let p = format!("model.layers.{l}.");
+            let input_norm = add(format!("{p}input_layernorm.weight"), vec![h], false);
+            let (wq, wk, wv) = (
+                add(format!("{p}self_attn.q_proj.weight"), vec![q, h], true),
+                add(format!("{p}self_attn.k_proj.weight"), vec![kv, h], true),
+                add(format!("{p}self_attn.v_proj.weight"), vec![kv, h], true),
+            );
+            let qkv_bias = spec.qkv_bias.then(|| {
+                let b = add(format!("{p}self_attn.q_proj.bias"), vec![q], false);
+                add(format!("{p}self_attn.k_proj.bias"), vec![kv], false);
+                add(format!("{p}self_attn.v_proj.bias"), vec![kv], false);
+                b
+            });
+            let q_norm = spec.qk_norm.then(|| add(format!("{p}self_attn.q_norm.weight"), vec![spec.head_dim], false));
+            let k_norm = spec.qk_norm.then(|| add(format!("{p}self_attn.k_norm.weight"), vec![spec.head_dim], false));
             layers.push(LayerOffsets {
-                input_norm: add(format!("{p}input_layernorm.weight"), vec![h], false),
-                q: add(format!("{p}self_attn.q_proj.weight"), vec![q, h], true),
-                k: add(format!("{p}self_attn.k_proj.weight"), vec![kv, h], true),
-                v: add(format!("{p}self_attn.v_proj.weight"), vec![kv, h], true),
+                input_norm,
+                q: wq,
+                k: wk,
+                v: wv,
+                qkv_bias,
+                q_norm,
+                k_norm,
                 o: add(format!("{p}self_attn.o_proj.weight"), vec![h, q], true),
                 post_norm: add(format!("{p}post_attention_layernorm.weight"), vec![h], false),
                 gate: add(format!("{p}mlp.gate_proj.weight"), vec![i, h], true),
