@@ -76,7 +76,7 @@ pub fn random_model(spec: &ModelSpec, seed: u64) -> Model {
             *v = if norm { 1.0 } else { (0.02 * rng.normal()) as f32 };
         }
     }
-    Model { spec: spec.clone(), layout, params }
+    Model { spec: spec.clone(), layout, params, lora: None }
 }
 
 fn peak_rss_mb() -> f64 {
@@ -167,7 +167,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         ),
         &[],
     )?;
-    let mut trainer = Trainer::from_parts(cfg, policy, reference, prepared);
+    let mut trainer = Trainer::from_parts(cfg, policy, Some(reference), prepared);
     let precomputed = opts.reference == "precomputed";
     if precomputed {
         let result = trainer.precompute_reference(&crate::train::Silent);
@@ -175,7 +175,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         result?;
     }
     let batch = trainer.collate(&(0..opts.batch).collect::<Vec<_>>());
-    let mut grads = vec![0f32; trainer.policy.layout.total];
+    let mut grads = vec![0f32; trainer.trainable_params().len()];
     let mut step_times = Vec::new();
     let mut phases = PhaseTimes::default();
     for it in 0..opts.warmup + opts.steps {

@@ -26,6 +26,19 @@ pub enum Command {
     },
     /// Time KTO training steps on a random Llama of the shape shared/peer/bench_trl.py uses.
     Bench(crate::bench::BenchOptions),
+    /// Fold a LoRA adapter (a PEFT folder, as `kto train` with `use_peft` writes) into its base model and write
+    /// a full Hugging Face model folder.
+    Merge {
+        /// The base model folder.
+        #[arg(long)]
+        base: PathBuf,
+        /// The adapter folder (`adapter_config.json` + `adapter_model.safetensors`).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Where to write the merged model.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// Progress on a terminal: a bar with loss and step rate; elsewhere one plain line per log entry.
@@ -109,5 +122,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(opts) => crate::bench::run(&opts),
+        Command::Merge { base, adapter, out } => {
+            let mut model = crate::model::Model::load(&base)?;
+            model.lora = Some(crate::model::lora::Lora::load_peft(&adapter, &model.spec)?);
+            model.merge_lora();
+            // Tokenizer files: the adapter folder's if it has them, else the base model's.
+            let tok_dir = if adapter.join("tokenizer.json").is_file() { &adapter } else { &base };
+            model.save_pretrained(&out, &base, tok_dir)?;
+            eprintln!("kto: merged {} into {}: {}", adapter.display(), base.display(), out.display());
+            Ok(())
+        }
     }
 }

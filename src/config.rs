@@ -85,6 +85,22 @@ pub struct TrainConfig {
     #[serde(default = "d_sampling")]
     pub train_sampling_strategy: String,
 
+    // ---- LoRA (TRL's ModelConfig names and defaults) ----
+    /// Train LoRA adapters instead of the full model; without `ref_model` the reference is the frozen base.
+    #[serde(default)]
+    pub use_peft: bool,
+    #[serde(default = "d_lora_r")]
+    pub lora_r: usize,
+    #[serde(default = "d_lora_alpha")]
+    pub lora_alpha: f64,
+    /// TRL's `disable_dropout = true` (the default) also zeroes PEFT's LoRA dropout, so it has no effect then;
+    /// LoRA dropout with `disable_dropout = false` is not supported.
+    #[serde(default = "d_lora_dropout")]
+    pub lora_dropout: f64,
+    /// PEFT module names (`q_proj`, ..., `down_proj`) or `["all-linear"]`; default `["q_proj", "v_proj"]`.
+    #[serde(default)]
+    pub lora_target_modules: Option<Vec<String>>,
+
     // ---- accepted for compatibility with TRL configs ----
     /// The engine has no dropout modules; accepted so TRL configs load.
     #[serde(default = "d_true")]
@@ -165,6 +181,15 @@ fn d_logging_steps() -> usize {
 }
 fn d_sampling() -> String {
     "sequential".into()
+}
+fn d_lora_r() -> usize {
+    16
+}
+fn d_lora_alpha() -> f64 {
+    32.0
+}
+fn d_lora_dropout() -> f64 {
+    0.05
 }
 fn d_true() -> bool {
     true
@@ -247,6 +272,17 @@ impl TrainConfig {
         if self.dataset_num_proc.is_some_and(|n| n > 1) {
             return bad("dataset_num_proc > 1 is not supported: TRL would then rotate KL pairs inside shards".into());
         }
+        if self.use_peft {
+            if self.lora_r == 0 {
+                return bad("lora_r must be at least 1".into());
+            }
+            if self.lora_dropout > 0.0 && !self.disable_dropout {
+                return bad("lora_dropout > 0 with disable_dropout = false is not supported (TRL's default disable_dropout = true zeroes it)".into());
+            }
+            if let Some(t) = &self.lora_target_modules {
+                crate::model::lora::parse_targets(t).map_err(|m| Error::Config(format!("lora_target_modules: {m}")))?;
+            }
+        }
         if self.fp16 {
             return bad("fp16 = true is not supported: compute is fp32 on the CPU".into());
         }
@@ -262,6 +298,14 @@ impl TrainConfig {
     pub fn schedule(&self) -> Option<Schedule> {
         Schedule::parse(&self.lr_scheduler_type)
     }
+    /// The LoRA targets this config asks for.
+    pub fn lora_targets(&self) -> Vec<crate::model::lora::Target> {
+        match &self.lora_target_modules {
+            Some(t) => crate::model::lora::parse_targets(t).unwrap_or_default(),
+            None => crate::model::lora::DEFAULT_TARGETS.to_vec(),
+        }
+    }
+
     pub fn max_length(&self) -> Option<usize> {
         (self.max_length > 0).then_some(self.max_length)
     }

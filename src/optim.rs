@@ -1,6 +1,6 @@
 //! Optimizers with PyTorch's semantics over the flat parameter buffer, gradient clipping as
 //! `clip_grad_norm_`, and transformers' learning-rate schedules.
-use crate::model::ParamLayout;
+use crate::model::TensorSlot;
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,12 +36,14 @@ pub struct Optimizer {
 }
 
 impl Optimizer {
-    pub fn new(kind: OptimKind, layout: &ParamLayout, beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Self {
+    /// An optimizer over the flat buffer described by `tensors` (the model's, or its adapters').
+    pub fn new(kind: OptimKind, tensors: &[TensorSlot], beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Self {
+        let total = tensors.iter().map(|t| t.offset + t.len()).max().unwrap_or(0);
         let (m, v) = match kind {
-            OptimKind::AdamW => (vec![0.0; layout.total], vec![0.0; layout.total]),
+            OptimKind::AdamW => (vec![0.0; total], vec![0.0; total]),
             OptimKind::Sgd => (Vec::new(), Vec::new()),
         };
-        let decay = layout.tensors.iter().map(|t| (t.range(), t.decay)).collect();
+        let decay = tensors.iter().map(|t| (t.range(), t.decay)).collect();
         Optimizer { kind, beta1, beta2, eps, weight_decay, decay, exp_avg: m, exp_avg_sq: v, steps: 0 }
     }
 
@@ -160,15 +162,8 @@ mod tests {
         assert_eq!(clip_coefficient(0.5, 1.0), 1.0);
         assert_eq!(clip_coefficient(5.0, 0.0), 1.0);
         // SGD applies the coefficient: p −= lr · coef · g.
-        let layout = crate::model::ParamLayout {
-            tensors: vec![crate::model::TensorSlot { name: "w".into(), shape: vec![2], offset: 0, decay: true }],
-            embed: 0,
-            layers: vec![],
-            final_norm: 0,
-            lm_head: 0,
-            total: 2,
-        };
-        let mut opt = Optimizer::new(OptimKind::Sgd, &layout, 0.9, 0.999, 1e-8, 0.0);
+        let tensors = vec![TensorSlot { name: "w".into(), shape: vec![2], offset: 0, decay: true }];
+        let mut opt = Optimizer::new(OptimKind::Sgd, &tensors, 0.9, 0.999, 1e-8, 0.0);
         let mut p = vec![1.0f32, 1.0];
         opt.step(&mut p, &g, 0.5, 0.2);
         assert!((p[0] - 0.7).abs() < 1e-6 && (p[1] - 0.6).abs() < 1e-6);

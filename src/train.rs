@@ -36,13 +36,14 @@ fn packed(seqs: &[(Vec<u32>, Vec<bool>)]) -> SeqBatch {
 /// its prompt with the main sequence of the same row). `times` receives (main pass, KL pass) seconds.
 fn sequence_logps(
     model: &Model,
+    adapters: bool,
     batch: &Batch,
     main: &SeqBatch,
     with_kl: bool,
     keep_tape: bool,
     times: (&mut f64, &mut f64),
 ) -> (crate::engine::ScoredOutput, Option<crate::engine::Tape>, Vec<f64>) {
-    let (out, tape, cache) = timed(times.0, || forward_with_cache(model, main, keep_tape, with_kl));
+    let (out, tape, cache) = timed(times.0, || forward_with_cache(model, main, keep_tape, with_kl, adapters));
     let kl = timed(times.1, || match &cache {
         Some(c) => {
             let seqs: Vec<(usize, usize, &[u32], &[bool])> = batch
@@ -56,7 +57,7 @@ fn sequence_logps(
                     (s, shared, ids.as_slice(), mask.as_slice())
                 })
                 .collect();
-            forward_continuation(model, &ContinuationBatch::new(c, &seqs), c).seq_logps
+            forward_continuation(model, &ContinuationBatch::new(c, &seqs), c, adapters).seq_logps
         }
         None => Vec::new(),
     });
@@ -133,7 +134,8 @@ pub struct Trainer {
     pub cfg: TrainConfig,
     pub objective: KtoObjective,
     pub policy: Model,
-    /// The frozen reference; `None` once its log-probs are precomputed.
+    /// The frozen reference model. `None` with LoRA and no `ref_model` (the reference is then the policy's
+    /// frozen base, adapters off), and once reference log-probs are precomputed.
     pub reference: Option<Model>,
     /// Per training row: reference log-probs of the main and the KL sequence, when precomputed.
     pub precomputed_reference: Option<Vec<(f64, f64)>>,
@@ -190,7 +192,19 @@ impl Trainer {
             obs.warn("bf16 = true: kto computes in fp32 on the CPU (like TRL with bf16 = false)");
         }
         let tokenizer = TextTokenizer::load(cfg.tokenizer_dir())?;
-        let policy = Model::load(&cfg.model)?;
+        let mut policy = Model::load(&cfg.model)?;
+        if cfg.use_peft {
+            let lora = crate::model::lora::Lora::new(&policy.spec, cfg.lora_r, cfg.lora_alpha, &cfg.lora_targets(), cfg.seed);
+            obs.info(&format!(
+                "LoRA r={} alpha={} on {}: {} trainable parameters of {}",
+                cfg.lora_r,
+                cfg.lora_alpha,
+                cfg.lora_targets().iter().map(|t| t.name()).collect::<Vec<_>>().join(", "),
+                lora.num_parameters(),
+                policy.num_parameters()
+            ));
+            policy.lora = Some(lora);
+        }
         let reference = match &cfg.ref_model {
             Some(dir) => {
                 let r = Model::load(dir)?;
@@ -200,9 +214,11 @@ impl Trainer {
                         format!("vocab_size {} differs from the policy's {}", r.spec.vocab_size, policy.spec.vocab_size),
                     ));
                 }
-                r
+                Some(r)
             }
-            None => policy.clone(),
+            // Under LoRA the reference is the frozen base inside the policy: no second copy.
+            None if cfg.use_peft => None,
+            None => Some(Model { lora: None, ..policy.clone() }),
         };
         if tokenizer.vocab_size() > policy.spec.vocab_size {
             return Err(Error::model(
@@ -252,7 +268,8 @@ impl Trainer {
     }
 
     /// A trainer over models and prepared data already in memory (`cfg` must have passed validation).
-    pub fn from_parts(cfg: TrainConfig, policy: Model, reference: Model, prepared: Prepared) -> Self {
+    /// `reference: None` requires LoRA adapters on the policy (the reference is then its base).
+    pub fn from_parts(cfg: TrainConfig, policy: Model, reference: Option<Model>, prepared: Prepared) -> Self {
         let loss_type = cfg.loss_type().expect("validated");
         let batches_per_epoch = prepared.rows.len().div_ceil(cfg.per_device_train_batch_size);
         let updates_per_epoch = batches_per_epoch.div_ceil(cfg.gradient_accumulation_steps);
@@ -261,9 +278,13 @@ impl Trainer {
         } else {
             (cfg.num_train_epochs * updates_per_epoch as f64).ceil().max(1.0) as usize
         };
+        let trainable = match &policy.lora {
+            Some(l) => &l.tensors,
+            None => &policy.layout.tensors,
+        };
         let optimizer = Optimizer::new(
             cfg.optim_kind().expect("validated"),
-            &policy.layout,
+            trainable,
             cfg.adam_beta1,
             cfg.adam_beta2,
             cfg.adam_epsilon,
@@ -281,7 +302,7 @@ impl Trainer {
             cfg,
             objective,
             policy,
-            reference: Some(reference),
+            reference,
             precomputed_reference: None,
             data: prepared,
             optimizer,
@@ -309,25 +330,44 @@ impl Trainer {
             let kl_lp = if with_kl { batch.rows.iter().map(|&r| pre[r].1).collect() } else { Vec::new() };
             return (main_lp, kl_lp);
         }
-        let model = self.reference.as_ref().expect("a reference model or precomputed reference log-probs");
+        let (model, adapters) = self.reference_model();
         let (out, _, kl) =
-            sequence_logps(model, batch, main, self.objective.loss_type.uses_kl(), false, (&mut 0.0, &mut 0.0));
+            sequence_logps(model, adapters, batch, main, self.objective.loss_type.uses_kl(), false, (&mut 0.0, &mut 0.0));
         (out.seq_logps, kl)
+    }
+
+    /// The model that computes reference log-probs, and whether its adapters are on.
+    fn reference_model(&self) -> (&Model, bool) {
+        match &self.reference {
+            Some(r) => (r, false),
+            None => (&self.policy, false),
+        }
+    }
+
+    /// Parameters that train: the LoRA adapters when there are any, else the whole policy.
+    pub fn trainable_params(&self) -> &[f32] {
+        match &self.policy.lora {
+            Some(l) => &l.params,
+            None => &self.policy.params,
+        }
     }
 
     /// `precompute_ref_log_probs`: one pass of the reference over the whole data set before training, in batches
     /// of `precompute_ref_batch_size` (default: the training batch size), cached on disk in `output_dir` keyed
     /// by the reference weights, the tokenized rows and the settings. The reference model is then released.
     pub fn precompute_reference(&mut self, obs: &dyn Observer) -> Result<()> {
-        let Some(model) = self.reference.take() else { return Ok(()) };
+        if self.precomputed_reference.is_some() {
+            return Ok(());
+        }
         let with_kl = self.objective.loss_type.uses_kl();
-        let key = reference_cache_key(&model, &self.data, self.cfg.max_length(), with_kl);
+        let key = reference_cache_key(self.reference_model().0, &self.data, self.cfg.max_length(), with_kl);
         let path = self.cfg.output_dir.join(format!("ref_logps-{key:016x}.json"));
         if let Ok(text) = std::fs::read_to_string(&path) {
             if let Ok(values) = serde_json::from_str::<Vec<(f64, f64)>>(&text) {
                 if values.len() == self.data.rows.len() {
                     obs.info(&format!("reference log-probs reused from {}", path.display()));
                     self.precomputed_reference = Some(values);
+                    self.reference = None;
                     return Ok(());
                 }
             }
@@ -339,7 +379,8 @@ impl Trainer {
         for chunk in rows.chunks(bs) {
             let batch = self.collate(chunk);
             let main = packed(&batch.main);
-            let (out, _, kl) = sequence_logps(&model, &batch, &main, with_kl, false, (&mut 0.0, &mut 0.0));
+            let (model, adapters) = self.reference_model();
+            let (out, _, kl) = sequence_logps(model, adapters, &batch, &main, with_kl, false, (&mut 0.0, &mut 0.0));
             for (i, lp) in out.seq_logps.iter().enumerate() {
                 values.push((*lp, if with_kl { kl[i] } else { 0.0 }));
             }
@@ -354,6 +395,7 @@ impl Trainer {
             path.display()
         ));
         self.precomputed_reference = Some(values);
+        self.reference = None;
         Ok(())
     }
 
@@ -369,6 +411,7 @@ impl Trainer {
         let with_kl = self.objective.loss_type.uses_kl();
         let (policy_out, tape, policy_kl) = sequence_logps(
             &self.policy,
+            true,
             batch,
             &main,
             with_kl,
@@ -412,7 +455,11 @@ impl Trainer {
         let lr = self.cfg.learning_rate * self.schedule.factor(step, self.warmup, self.max_steps);
         if grad_norm.is_finite() {
             let coef = clip_coefficient(grad_norm, self.cfg.max_grad_norm);
-            self.optimizer.step(&mut self.policy.params, grads, lr, coef);
+            let params = match &mut self.policy.lora {
+                Some(l) => &mut l.params,
+                None => &mut self.policy.params,
+            };
+            self.optimizer.step(params, grads, lr, coef);
         }
         self.phases.optimizer += t.elapsed().as_secs_f64();
         (grad_norm, lr)
@@ -433,7 +480,7 @@ impl Trainer {
         let epoch_batches = self.epoch_batches();
         let batches_per_epoch = epoch_batches.len();
         let ga = self.cfg.gradient_accumulation_steps;
-        let mut grads = vec![0f32; self.policy.layout.total];
+        let mut grads = vec![0f32; self.trainable_params().len()];
         let mut acc = MetricAccumulator::default();
         let mut log_history = Vec::new();
         let (mut step, mut epoch, mut num_tokens) = (0usize, 0usize, 0usize);
@@ -517,9 +564,16 @@ impl Trainer {
         Ok(TrainSummary { log_history, steps: step, train_loss, runtime_s: runtime })
     }
 
-    /// Writes the policy as a Hugging Face folder (weights, config, tokenizer files).
+    /// Writes the policy as a Hugging Face folder (weights, config, tokenizer files), or with LoRA the adapter
+    /// as PEFT saves it (plus the tokenizer files); `kto merge` turns that into a full model.
     pub fn save(&self, dir: &std::path::Path) -> Result<PathBuf> {
-        self.policy.save_pretrained(dir, &self.cfg.model, self.cfg.tokenizer_dir())?;
+        match &self.policy.lora {
+            Some(lora) => {
+                lora.save_peft(dir, &self.cfg.model)?;
+                crate::model::weights::copy_tokenizer_files(self.cfg.tokenizer_dir(), dir)?;
+            }
+            None => self.policy.save_pretrained(dir, &self.cfg.model, self.cfg.tokenizer_dir())?,
+        }
         Ok(dir.to_path_buf())
     }
 }

@@ -59,7 +59,7 @@ fn tiny_variant(tied: bool, seed: u64, v: Variant) -> Model {
     for t in layout.tensors.iter().filter(|t| t.shape.len() == 1) {
         params[t.range()].iter_mut().for_each(|v| *v = 1.0 + *v * 0.5);
     }
-    Model { spec, layout, params }
+    Model { spec, layout, params, lora: None }
 }
 
 fn batch() -> SeqBatch {

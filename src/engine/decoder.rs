@@ -7,6 +7,7 @@
 use super::buffers::Buf;
 use super::gemm::gemm;
 use super::kernels::{self, AttnShape, Rope};
+use crate::model::lora::{Lora, LoraModule, Target};
 use crate::model::Model;
 use rayon::prelude::*;
 
@@ -99,6 +100,8 @@ struct LayerTape {
     rstd2: Buf,
     /// Fused `[gate | up]` rows.
     gate_up: Buf,
+    /// Per adapter of the layer (in `Lora::layers` order): its input times Aᵀ, `[N, r]`.
+    lora_u: Vec<Buf>,
     h: Buf,
 }
 
@@ -146,7 +149,9 @@ fn run_layers(
     keys: Keys,
     keep_tape: bool,
     keep_qkv: bool,
+    adapters: bool,
 ) -> (Buf, Vec<LayerTape>, Vec<Buf>) {
+    let lora = if adapters { model.lora.as_ref() } else { None };
     let spec = &model.spec;
     let lay = &model.layout;
     let p = &model.params;
@@ -177,6 +182,13 @@ fn run_layers(
         kernels::rmsnorm_forward(&x, &p[lo.input_norm..][..hd], spec.rms_eps, &mut xn1, &mut rstd1);
         // q, k and v weights are consecutive in the layout: one GEMM against the [q|k|v] stack.
         let mut qkv = linear(&xn1, n, &p[lo.q..], hd, qkv_w);
+        let mut lora_u = Vec::new();
+        let adapters_of = |targets: &[Target]| -> Vec<&LoraModule> {
+            lora.map(|lr| lr.layers[l].iter().filter(|m| targets.contains(&m.target)).collect()).unwrap_or_default()
+        };
+        for m in adapters_of(&[Target::Q, Target::K, Target::V]) {
+            lora_u.push(lora_forward(lora.unwrap(), m, &xn1, n, &mut qkv, qkv_w));
+        }
         if let Some(b) = lo.qkv_bias {
             kernels::add_bias(&mut qkv, qkv_w, &p[b..][..qkv_w]);
         }
@@ -203,23 +215,73 @@ fn run_layers(
         }
         let x_in = Buf::copy_of(&x);
         gemm(n, qd, hd, &att, false, &p[lo.o..], true, &mut x, true);
+        for m in adapters_of(&[Target::O]) {
+            lora_u.push(lora_forward(lora.unwrap(), m, &att, n, &mut x, hd));
+        }
         let mut xn2 = Buf::zeros(n * hd);
         let mut rstd2 = Buf::zeros(n);
         kernels::rmsnorm_forward(&x, &p[lo.post_norm..][..hd], spec.rms_eps, &mut xn2, &mut rstd2);
         // gate and up weights are consecutive too: one GEMM against the [gate|up] stack.
-        let gate_up = linear(&xn2, n, &p[lo.gate..], hd, 2 * inter);
+        let mut gate_up = linear(&xn2, n, &p[lo.gate..], hd, 2 * inter);
+        for m in adapters_of(&[Target::Gate, Target::Up]) {
+            lora_u.push(lora_forward(lora.unwrap(), m, &xn2, n, &mut gate_up, 2 * inter));
+        }
         let mut h = Buf::zeros(n * inter);
         kernels::swiglu_forward(&gate_up, inter, &mut h);
         let x_mid = Buf::copy_of(&x);
         gemm(n, inter, hd, &h, false, &p[lo.down..], true, &mut x, true);
+        for m in adapters_of(&[Target::Down]) {
+            lora_u.push(lora_forward(lora.unwrap(), m, &h, n, &mut x, hd));
+        }
         if keep_qkv {
             kept_qkv.push(Buf::copy_of(&qkv));
         }
         if keep_tape {
-            tapes.push(LayerTape { x_in, xn1, rstd1, qkv, attn_lse, qk_pre, qk_rstd, att, x_mid, xn2, rstd2, gate_up, h });
+            tapes.push(LayerTape { x_in, xn1, rstd1, qkv, attn_lse, qk_pre, qk_rstd, att, x_mid, xn2, rstd2, gate_up, h, lora_u });
         }
     }
     (x, tapes, kept_qkv)
+}
+
+/// Adds the adapter's `(α/r)·(x·Aᵀ)·Bᵀ` into columns `out_col..out_col + out_dim` of `out` (rows `out_stride`
+/// apart); returns `x·Aᵀ` for the backward pass.
+fn lora_forward(lora: &Lora, m: &LoraModule, input: &[f32], n: usize, out: &mut [f32], out_stride: usize) -> Buf {
+    let r = lora.r;
+    let mut u = Buf::zeros(n * r);
+    gemm(n, m.in_dim, r, input, false, &lora.params[m.a..], true, &mut u, false);
+    let mut delta = Buf::zeros(n * m.out_dim);
+    gemm(n, r, m.out_dim, &u, false, &lora.params[m.b..], true, &mut delta, false);
+    let s = lora.scale();
+    out.par_chunks_mut(out_stride).zip(delta.par_chunks(m.out_dim)).for_each(|(row, d)| {
+        row[m.out_col..m.out_col + m.out_dim].iter_mut().zip(d).for_each(|(o, d)| *o += s * d);
+    });
+    u
+}
+
+/// Backward of `lora_forward`: from the gradient of the whole output (`dy`, rows `dy_stride` apart), adds the
+/// adapter's A and B gradients into `grads` (adapter layout) and its input gradient into `dinput`.
+#[allow(clippy::too_many_arguments)]
+fn lora_backward(
+    lora: &Lora,
+    m: &LoraModule,
+    dy: &[f32],
+    dy_stride: usize,
+    input: &[f32],
+    u: &[f32],
+    n: usize,
+    grads: &mut [f32],
+    dinput: &mut [f32],
+) {
+    let (r, s, o) = (lora.r, lora.scale(), m.out_dim);
+    let mut dys = Buf::zeros(n * o);
+    dys.par_chunks_mut(o).zip(dy.par_chunks(dy_stride)).for_each(|(d, row)| {
+        d.iter_mut().zip(&row[m.out_col..m.out_col + o]).for_each(|(d, g)| *d = s * g);
+    });
+    gemm(o, n, r, &dys, true, u, false, &mut grads[m.b..][..o * r], true);
+    let mut du = Buf::zeros(n * r);
+    gemm(n, o, r, &dys, false, &lora.params[m.b..], false, &mut du, false);
+    gemm(r, n, m.in_dim, &du, true, input, false, &mut grads[m.a..][..r * m.in_dim], true);
+    gemm(n, r, m.in_dim, &du, false, &lora.params[m.a..], false, dinput, true);
 }
 
 fn final_norm(model: &Model, x: &[f32]) -> (Buf, Buf) {
@@ -268,7 +330,7 @@ pub fn forward_logits(model: &Model, seqs: &[&[u32]]) -> Vec<Vec<f32>> {
     let pairs: Vec<(&[u32], &[bool])> = seqs.iter().zip(&masks).map(|(s, m)| (*s, m.as_slice())).collect();
     let batch = SeqBatch::new(&pairs);
     let keys = Keys::Causal { seq_starts: &batch.seq_starts };
-    let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, false, false);
+    let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, false, false, true);
     let (xf, _) = final_norm(model, &x);
     let (hd, vocab) = (model.spec.hidden, model.spec.vocab_size);
     let w = &model.params[model.layout.lm_head..][..vocab * hd];
@@ -286,19 +348,21 @@ pub fn forward_logits(model: &Model, seqs: &[&[u32]]) -> Vec<Vec<f32>> {
 
 /// Runs the decoder. With `keep_tape` the activations are kept for `backward`.
 pub fn forward(model: &Model, batch: &SeqBatch, keep_tape: bool) -> (ScoredOutput, Option<Tape>) {
-    let (out, tape, _) = forward_with_cache(model, batch, keep_tape, false);
+    let (out, tape, _) = forward_with_cache(model, batch, keep_tape, false, true);
     (out, tape)
 }
 
-/// `forward`, also returning what `forward_continuation` needs to continue this pass's sequences.
+/// `forward`, also returning what `forward_continuation` needs to continue this pass's sequences. `adapters`:
+/// apply the model's LoRA adapters (false: the frozen base, KTO's reference under LoRA).
 pub fn forward_with_cache(
     model: &Model,
     batch: &SeqBatch,
     keep_tape: bool,
     keep_cache: bool,
+    adapters: bool,
 ) -> (ScoredOutput, Option<Tape>, Option<PrefixCache>) {
     let keys = Keys::Causal { seq_starts: &batch.seq_starts };
-    let (x, tapes, qkv) = run_layers(model, &batch.tokens, &batch.positions, keys, keep_tape, keep_cache);
+    let (x, tapes, qkv) = run_layers(model, &batch.tokens, &batch.positions, keys, keep_tape, keep_cache, adapters);
     let (xf, rstd_final) = final_norm(model, &x);
     let scored_hidden = gather_rows(&xf, &batch.scored_rows, model.spec.hidden);
     let m = batch.scored_rows.len();
@@ -359,9 +423,10 @@ impl ContinuationBatch {
 
 /// A no-gradient forward of sequences that continue cached prefixes: equal to `forward` on the full sequences,
 /// without recomputing the prefix.
-pub fn forward_continuation(model: &Model, batch: &ContinuationBatch, cache: &PrefixCache) -> ScoredOutput {
+/// `adapters` must be what the cached pass used.
+pub fn forward_continuation(model: &Model, batch: &ContinuationBatch, cache: &PrefixCache, adapters: bool) -> ScoredOutput {
     let keys = Keys::Continuation { seq_starts: &batch.seq_starts, cache, prefix: &batch.prefix };
-    let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, false, false);
+    let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, false, false, adapters);
     let (xf, _) = final_norm(model, &x);
     let hd = model.spec.hidden;
     let mut hidden = Buf::zeros(batch.scored_rows.len() * hd);
@@ -415,9 +480,15 @@ fn lm_head_forward(
     }
 }
 
-/// Backward pass: `dlogp[s]` is ∂loss/∂(sequence log-prob of s). Gradients are added into `grads`, which has
-/// the model's parameter layout.
+/// Backward pass: `dlogp[s]` is ∂loss/∂(sequence log-prob of s). Gradients are added into `grads`: with LoRA
+/// adapters, in the adapters' layout (the base is frozen and its weight gradients are never formed); otherwise
+/// in the model's parameter layout.
 pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], grads: &mut [f32]) {
+    let lora = model.lora.as_ref();
+    let (mut base, mut adapter_grads): (Option<&mut [f32]>, Option<&mut [f32]>) =
+        if lora.is_some() { (None, Some(grads)) } else { (Some(grads), None) };
+    // Frozen base: norm-weight gradients go to a scratch row nobody reads.
+    let mut norm_scratch = vec![0f32; model.spec.hidden.max(model.spec.head_dim)];
     let spec = &model.spec;
     let lay = &model.layout;
     let p = &model.params;
@@ -454,7 +525,9 @@ pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], 
             zr[batch.scored_targets[row] as usize] += g;
         });
         gemm(nr, vocab, hd, z, false, w_lm, false, &mut d_hidden[r0 * hd..][..nr * hd], false);
-        gemm(vocab, nr, hd, z, true, xs, false, &mut grads[lay.lm_head..][..vocab * hd], true);
+        if let Some(g) = base.as_deref_mut() {
+            gemm(vocab, nr, hd, z, true, xs, false, &mut g[lay.lm_head..][..vocab * hd], true);
+        }
     }
     let mut dxf = Buf::zeros(n * hd);
     for (i, &r) in batch.scored_rows.iter().enumerate() {
@@ -467,7 +540,10 @@ pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], 
         &p[lay.final_norm..][..hd],
         &tape.rstd_final,
         &mut dx,
-        &mut grads[lay.final_norm..][..hd],
+        match base.as_deref_mut() {
+            Some(g) => &mut g[lay.final_norm..][..hd],
+            None => &mut norm_scratch[..hd],
+        },
     );
 
     for (l, (lo, t)) in lay.layers.iter().zip(&tape.layers).enumerate().rev() {
@@ -480,27 +556,45 @@ pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], 
         };
         // MLP block: x_out = x_mid + down(swiglu(gate(xn2), up(xn2))).
         let mut dh = Buf::zeros(n * inter);
+        let adapters_of = |targets: &[Target]| -> Vec<(usize, &LoraModule)> {
+            lora.map(|lr| lr.layers[l].iter().enumerate().filter(|(_, m)| targets.contains(&m.target)).collect())
+                .unwrap_or_default()
+        };
         gemm(n, hd, inter, &dx, false, &p[lo.down..], false, &mut dh, false);
-        gemm(hd, n, inter, &dx, true, &t.h, false, &mut grads[lo.down..][..hd * inter], true);
+        if let Some(g) = base.as_deref_mut() {
+            gemm(hd, n, inter, &dx, true, &t.h, false, &mut g[lo.down..][..hd * inter], true);
+        }
+        for (i, m) in adapters_of(&[Target::Down]) {
+            let ag = adapter_grads.as_deref_mut().expect("adapter gradients");
+            lora_backward(lora.unwrap(), m, &dx, hd, &t.h, &t.lora_u[i], n, ag, &mut dh);
+        }
         let mut dgate_up = Buf::zeros(n * 2 * inter);
         kernels::swiglu_backward(&dh, &t.gate_up, inter, &mut dgate_up);
         let mut dxn2 = Buf::zeros(n * hd);
         gemm(n, 2 * inter, hd, &dgate_up, false, &p[lo.gate..], false, &mut dxn2, false);
-        gemm(2 * inter, n, hd, &dgate_up, true, &t.xn2, false, &mut grads[lo.gate..][..2 * inter * hd], true);
-        let (dw_post, dx_mid) = (lo.post_norm, &mut dx);
-        kernels::rmsnorm_backward(
-            &dxn2,
-            &t.x_mid,
-            &p[lo.post_norm..][..hd],
-            &t.rstd2,
-            dx_mid,
-            &mut grads[dw_post..][..hd],
-        );
+        if let Some(g) = base.as_deref_mut() {
+            gemm(2 * inter, n, hd, &dgate_up, true, &t.xn2, false, &mut g[lo.gate..][..2 * inter * hd], true);
+        }
+        for (i, m) in adapters_of(&[Target::Gate, Target::Up]) {
+            let ag = adapter_grads.as_deref_mut().expect("adapter gradients");
+            lora_backward(lora.unwrap(), m, &dgate_up, 2 * inter, &t.xn2, &t.lora_u[i], n, ag, &mut dxn2);
+        }
+        let dw_post = match base.as_deref_mut() {
+            Some(g) => &mut g[lo.post_norm..][..hd],
+            None => &mut norm_scratch[..hd],
+        };
+        kernels::rmsnorm_backward(&dxn2, &t.x_mid, &p[lo.post_norm..][..hd], &t.rstd2, &mut dx, dw_post);
 
         // Attention block: x_mid = x_in + o(attention(rope(q(xn1)), rope(k(xn1)), v(xn1))).
         let mut datt = Buf::zeros(n * qd);
         gemm(n, hd, qd, &dx, false, &p[lo.o..], false, &mut datt, false);
-        gemm(hd, n, qd, &dx, true, &t.att, false, &mut grads[lo.o..][..hd * qd], true);
+        if let Some(g) = base.as_deref_mut() {
+            gemm(hd, n, qd, &dx, true, &t.att, false, &mut g[lo.o..][..hd * qd], true);
+        }
+        for (i, m) in adapters_of(&[Target::O]) {
+            let ag = adapter_grads.as_deref_mut().expect("adapter gradients");
+            lora_backward(lora.unwrap(), m, &dx, hd, &t.att, &t.lora_u[i], n, ag, &mut datt);
+        }
         let mut dqkv = Buf::zeros(n * qkv_w);
         kernels::attention_backward(&shape, &datt, &t.qkv, &t.att, &t.attn_lse, &mut dqkv);
         rope.apply(&mut dqkv, qkv_w, qd + kvd, &batch.positions, true);
@@ -511,20 +605,34 @@ pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], 
             kernels::head_rmsnorm_backward(
                 &mut dqkv, &t.qk_pre, qkv_w, spec.heads, spec.kv_heads, wq, wk, &t.qk_rstd, &mut dwq, &mut dwk,
             );
-            grads[qn..qn + d].iter_mut().zip(&dwq).for_each(|(a, b)| *a += b);
-            grads[kn..kn + d].iter_mut().zip(&dwk).for_each(|(a, b)| *a += b);
+            if let Some(g) = base.as_deref_mut() {
+                g[qn..qn + d].iter_mut().zip(&dwq).for_each(|(a, b)| *a += b);
+                g[kn..kn + d].iter_mut().zip(&dwk).for_each(|(a, b)| *a += b);
+            }
         }
-        if let Some(b) = lo.qkv_bias {
-            kernels::bias_backward(&dqkv, qkv_w, &mut grads[b..b + qkv_w]);
+        if let (Some(b), Some(g)) = (lo.qkv_bias, base.as_deref_mut()) {
+            kernels::bias_backward(&dqkv, qkv_w, &mut g[b..b + qkv_w]);
         }
         let mut dxn1 = Buf::zeros(n * hd);
         gemm(n, qkv_w, hd, &dqkv, false, &p[lo.q..], false, &mut dxn1, false);
-        gemm(qkv_w, n, hd, &dqkv, true, &t.xn1, false, &mut grads[lo.q..][..qkv_w * hd], true);
-        kernels::rmsnorm_backward(&dxn1, &t.x_in, &p[lo.input_norm..][..hd], &t.rstd1, &mut dx, &mut grads[lo.input_norm..][..hd]);
+        if let Some(g) = base.as_deref_mut() {
+            gemm(qkv_w, n, hd, &dqkv, true, &t.xn1, false, &mut g[lo.q..][..qkv_w * hd], true);
+        }
+        for (i, m) in adapters_of(&[Target::Q, Target::K, Target::V]) {
+            let ag = adapter_grads.as_deref_mut().expect("adapter gradients");
+            lora_backward(lora.unwrap(), m, &dqkv, qkv_w, &t.xn1, &t.lora_u[i], n, ag, &mut dxn1);
+        }
+        let dw_in = match base.as_deref_mut() {
+            Some(g) => &mut g[lo.input_norm..][..hd],
+            None => &mut norm_scratch[..hd],
+        };
+        kernels::rmsnorm_backward(&dxn1, &t.x_in, &p[lo.input_norm..][..hd], &t.rstd1, &mut dx, dw_in);
     }
     // Embedding rows gather the gradient of every token that used them.
-    for (r, &tok) in batch.tokens.iter().enumerate() {
-        let g = &mut grads[lay.embed + tok as usize * hd..][..hd];
-        g.iter_mut().zip(&dx[r * hd..][..hd]).for_each(|(a, b)| *a += b);
+    if let Some(g) = base.as_deref_mut() {
+        for (r, &tok) in batch.tokens.iter().enumerate() {
+            let row = &mut g[lay.embed + tok as usize * hd..][..hd];
+            row.iter_mut().zip(&dx[r * hd..][..hd]).for_each(|(a, b)| *a += b);
+        }
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! Parameters live in a single `Vec<f32>` (llm.c style) so that gradients, optimizer state, clipping and saving
 //! are loops over one slice. `ParamLayout` maps each Hugging Face tensor name to its range in that buffer.
+pub mod lora;
 pub mod weights;
 
 use crate::error::{Error, Result};
@@ -367,6 +368,8 @@ pub struct Model {
     pub spec: ModelSpec,
     pub layout: ParamLayout,
     pub params: Vec<f32>,
+    /// LoRA adapters: when present, they are what trains and the base parameters stay frozen.
+    pub lora: Option<lora::Lora>,
 }
 
 impl Model {

@@ -35,7 +35,7 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Converts one stored tensor to f32 into `dst`.
-fn convert_to_f32(file: &Path, name: &str, dtype: Dtype, data: &[u8], dst: &mut [f32]) -> Result<()> {
+pub(crate) fn convert_to_f32(file: &Path, name: &str, dtype: Dtype, data: &[u8], dst: &mut [f32]) -> Result<()> {
     let width = match dtype {
         Dtype::F32 => 4,
         Dtype::BF16 | Dtype::F16 => 2,
@@ -95,7 +95,7 @@ impl Model {
         if let Some(i) = found.iter().position(|f| !f) {
             return Err(Error::model(dir, format!("tensor {} is missing from the weights", layout.tensors[i].name)));
         }
-        Ok(Model { spec, layout, params })
+        Ok(Model { spec, layout, params, lora: None })
     }
 
     /// The weights as a safetensors file in f32 with `{"format": "pt"}` metadata, as `save_pretrained` writes.
@@ -134,25 +134,28 @@ impl Model {
         }
         let cfg_text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Train(e.to_string()))? + "\n";
         write_atomic(&out.join("config.json"), cfg_text.as_bytes())?;
-        let extra = [
-            (source_dir, "generation_config.json"),
-            (tokenizer_dir, "tokenizer.json"),
-            (tokenizer_dir, "tokenizer_config.json"),
-            (tokenizer_dir, "special_tokens_map.json"),
-            (tokenizer_dir, "chat_template.jinja"),
-        ];
-        for (dir, name) in extra {
-            let src = dir.join(name);
-            if src.is_file() {
-                let bytes = std::fs::read(&src).map_err(|e| Error::file(&src, e))?;
-                write_atomic(&out.join(name), &bytes)?;
-            }
-        }
-        Ok(())
+        copy_files(source_dir, out, &["generation_config.json"])?;
+        copy_tokenizer_files(tokenizer_dir, out)
     }
 }
 
-fn f32_slice_as_bytes(data: &[f32]) -> &[u8] {
+/// Copies the tokenizer files that exist in `from` to `to`, each atomically.
+pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
+    copy_files(from, to, &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"])
+}
+
+fn copy_files(from: &Path, to: &Path, names: &[&str]) -> Result<()> {
+    for name in names {
+        let src = from.join(name);
+        if src.is_file() {
+            let bytes = std::fs::read(&src).map_err(|e| Error::file(&src, e))?;
+            write_atomic(&to.join(name), &bytes)?;
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn f32_slice_as_bytes(data: &[f32]) -> &[u8] {
     // SAFETY: f32 has no padding and any byte pattern is a valid u8; safetensors is little-endian, as are the
     // targets we build for (checked below at compile time).
     #[cfg(not(target_endian = "little"))]
