@@ -45,6 +45,12 @@ pub struct BenchOptions {
     /// before the timed steps (`precompute_ref_log_probs`).
     #[arg(long, default_value = "online", value_parser = ["online", "precomputed"])]
     pub reference: String,
+    /// Train LoRA adapters of this rank on all linear layers instead of the full model (0: full fine-tuning).
+    #[arg(long, default_value_t = 0)]
+    pub lora_r: usize,
+    /// Gradient checkpointing (off by default, like bench_trl.py's KTO run).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
 }
 
 /// A small deterministic generator (xorshift64*) for weights and tokens.
@@ -160,13 +166,19 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     let scratch = std::env::temp_dir().join(format!("kto-bench-{}", std::process::id()));
     let cfg = TrainConfig::from_toml(
         &format!(
-            "model = \"bench\"\ntrain_dataset = \"bench\"\noutput_dir = {:?}\nper_device_train_batch_size = {}\nmax_length = {len}\noptim = \"adamw_torch\"\nlearning_rate = 1e-5\nlr_scheduler_type = \"constant\"\nmax_steps = {}\n",
+            "model = \"bench\"\ntrain_dataset = \"bench\"\noutput_dir = {:?}\nper_device_train_batch_size = {}\nmax_length = {len}\noptim = \"adamw_torch\"\nlearning_rate = 1e-5\nlr_scheduler_type = \"constant\"\nmax_steps = {}\ngradient_checkpointing = {}\n",
             scratch.display().to_string(),
             opts.batch,
-            opts.steps + opts.warmup
+            opts.steps + opts.warmup,
+            opts.gradient_checkpointing
         ),
         &[],
     )?;
+    let mut policy = policy;
+    if opts.lora_r > 0 {
+        let all = crate::model::lora::Target::ALL;
+        policy.lora = Some(crate::model::lora::Lora::new(&spec, opts.lora_r, 2.0 * opts.lora_r as f64, &all, 0));
+    }
     let mut trainer = Trainer::from_parts(cfg, policy, Some(reference), prepared);
     let precomputed = opts.reference == "precomputed";
     if precomputed {
@@ -213,8 +225,9 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     let peak = gemm_peak_gflops(1024);
     let rss = peak_rss_mb();
     let threads = rayon::current_num_threads();
-    println!("kto bench: Llama vocab {} hidden {} intermediate {} layers {} heads {}/{} ({} parameters), batch {} x {} tokens, kto, AdamW, {} reference, {threads} threads",
-        spec.vocab_size, spec.hidden, spec.intermediate, spec.layers, spec.heads, spec.kv_heads, trainer.policy.num_parameters(), opts.batch, len, opts.reference);
+    let mode = if opts.lora_r > 0 { format!("LoRA r={} all-linear", opts.lora_r) } else { "full fine-tuning".into() };
+    println!("kto bench: Llama vocab {} hidden {} intermediate {} layers {} heads {}/{} ({} parameters, {} trainable), batch {} x {} tokens, kto, AdamW, {mode}, {} reference, gradient checkpointing {}, {threads} threads",
+        spec.vocab_size, spec.hidden, spec.intermediate, spec.layers, spec.heads, spec.kv_heads, trainer.policy.num_parameters(), trainer.trainable_params().len(), opts.batch, len, opts.reference, if opts.gradient_checkpointing { "on" } else { "off" });
     println!("{:<28} {:>10}", "phase (mean over steps)", "ms");
     for (name, t) in [
         ("policy KL forward", phases.policy_kl_forward),
@@ -238,6 +251,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         "step_gflop": step_flops / 1e9,
         "threads": threads,
         "reference": opts.reference,
+        "lora_r": opts.lora_r,
+        "gradient_checkpointing": opts.gradient_checkpointing,
         "phases_ms": {
             "policy_kl_forward": phases.policy_kl_forward / n * 1e3,
             "policy_forward": phases.policy_forward / n * 1e3,

@@ -105,7 +105,8 @@ pub struct TrainConfig {
     /// The engine has no dropout modules; accepted so TRL configs load.
     #[serde(default = "d_true")]
     pub disable_dropout: bool,
-    /// Accepted; does not change any number (TRL's default is true).
+    /// Keep only each layer's input during the training forward and recompute the rest in backward: less
+    /// activation memory, about one more forward of compute, the same numbers. TRL's default is true.
     #[serde(default = "d_true")]
     pub gradient_checkpointing: bool,
     /// Compute is fp32 on the CPU; `bf16 = true` is accepted with a warning.

@@ -87,7 +87,9 @@ impl Optimizer {
 
 /// Global L2 norm of the gradient: what transformers logs as `grad_norm` (before clipping).
 pub fn grad_norm(grads: &[f32]) -> f64 {
-    grads.par_chunks(1 << 14).map(|c| c.iter().map(|&g| g as f64 * g as f64).sum::<f64>()).sum::<f64>().sqrt()
+    // Partial sums per fixed chunk, added in order: the same bits whatever the thread schedule.
+    let partials: Vec<f64> = grads.par_chunks(1 << 14).map(|c| c.iter().map(|&g| g as f64 * g as f64).sum::<f64>()).collect();
+    partials.iter().sum::<f64>().sqrt()
 }
 
 /// The factor `clip_grad_norm_` scales the gradient by: `max_norm / (norm + 1e-6)` when that is below 1, else 1

@@ -41,9 +41,11 @@ fn sequence_logps(
     main: &SeqBatch,
     with_kl: bool,
     keep_tape: bool,
+    checkpoint: bool,
     times: (&mut f64, &mut f64),
 ) -> (crate::engine::ScoredOutput, Option<crate::engine::Tape>, Vec<f64>) {
-    let (out, tape, cache) = timed(times.0, || forward_with_cache(model, main, keep_tape, with_kl, adapters));
+    let (out, tape, cache) =
+        timed(times.0, || forward_with_cache(model, main, keep_tape, with_kl, adapters, keep_tape && checkpoint));
     let kl = timed(times.1, || match &cache {
         Some(c) => {
             let seqs: Vec<(usize, usize, &[u32], &[bool])> = batch
@@ -332,7 +334,7 @@ impl Trainer {
         }
         let (model, adapters) = self.reference_model();
         let (out, _, kl) =
-            sequence_logps(model, adapters, batch, main, self.objective.loss_type.uses_kl(), false, (&mut 0.0, &mut 0.0));
+            sequence_logps(model, adapters, batch, main, self.objective.loss_type.uses_kl(), false, false, (&mut 0.0, &mut 0.0));
         (out.seq_logps, kl)
     }
 
@@ -380,7 +382,7 @@ impl Trainer {
             let batch = self.collate(chunk);
             let main = packed(&batch.main);
             let (model, adapters) = self.reference_model();
-            let (out, _, kl) = sequence_logps(model, adapters, &batch, &main, with_kl, false, (&mut 0.0, &mut 0.0));
+            let (out, _, kl) = sequence_logps(model, adapters, &batch, &main, with_kl, false, false, (&mut 0.0, &mut 0.0));
             for (i, lp) in out.seq_logps.iter().enumerate() {
                 values.push((*lp, if with_kl { kl[i] } else { 0.0 }));
             }
@@ -416,6 +418,7 @@ impl Trainer {
             &main,
             with_kl,
             grads.is_some(),
+            self.cfg.gradient_checkpointing,
             (&mut times.policy_forward, &mut times.policy_kl_forward),
         );
         let (reference, reference_kl) = timed(&mut times.reference_forward, || self.reference_logps(batch, &main));

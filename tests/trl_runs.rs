@@ -114,3 +114,17 @@ fn precomputed_reference_gives_the_same_run_and_is_cached() {
     let got = logs2[0]["rewards/chosen"].as_f64().unwrap();
     assert!((got - (first + 1.0)).abs() < 1e-3, "cached reference values were not used: {got} vs {first} + 1");
 }
+
+#[test]
+fn gradient_checkpointing_changes_no_number() {
+    let (plain, logs_plain, _d1) = run("plain", &["optim=adamw_torch", "gradient_checkpointing=false"]);
+    let (ckpt, logs_ckpt, _d2) = run("checkpointed", &["optim=adamw_torch", "gradient_checkpointing=true"]);
+    assert_eq!(plain.policy.params, ckpt.policy.params, "weights after 3 AdamW steps");
+    for (a, b) in logs_plain.iter().zip(&logs_ckpt) {
+        for (k, v) in a {
+            if !k.starts_with("train_") {
+                assert_eq!(v, &b[k], "{k}");
+            }
+        }
+    }
+}

@@ -105,9 +105,15 @@ struct LayerTape {
     h: Buf,
 }
 
+/// What the forward kept of one layer: everything, or (gradient checkpointing) only its input.
+enum LayerRecord {
+    Full(LayerTape),
+    Checkpoint(Buf),
+}
+
 /// Activations a backward pass needs.
 pub struct Tape {
-    layers: Vec<LayerTape>,
+    layers: Vec<LayerRecord>,
     x_final: Buf,
     rstd_final: Buf,
     /// Final-normed hidden states at the scored rows, `[M, hidden]`, and the log-sum-exp of their logits.
@@ -142,6 +148,9 @@ enum Keys<'a> {
 
 /// The decoder layers over `tokens` (embedding in, pre-norm hidden states out). Keeps the backward tape and/or
 /// each layer's q|k|v rows when asked.
+/// The decoder layers over `tokens` (embedding in, pre-norm hidden states out). Keeps the backward tape
+/// (with `checkpoint`, only each layer's input, recomputed in backward) and/or each layer's q|k|v rows.
+#[allow(clippy::too_many_arguments)]
 fn run_layers(
     model: &Model,
     tokens: &[u32],
@@ -150,97 +159,116 @@ fn run_layers(
     keep_tape: bool,
     keep_qkv: bool,
     adapters: bool,
-) -> (Buf, Vec<LayerTape>, Vec<Buf>) {
-    let lora = if adapters { model.lora.as_ref() } else { None };
-    let spec = &model.spec;
-    let lay = &model.layout;
-    let p = &model.params;
-    let (n, hd) = (tokens.len(), spec.hidden);
-    let (qd, kvd, inter) = (spec.q_dim(), spec.kv_dim(), spec.intermediate);
-    let max_pos = positions.iter().max().map_or(1, |&m| m as usize + 1);
-    let rope = Rope::cached(spec.head_dim, &spec.rope, max_pos);
-    let seq_starts = match &keys {
-        Keys::Causal { seq_starts } | Keys::Continuation { seq_starts, .. } => *seq_starts,
-    };
-    let qkv_w = (spec.heads + 2 * spec.kv_heads) * spec.head_dim;
-
-    let mut x = Buf::zeros(n * hd);
+    checkpoint: bool,
+) -> (Buf, Vec<LayerRecord>, Vec<Buf>) {
+    let (p, lay, hd) = (&model.params, &model.layout, model.spec.hidden);
+    let mut x = Buf::zeros(tokens.len() * hd);
     x.par_chunks_mut(hd).zip(tokens.par_iter()).for_each(|(row, &t)| {
         row.copy_from_slice(&p[lay.embed + t as usize * hd..][..hd]);
     });
-    let (mut tapes, mut kept_qkv) = (Vec::new(), Vec::new());
-    for (l, lo) in lay.layers.iter().enumerate() {
-        let shape = AttnShape {
-            seq_starts,
-            heads: spec.heads,
-            kv_heads: spec.kv_heads,
-            head_dim: spec.head_dim,
-            window: spec.layer_windows[l],
-        };
-        let mut xn1 = Buf::zeros(n * hd);
-        let mut rstd1 = Buf::zeros(n);
-        kernels::rmsnorm_forward(&x, &p[lo.input_norm..][..hd], spec.rms_eps, &mut xn1, &mut rstd1);
-        // q, k and v weights are consecutive in the layout: one GEMM against the [q|k|v] stack.
-        let mut qkv = linear(&xn1, n, &p[lo.q..], hd, qkv_w);
-        let mut lora_u = Vec::new();
-        let adapters_of = |targets: &[Target]| -> Vec<&LoraModule> {
-            lora.map(|lr| lr.layers[l].iter().filter(|m| targets.contains(&m.target)).collect()).unwrap_or_default()
-        };
-        for m in adapters_of(&[Target::Q, Target::K, Target::V]) {
-            lora_u.push(lora_forward(lora.unwrap(), m, &xn1, n, &mut qkv, qkv_w));
+    let (mut records, mut kept_qkv) = (Vec::new(), Vec::new());
+    for l in 0..lay.layers.len() {
+        let x_in = (keep_tape && checkpoint).then(|| Buf::copy_of(&x));
+        let (tape, qkv) = layer_forward(model, l, &mut x, positions, &keys, keep_tape && !checkpoint, keep_qkv, adapters);
+        if let Some(q) = qkv {
+            kept_qkv.push(q);
         }
-        if let Some(b) = lo.qkv_bias {
-            kernels::add_bias(&mut qkv, qkv_w, &p[b..][..qkv_w]);
-        }
-        let (mut qk_pre, mut qk_rstd) = (Buf::default(), Buf::default());
-        if let (Some(qn), Some(kn)) = (lo.q_norm, lo.k_norm) {
-            if keep_tape {
-                qk_pre = Buf::copy_of(&qkv);
-            }
-            qk_rstd = Buf::zeros(n * (spec.heads + spec.kv_heads));
-            let (wq, wk) = (&p[qn..][..spec.head_dim], &p[kn..][..spec.head_dim]);
-            kernels::head_rmsnorm_forward(&mut qkv, qkv_w, spec.heads, spec.kv_heads, wq, wk, spec.rms_eps, &mut qk_rstd);
-        }
-        rope.apply(&mut qkv, qkv_w, qd + kvd, positions, false);
-        let mut att = Buf::zeros(n * qd);
-        let mut attn_lse = Buf::default();
-        match &keys {
-            Keys::Causal { .. } => {
-                attn_lse = Buf::zeros(n * spec.heads);
-                kernels::attention_forward(&shape, &qkv, &mut att, &mut attn_lse);
-            }
-            Keys::Continuation { cache, prefix, .. } => {
-                kernels::attention_continuation(&shape, &qkv, &cache.qkv[l], prefix, &mut att);
-            }
-        }
-        let x_in = Buf::copy_of(&x);
-        gemm(n, qd, hd, &att, false, &p[lo.o..], true, &mut x, true);
-        for m in adapters_of(&[Target::O]) {
-            lora_u.push(lora_forward(lora.unwrap(), m, &att, n, &mut x, hd));
-        }
-        let mut xn2 = Buf::zeros(n * hd);
-        let mut rstd2 = Buf::zeros(n);
-        kernels::rmsnorm_forward(&x, &p[lo.post_norm..][..hd], spec.rms_eps, &mut xn2, &mut rstd2);
-        // gate and up weights are consecutive too: one GEMM against the [gate|up] stack.
-        let mut gate_up = linear(&xn2, n, &p[lo.gate..], hd, 2 * inter);
-        for m in adapters_of(&[Target::Gate, Target::Up]) {
-            lora_u.push(lora_forward(lora.unwrap(), m, &xn2, n, &mut gate_up, 2 * inter));
-        }
-        let mut h = Buf::zeros(n * inter);
-        kernels::swiglu_forward(&gate_up, inter, &mut h);
-        let x_mid = Buf::copy_of(&x);
-        gemm(n, inter, hd, &h, false, &p[lo.down..], true, &mut x, true);
-        for m in adapters_of(&[Target::Down]) {
-            lora_u.push(lora_forward(lora.unwrap(), m, &h, n, &mut x, hd));
-        }
-        if keep_qkv {
-            kept_qkv.push(Buf::copy_of(&qkv));
-        }
-        if keep_tape {
-            tapes.push(LayerTape { x_in, xn1, rstd1, qkv, attn_lse, qk_pre, qk_rstd, att, x_mid, xn2, rstd2, gate_up, h, lora_u });
+        match (tape, x_in) {
+            (Some(t), _) => records.push(LayerRecord::Full(t)),
+            (None, Some(x_in)) => records.push(LayerRecord::Checkpoint(x_in)),
+            (None, None) => {}
         }
     }
-    (x, tapes, kept_qkv)
+    (x, records, kept_qkv)
+}
+
+/// One decoder layer, updating the residual stream `x` in place; returns its tape when asked (and its q|k|v
+/// rows with `keep_qkv`).
+#[allow(clippy::too_many_arguments)]
+fn layer_forward(
+    model: &Model,
+    l: usize,
+    x: &mut Buf,
+    positions: &[u32],
+    keys: &Keys,
+    keep_tape: bool,
+    keep_qkv: bool,
+    adapters: bool,
+) -> (Option<LayerTape>, Option<Buf>) {
+    let lora = if adapters { model.lora.as_ref() } else { None };
+    let spec = &model.spec;
+    let p = &model.params;
+    let lo = &model.layout.layers[l];
+    let (n, hd) = (positions.len(), spec.hidden);
+    let (qd, kvd, inter) = (spec.q_dim(), spec.kv_dim(), spec.intermediate);
+    let max_pos = positions.iter().max().map_or(1, |&m| m as usize + 1);
+    let rope = Rope::cached(spec.head_dim, &spec.rope, max_pos);
+    let seq_starts = match keys {
+        Keys::Causal { seq_starts } | Keys::Continuation { seq_starts, .. } => *seq_starts,
+    };
+    let qkv_w = (spec.heads + 2 * spec.kv_heads) * spec.head_dim;
+    let shape =
+        AttnShape { seq_starts, heads: spec.heads, kv_heads: spec.kv_heads, head_dim: spec.head_dim, window: spec.layer_windows[l] };
+    let mut xn1 = Buf::zeros(n * hd);
+    let mut rstd1 = Buf::zeros(n);
+    kernels::rmsnorm_forward(x, &p[lo.input_norm..][..hd], spec.rms_eps, &mut xn1, &mut rstd1);
+    // q, k and v weights are consecutive in the layout: one GEMM against the [q|k|v] stack.
+    let mut qkv = linear(&xn1, n, &p[lo.q..], hd, qkv_w);
+    let mut lora_u = Vec::new();
+    let adapters_of = |targets: &[Target]| -> Vec<&LoraModule> {
+        lora.map(|lr| lr.layers[l].iter().filter(|m| targets.contains(&m.target)).collect()).unwrap_or_default()
+    };
+    for m in adapters_of(&[Target::Q, Target::K, Target::V]) {
+        lora_u.push(lora_forward(lora.unwrap(), m, &xn1, n, &mut qkv, qkv_w));
+    }
+    if let Some(b) = lo.qkv_bias {
+        kernels::add_bias(&mut qkv, qkv_w, &p[b..][..qkv_w]);
+    }
+    let (mut qk_pre, mut qk_rstd) = (Buf::default(), Buf::default());
+    if let (Some(qn), Some(kn)) = (lo.q_norm, lo.k_norm) {
+        if keep_tape {
+            qk_pre = Buf::copy_of(&qkv);
+        }
+        qk_rstd = Buf::zeros(n * (spec.heads + spec.kv_heads));
+        let (wq, wk) = (&p[qn..][..spec.head_dim], &p[kn..][..spec.head_dim]);
+        kernels::head_rmsnorm_forward(&mut qkv, qkv_w, spec.heads, spec.kv_heads, wq, wk, spec.rms_eps, &mut qk_rstd);
+    }
+    rope.apply(&mut qkv, qkv_w, qd + kvd, positions, false);
+    let mut att = Buf::zeros(n * qd);
+    let mut attn_lse = Buf::default();
+    match keys {
+        Keys::Causal { .. } => {
+            attn_lse = Buf::zeros(n * spec.heads);
+            kernels::attention_forward(&shape, &qkv, &mut att, &mut attn_lse);
+        }
+        Keys::Continuation { cache, prefix, .. } => {
+            kernels::attention_continuation(&shape, &qkv, &cache.qkv[l], prefix, &mut att);
+        }
+    }
+    let x_in = Buf::copy_of(x);
+    gemm(n, qd, hd, &att, false, &p[lo.o..], true, x, true);
+    for m in adapters_of(&[Target::O]) {
+        lora_u.push(lora_forward(lora.unwrap(), m, &att, n, x, hd));
+    }
+    let mut xn2 = Buf::zeros(n * hd);
+    let mut rstd2 = Buf::zeros(n);
+    kernels::rmsnorm_forward(x, &p[lo.post_norm..][..hd], spec.rms_eps, &mut xn2, &mut rstd2);
+    // gate and up weights are consecutive too: one GEMM against the [gate|up] stack.
+    let mut gate_up = linear(&xn2, n, &p[lo.gate..], hd, 2 * inter);
+    for m in adapters_of(&[Target::Gate, Target::Up]) {
+        lora_u.push(lora_forward(lora.unwrap(), m, &xn2, n, &mut gate_up, 2 * inter));
+    }
+    let mut h = Buf::zeros(n * inter);
+    kernels::swiglu_forward(&gate_up, inter, &mut h);
+    let x_mid = Buf::copy_of(x);
+    gemm(n, inter, hd, &h, false, &p[lo.down..], true, x, true);
+    for m in adapters_of(&[Target::Down]) {
+        lora_u.push(lora_forward(lora.unwrap(), m, &h, n, x, hd));
+    }
+    let kept_qkv = keep_qkv.then(|| Buf::copy_of(&qkv));
+    let tape = keep_tape
+        .then(|| LayerTape { x_in, xn1, rstd1, qkv, attn_lse, qk_pre, qk_rstd, att, x_mid, xn2, rstd2, gate_up, h, lora_u });
+    (tape, kept_qkv)
 }
 
 /// Adds the adapter's `(α/r)·(x·Aᵀ)·Bᵀ` into columns `out_col..out_col + out_dim` of `out` (rows `out_stride`
@@ -330,7 +358,7 @@ pub fn forward_logits(model: &Model, seqs: &[&[u32]]) -> Vec<Vec<f32>> {
     let pairs: Vec<(&[u32], &[bool])> = seqs.iter().zip(&masks).map(|(s, m)| (*s, m.as_slice())).collect();
     let batch = SeqBatch::new(&pairs);
     let keys = Keys::Causal { seq_starts: &batch.seq_starts };
-    let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, false, false, true);
+    let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, false, false, true, false);
     let (xf, _) = final_norm(model, &x);
     let (hd, vocab) = (model.spec.hidden, model.spec.vocab_size);
     let w = &model.params[model.layout.lm_head..][..vocab * hd];
@@ -348,21 +376,24 @@ pub fn forward_logits(model: &Model, seqs: &[&[u32]]) -> Vec<Vec<f32>> {
 
 /// Runs the decoder. With `keep_tape` the activations are kept for `backward`.
 pub fn forward(model: &Model, batch: &SeqBatch, keep_tape: bool) -> (ScoredOutput, Option<Tape>) {
-    let (out, tape, _) = forward_with_cache(model, batch, keep_tape, false, true);
+    let (out, tape, _) = forward_with_cache(model, batch, keep_tape, false, true, false);
     (out, tape)
 }
 
 /// `forward`, also returning what `forward_continuation` needs to continue this pass's sequences. `adapters`:
-/// apply the model's LoRA adapters (false: the frozen base, KTO's reference under LoRA).
+/// apply the model's LoRA adapters (false: the frozen base, KTO's reference under LoRA). `checkpoint`: the tape
+/// keeps only each layer's input and backward recomputes the rest (gradient checkpointing; same numbers).
 pub fn forward_with_cache(
     model: &Model,
     batch: &SeqBatch,
     keep_tape: bool,
     keep_cache: bool,
     adapters: bool,
+    checkpoint: bool,
 ) -> (ScoredOutput, Option<Tape>, Option<PrefixCache>) {
     let keys = Keys::Causal { seq_starts: &batch.seq_starts };
-    let (x, tapes, qkv) = run_layers(model, &batch.tokens, &batch.positions, keys, keep_tape, keep_cache, adapters);
+    let (x, tapes, qkv) =
+        run_layers(model, &batch.tokens, &batch.positions, keys, keep_tape, keep_cache, adapters, checkpoint);
     let (xf, rstd_final) = final_norm(model, &x);
     let scored_hidden = gather_rows(&xf, &batch.scored_rows, model.spec.hidden);
     let m = batch.scored_rows.len();
@@ -426,7 +457,7 @@ impl ContinuationBatch {
 /// `adapters` must be what the cached pass used.
 pub fn forward_continuation(model: &Model, batch: &ContinuationBatch, cache: &PrefixCache, adapters: bool) -> ScoredOutput {
     let keys = Keys::Continuation { seq_starts: &batch.seq_starts, cache, prefix: &batch.prefix };
-    let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, false, false, adapters);
+    let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, false, false, adapters, false);
     let (xf, _) = final_norm(model, &x);
     let hd = model.spec.hidden;
     let mut hidden = Buf::zeros(batch.scored_rows.len() * hd);
@@ -546,7 +577,18 @@ pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], 
         },
     );
 
-    for (l, (lo, t)) in lay.layers.iter().zip(&tape.layers).enumerate().rev() {
+    let records = std::mem::take(&mut tape.layers);
+    for (l, (lo, record)) in lay.layers.iter().zip(records).enumerate().rev() {
+        let t = match record {
+            LayerRecord::Full(t) => t,
+            LayerRecord::Checkpoint(x_in) => {
+                // Gradient checkpointing: rebuild this layer's tape from its input.
+                let mut x = x_in;
+                let keys = Keys::Causal { seq_starts: &batch.seq_starts };
+                layer_forward(model, l, &mut x, &batch.positions, &keys, true, false, true).0.expect("a tape")
+            }
+        };
+        let t = &t;
         let shape = AttnShape {
             seq_starts: &batch.seq_starts,
             heads: spec.heads,

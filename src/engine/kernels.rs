@@ -96,18 +96,29 @@ pub fn rmsnorm_forward(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], rstd: &mut
     });
 }
 
+/// Rows per partial sum in the weight-gradient reductions below: partials are formed per fixed block of rows and
+/// added in order, so the result does not depend on how rayon schedules the blocks (runs are bit-reproducible).
+const ROWS_PER_PARTIAL: usize = 32;
+
+/// Adds per-block partial vectors in block order.
+fn sum_partials(partials: Vec<Vec<f32>>, into: &mut [f32]) {
+    for p in partials {
+        into.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+    }
+}
+
 /// Backward of `rmsnorm_forward`: adds into `dx` and `dw`.
 pub fn rmsnorm_backward(dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], dx: &mut [f32], dw: &mut [f32]) {
     let h = w.len();
-    // dw is a sum over rows: accumulate per thread, then reduce.
-    let dw_sum = dy
-        .par_chunks(h)
-        .zip(x.par_chunks(h))
-        .zip(rstd.par_iter())
-        .zip(dx.par_chunks_mut(h))
-        .fold(
-            || vec![0f32; h],
-            |mut acc, (((dyr, xr), &r), dxr)| {
+    let b = ROWS_PER_PARTIAL;
+    let partials: Vec<Vec<f32>> = dy
+        .par_chunks(b * h)
+        .zip(x.par_chunks(b * h))
+        .zip(rstd.par_chunks(b))
+        .zip(dx.par_chunks_mut(b * h))
+        .map(|(((dyb, xb), rb), dxb)| {
+            let mut acc = vec![0f32; h];
+            for (((dyr, xr), &r), dxr) in dyb.chunks(h).zip(xb.chunks(h)).zip(rb).zip(dxb.chunks_mut(h)) {
                 let mut dot = 0f32;
                 for j in 0..h {
                     acc[j] += dyr[j] * xr[j] * r;
@@ -117,14 +128,11 @@ pub fn rmsnorm_backward(dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], dx: &mut
                 for j in 0..h {
                     dxr[j] += r * dyr[j] * w[j] - c * xr[j];
                 }
-                acc
-            },
-        )
-        .reduce(|| vec![0f32; h], |mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-            a
-        });
-    dw.iter_mut().zip(&dw_sum).for_each(|(a, b)| *a += b);
+            }
+            acc
+        })
+        .collect();
+    sum_partials(partials, dw);
 }
 
 /// Adds `bias` to the first `bias.len()` columns of every row (rows `row_stride` apart).
@@ -135,17 +143,17 @@ pub fn add_bias(x: &mut [f32], row_stride: usize, bias: &[f32]) {
 /// Backward of `add_bias`: adds the column sums of the first `dbias.len()` columns into `dbias`.
 pub fn bias_backward(dy: &[f32], row_stride: usize, dbias: &mut [f32]) {
     let width = dbias.len();
-    let sums = dy
-        .par_chunks(row_stride)
-        .fold(|| vec![0f32; width], |mut acc, row| {
-            acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+    let partials: Vec<Vec<f32>> = dy
+        .par_chunks(ROWS_PER_PARTIAL * row_stride)
+        .map(|block| {
+            let mut acc = vec![0f32; width];
+            for row in block.chunks(row_stride) {
+                acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+            }
             acc
         })
-        .reduce(|| vec![0f32; width], |mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-            a
-        });
-    dbias.iter_mut().zip(&sums).for_each(|(a, b)| *a += b);
+        .collect();
+    sum_partials(partials, dbias);
 }
 
 /// Qwen3's per-head RMSNorm, in place on the q and k heads of fused q|k|v rows: each of the `heads` query heads
@@ -190,13 +198,14 @@ pub fn head_rmsnorm_backward(
 ) {
     let d = wq.len();
     let nh = heads + kv_heads;
-    let (gq, gk) = dqkv
-        .par_chunks_mut(row_stride)
-        .zip(pre.par_chunks(row_stride))
-        .zip(rstd.par_chunks(nh))
-        .fold(
-            || (vec![0f32; d], vec![0f32; d]),
-            |(mut gq, mut gk), ((drow, xrow), r)| {
+    let b = ROWS_PER_PARTIAL;
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dqkv
+        .par_chunks_mut(b * row_stride)
+        .zip(pre.par_chunks(b * row_stride))
+        .zip(rstd.par_chunks(b * nh))
+        .map(|((dblock, xblock), rblock)| {
+            let (mut gq, mut gk) = (vec![0f32; d], vec![0f32; d]);
+            for ((drow, xrow), r) in dblock.chunks_mut(row_stride).zip(xblock.chunks(row_stride)).zip(rblock.chunks(nh)) {
                 for hh in 0..nh {
                     let (w, gw) = if hh < heads { (wq, &mut gq) } else { (wk, &mut gk) };
                     let (dy, x, inv) = (&mut drow[hh * d..(hh + 1) * d], &xrow[hh * d..(hh + 1) * d], r[hh]);
@@ -210,17 +219,15 @@ pub fn head_rmsnorm_backward(
                         dy[j] = inv * dy[j] * w[j] - c * x[j];
                     }
                 }
-                (gq, gk)
-            },
-        )
-        .reduce(
-            || (vec![0f32; d], vec![0f32; d]),
-            |(mut a, mut b), (c, e)| {
-                a.iter_mut().zip(&c).for_each(|(x, y)| *x += y);
-                b.iter_mut().zip(&e).for_each(|(x, y)| *x += y);
-                (a, b)
-            },
-        );
+            }
+            (gq, gk)
+        })
+        .collect();
+    let (mut gq, mut gk) = (vec![0f32; d], vec![0f32; d]);
+    for (a, b) in partials {
+        gq.iter_mut().zip(&a).for_each(|(x, y)| *x += y);
+        gk.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+    }
     dwq.iter_mut().zip(&gq).for_each(|(a, b)| *a += b);
     dwk.iter_mut().zip(&gk).for_each(|(a, b)| *a += b);
 }
