@@ -149,7 +149,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         tied_embeddings: false,
     };
     let policy = random_model(&spec, 0);
-    let reference = random_model(&spec, 1);
+    let reference = if opts.lora_r > 0 { None } else { Some(random_model(&spec, 1)) };
     let len = opts.prompt_len + opts.completion_len;
     let mut rng = Rng(7);
     let rows: Vec<TokenizedRow> = (0..opts.batch)
@@ -179,7 +179,9 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         let all = crate::model::lora::Target::ALL;
         policy.lora = Some(crate::model::lora::Lora::new(&spec, opts.lora_r, 2.0 * opts.lora_r as f64, &all, 0));
     }
-    let mut trainer = Trainer::from_parts(cfg, policy, Some(reference), prepared);
+    // Under LoRA the reference is the frozen base inside the policy (no second model), as `kto train` does
+    // without `ref_model`.
+    let mut trainer = Trainer::from_parts(cfg, policy, reference, prepared);
     let precomputed = opts.reference == "precomputed";
     if precomputed {
         let result = trainer.precompute_reference(&crate::train::Silent);

@@ -100,3 +100,21 @@ fn merged_adapters_give_the_same_logits() {
     let worst = with_adapters[0].iter().zip(&after[0]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(worst < 1e-4, "merged logits differ by {worst}");
 }
+
+#[test]
+fn memory_plan_counts_what_each_mode_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = Trainer::new(config(dir.path(), &["optim=adamw_torch", "gradient_checkpointing=false"]), &Silent).unwrap();
+    let ckpt = Trainer::new(config(dir.path(), &["optim=adamw_torch", "gradient_checkpointing=true"]), &Silent).unwrap();
+    let mut lora_cfg = config(dir.path(), &["optim=adamw_torch", "use_peft=true", "gradient_checkpointing=false"]);
+    lora_cfg.ref_model = None;
+    let lora = Trainer::new(lora_cfg, &Silent).unwrap();
+    let (pf, pc, pl) = (full.memory_plan(), ckpt.memory_plan(), lora.memory_plan());
+    assert_eq!(pf.gradient_bytes, 4 * 158_016);
+    assert_eq!(pf.optimizer_bytes, 2 * 4 * 158_016);
+    assert_eq!(pf.weight_bytes, 2 * 4 * 158_016, "policy and reference");
+    assert!(pc.activation_bytes < pf.activation_bytes, "checkpointing keeps less");
+    let adapters = lora.trainable_params().len();
+    assert_eq!(pl.gradient_bytes, 4 * adapters);
+    assert_eq!(pl.weight_bytes, 4 * (158_016 + adapters), "no second copy for the reference");
+}
