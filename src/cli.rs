@@ -113,6 +113,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = TrainConfig::load(&config, &overrides)?;
             let console = Console::new(!cfg.disable_tqdm);
             let mut trainer = Trainer::new(cfg, &console)?;
+            // Ctrl-C / SIGTERM: finish the current optimizer step, write a checkpoint, stop.
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(signal, stop.clone())?;
+            }
+            trainer.stop = Some(stop);
             let summary = trainer.train(&console)?;
             let out = trainer.cfg.output_dir.display();
             console.info(&format!(

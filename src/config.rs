@@ -85,6 +85,19 @@ pub struct TrainConfig {
     #[serde(default = "d_sampling")]
     pub train_sampling_strategy: String,
 
+    // ---- checkpoints ----
+    /// `"steps"`: a checkpoint every `save_steps` optimizer steps and at the end; `"no"`: only the final model.
+    #[serde(default = "d_save_strategy")]
+    pub save_strategy: String,
+    #[serde(default = "d_save_steps")]
+    pub save_steps: usize,
+    /// Keep at most this many checkpoints (the oldest go first).
+    #[serde(default)]
+    pub save_total_limit: Option<usize>,
+    /// A checkpoint folder to continue from, or `true` for the latest in `output_dir`.
+    #[serde(default)]
+    pub resume_from_checkpoint: Option<toml::Value>,
+
     // ---- LoRA (TRL's ModelConfig names and defaults) ----
     /// Train LoRA adapters instead of the full model; without `ref_model` the reference is the frozen base.
     #[serde(default)]
@@ -183,6 +196,12 @@ fn d_logging_steps() -> usize {
 fn d_sampling() -> String {
     "sequential".into()
 }
+fn d_save_strategy() -> String {
+    "steps".into()
+}
+fn d_save_steps() -> usize {
+    500
+}
 fn d_lora_r() -> usize {
     16
 }
@@ -272,6 +291,12 @@ impl TrainConfig {
         }
         if self.dataset_num_proc.is_some_and(|n| n > 1) {
             return bad("dataset_num_proc > 1 is not supported: TRL would then rotate KL pairs inside shards".into());
+        }
+        if self.save_strategy != "steps" && self.save_strategy != "no" {
+            return bad(format!("save_strategy {:?}: expected \"steps\" or \"no\"", self.save_strategy));
+        }
+        if self.save_steps == 0 {
+            return bad("save_steps must be at least 1".into());
         }
         if self.use_peft {
             if self.lora_r == 0 {

@@ -19,6 +19,9 @@ pub enum Error {
     /// Training cannot go on (a non-finite loss, an empty data set after filtering, ...).
     #[error("{0}")]
     Train(String),
+    /// Stopped by SIGINT or SIGTERM after a checkpoint was written.
+    #[error("interrupted after step {step}; checkpoint in {}; resume with --set resume_from_checkpoint=true", checkpoint.display())]
+    Interrupted { step: usize, checkpoint: PathBuf },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

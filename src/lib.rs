@@ -4,6 +4,7 @@
 //! `model` (Hugging Face folder ↔ flat parameters) → `engine` (forward/backward kernels) → `objective`
 //! (sequence log-probs → KTO loss and metrics) → `optim` → `train` (the only place that knows the order).
 pub mod bench;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;

@@ -1,6 +1,7 @@
 //! The trainer: the one place that knows the order of things. Loads everything, prepares the data, runs
 //! micro-batches (policy KL forward, policy forward, reference forwards, objective, backward), accumulates,
 //! clips, steps the optimizer and schedule, logs TRL's `log_history` to `metrics.jsonl` and saves the model.
+use crate::checkpoint::{self, RunState};
 use crate::config::TrainConfig;
 use crate::data::{self, Batch, PrepareOptions, Prepared, TextTokenizer};
 use crate::engine::{backward, forward_continuation, forward_with_cache, ContinuationBatch, SeqBatch};
@@ -92,6 +93,30 @@ fn reference_cache_key(model: &Model, data: &Prepared, max_length: Option<usize>
     h
 }
 
+fn f32_view(v: &[f32]) -> Result<safetensors::tensor::TensorView<'_>> {
+    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![v.len()], crate::model::weights::f32_slice_as_bytes(v))
+        .map_err(|e| Error::Train(e.to_string()))
+}
+
+/// Opens `metrics.jsonl`: a fresh run starts it empty; a resumed one keeps the entries up to the checkpoint's
+/// step (later ones are logged again) and appends.
+fn open_metrics(path: &std::path::Path, resume_step: Option<usize>) -> Result<std::fs::File> {
+    if let Some(step) = resume_step {
+        let kept: String = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| {
+                let v: Value = serde_json::from_str(line).unwrap_or(Value::Null);
+                !v.get("train_runtime").is_some() && v.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s as usize <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        crate::files::write_atomic(path, kept.as_bytes())?;
+        return std::fs::OpenOptions::new().append(true).open(path).map_err(|e| Error::file(path, e));
+    }
+    std::fs::File::create(path).map_err(|e| Error::file(path, e))
+}
+
 /// An observer that reports nothing.
 pub struct Silent;
 impl Observer for Silent {}
@@ -116,18 +141,18 @@ pub struct MicroBatchRecord {
 /// log, keys in first-insertion order; `num_tokens` is a running total, assigned rather than appended.
 #[derive(Default)]
 struct MetricAccumulator {
-    values: Vec<(&'static str, Vec<f64>)>,
+    values: Vec<(String, Vec<f64>)>,
 }
 
 impl MetricAccumulator {
-    fn add(&mut self, key: &'static str, v: f64) {
-        match self.values.iter_mut().find(|(k, _)| *k == key) {
+    fn add(&mut self, key: &str, v: f64) {
+        match self.values.iter_mut().find(|(k, _)| k == key) {
             Some((_, list)) if key == "num_tokens" => *list = vec![v],
             Some((_, list)) => list.push(v),
-            None => self.values.push((key, vec![v])),
+            None => self.values.push((key.to_string(), vec![v])),
         }
     }
-    fn drain_means(&mut self) -> Vec<(&'static str, f64)> {
+    fn drain_means(&mut self) -> Vec<(String, f64)> {
         self.values.drain(..).map(|(k, l)| (k, l.iter().sum::<f64>() / l.len() as f64)).collect()
     }
 }
@@ -148,6 +173,8 @@ pub struct Trainer {
     warmup: usize,
     /// Wall time of each phase, summed over the run (reported at the end, and by `kto bench`).
     pub phases: PhaseTimes,
+    /// Set (by a signal handler) to stop after the current optimizer step with a checkpoint.
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Seconds spent in each phase of training.
@@ -339,6 +366,7 @@ impl Trainer {
             optimizer,
             max_steps,
             phases: PhaseTimes::default(),
+            stop: None,
         }
     }
 
@@ -541,7 +569,16 @@ impl Trainer {
         let out_dir = self.cfg.output_dir.clone();
         std::fs::create_dir_all(&out_dir).map_err(|e| Error::file(&out_dir, format!("cannot create: {e}")))?;
         let metrics_path = out_dir.join("metrics.jsonl");
-        let mut metrics_file = std::fs::File::create(&metrics_path).map_err(|e| Error::file(&metrics_path, e))?;
+        let resume = match &self.cfg.resume_from_checkpoint {
+            Some(setting) => checkpoint::resolve(setting, &out_dir)?,
+            None => None,
+        };
+        let mut state = RunState::default();
+        if let Some(dir) = &resume {
+            state = self.load_checkpoint(dir)?;
+            obs.info(&format!("resuming from {} (step {})", dir.display(), state.global_step));
+        }
+        let mut metrics_file = open_metrics(&metrics_path, resume.as_ref().map(|_| state.global_step))?;
         let mut write_entry = |entry: &Map<String, Value>| -> Result<()> {
             let line = serde_json::to_string(entry).map_err(|e| Error::Train(e.to_string()))?;
             writeln!(metrics_file, "{line}").and_then(|_| metrics_file.flush()).map_err(|e| Error::file(&metrics_path, e))
@@ -551,88 +588,158 @@ impl Trainer {
         let epoch_batches = self.epoch_batches();
         let batches_per_epoch = epoch_batches.len();
         let ga = self.cfg.gradient_accumulation_steps;
+        let updates_per_epoch = batches_per_epoch.div_ceil(ga);
         let mut grads = vec![0f32; self.trainable_params().len()];
-        let mut acc = MetricAccumulator::default();
+        let mut acc = MetricAccumulator { values: std::mem::take(&mut state.pending_metrics) };
         let mut log_history = Vec::new();
-        let (mut step, mut epoch, mut num_tokens) = (0usize, 0usize, 0usize);
-        let (mut loss_since_log, mut steps_since_log, mut total_loss) = (0.0f64, 0usize, 0.0f64);
-        let mut epoch_progress = 0.0;
+        let mut step = state.global_step;
+        let mut epoch = step / updates_per_epoch;
+        let mut skip_groups = step % updates_per_epoch;
         obs.start(self.max_steps);
-        'run: loop {
-            for (g, group) in epoch_batches.chunks(ga).enumerate() {
+        'run: while step < self.max_steps {
+            for (g, group) in epoch_batches.chunks(ga).enumerate().skip(skip_groups) {
                 grads.par_iter_mut().for_each(|v| *v = 0.0);
                 let mut step_loss = 0.0;
                 for (j, rows) in group.iter().enumerate() {
                     let batch = self.collate(rows);
                     let mut times = std::mem::take(&mut self.phases);
-                    let rec = self.micro_batch(&batch, num_tokens, Some((&mut grads, group.len() as f64)), &mut times);
+                    let rec = self.micro_batch(&batch, state.num_tokens, Some((&mut grads, group.len() as f64)), &mut times);
                     self.phases = times;
                     if !rec.loss.is_finite() {
                         return Err(Error::Train(format!(
-                            "non-finite loss at step {} (micro-batch rows {:?}); nothing was saved",
+                            "non-finite loss at step {} (micro-batch rows {:?}); the last good checkpoint is kept",
                             step + 1,
                             rec.rows
                         )));
                     }
-                    num_tokens += rec.num_tokens;
+                    state.num_tokens += rec.num_tokens;
                     step_loss += rec.loss / group.len() as f64;
                     for (k, v) in &rec.metrics {
                         acc.add(k, *v);
                     }
                     let micro_index = g * ga + j;
-                    epoch_progress = epoch as f64 + (micro_index + 1) as f64 / batches_per_epoch as f64;
+                    state.epoch_progress = epoch as f64 + (micro_index + 1) as f64 / batches_per_epoch as f64;
                 }
                 let (grad_norm, lr) = self.apply_update(&grads, step);
                 if !grad_norm.is_finite() {
                     return Err(Error::Train(format!(
-                        "non-finite gradient norm at step {} (rows {:?}); nothing was saved",
+                        "non-finite gradient norm at step {} (rows {:?}); the last good checkpoint is kept",
                         step + 1,
                         group.iter().flatten().collect::<Vec<_>>()
                     )));
                 }
                 step += 1;
-                loss_since_log += step_loss;
-                steps_since_log += 1;
-                total_loss += step_loss;
+                state.loss_since_log += step_loss;
+                state.steps_since_log += 1;
+                state.total_loss += step_loss;
                 obs.step(step, step_loss);
                 if step % self.cfg.logging_steps == 0 {
                     let mut entry = Map::new();
-                    entry.insert("loss".into(), (loss_since_log / steps_since_log as f64).into());
+                    entry.insert("loss".into(), (state.loss_since_log / state.steps_since_log as f64).into());
                     entry.insert("grad_norm".into(), grad_norm.into());
                     entry.insert("learning_rate".into(), lr.into());
                     for (k, v) in acc.drain_means() {
-                        entry.insert(k.into(), v.into());
+                        entry.insert(k, v.into());
                     }
-                    entry.insert("epoch".into(), epoch_progress.into());
+                    entry.insert("epoch".into(), state.epoch_progress.into());
                     entry.insert("step".into(), step.into());
                     write_entry(&entry)?;
                     obs.log(&entry);
                     log_history.push(entry);
-                    loss_since_log = 0.0;
-                    steps_since_log = 0;
+                    state.loss_since_log = 0.0;
+                    state.steps_since_log = 0;
+                }
+                let interrupted = self.stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
+                let periodic = self.cfg.save_strategy == "steps" && step % self.cfg.save_steps == 0;
+                if periodic || interrupted || (step == self.max_steps && self.cfg.save_strategy == "steps") {
+                    state.global_step = step;
+                    state.pending_metrics = acc.values.clone();
+                    let dir = self.write_checkpoint(&state)?;
+                    if interrupted {
+                        obs.finish();
+                        return Err(Error::Interrupted { step, checkpoint: dir });
+                    }
                 }
                 if step == self.max_steps {
                     break 'run;
                 }
             }
+            skip_groups = 0;
             epoch += 1;
         }
         let runtime = start.elapsed().as_secs_f64();
-        let train_loss = total_loss / step as f64;
+        let train_loss = state.total_loss / step.max(1) as f64;
         let samples = step * ga * self.cfg.per_device_train_batch_size;
         let mut summary = Map::new();
         summary.insert("train_runtime".into(), runtime.into());
         summary.insert("train_samples_per_second".into(), (samples as f64 / runtime).into());
         summary.insert("train_steps_per_second".into(), (step as f64 / runtime).into());
-        summary.insert("train_tokens".into(), num_tokens.into());
+        summary.insert("train_tokens".into(), state.num_tokens.into());
         summary.insert("train_loss".into(), train_loss.into());
-        summary.insert("epoch".into(), epoch_progress.into());
+        summary.insert("epoch".into(), state.epoch_progress.into());
         summary.insert("step".into(), step.into());
         write_entry(&summary)?;
         log_history.push(summary);
         self.save(&out_dir)?;
         obs.finish();
         Ok(TrainSummary { log_history, steps: step, train_loss, runtime_s: runtime })
+    }
+
+    /// Writes `checkpoint-N` (model or adapter, optimizer moments, run state) into the output folder.
+    fn write_checkpoint(&mut self, state: &RunState) -> Result<PathBuf> {
+        let mut state = state.clone();
+        state.optimizer_steps = self.optimizer.steps;
+        let out = self.cfg.output_dir.clone();
+        let keep = self.cfg.save_total_limit;
+        checkpoint::save(&out, &state, keep, |dir| {
+            self.save(dir)?;
+            if !self.optimizer.exp_avg.is_empty() {
+                let views = vec![
+                    ("exp_avg".to_string(), f32_view(&self.optimizer.exp_avg)?),
+                    ("exp_avg_sq".to_string(), f32_view(&self.optimizer.exp_avg_sq)?),
+                ];
+                let bytes = safetensors::serialize(views, None).map_err(|e| Error::Train(e.to_string()))?;
+                crate::files::write_atomic(&dir.join(checkpoint::OPTIMIZER_FILE), &bytes)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Restores weights (or adapters), optimizer moments and run state from a checkpoint folder.
+    fn load_checkpoint(&mut self, dir: &std::path::Path) -> Result<RunState> {
+        let state = checkpoint::load_state(dir)?;
+        match &mut self.policy.lora {
+            Some(lora) => {
+                let saved = crate::model::lora::Lora::load_peft(dir, &self.policy.spec)?;
+                if saved.params.len() != lora.params.len() {
+                    return Err(Error::file(dir, "the checkpoint's adapters do not match this config's LoRA settings"));
+                }
+                lora.params = saved.params;
+            }
+            None => {
+                let saved = Model::load(dir)?;
+                if saved.spec != self.policy.spec {
+                    return Err(Error::file(dir, "the checkpoint's model differs from this config's model"));
+                }
+                self.policy.params = saved.params;
+            }
+        }
+        if !self.optimizer.exp_avg.is_empty() {
+            let path = dir.join(checkpoint::OPTIMIZER_FILE);
+            let bytes = std::fs::read(&path).map_err(|e| Error::file(&path, e))?;
+            let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::file(&path, e))?;
+            for (name, dst) in [("exp_avg", &mut self.optimizer.exp_avg), ("exp_avg_sq", &mut self.optimizer.exp_avg_sq)] {
+                let view = st.tensor(name).map_err(|_| Error::file(&path, format!("tensor {name} is missing")))?;
+                if view.data().len() != dst.len() * 4 {
+                    return Err(Error::file(&path, format!("tensor {name} has the wrong size")));
+                }
+                for (d, c) in dst.iter_mut().zip(view.data().chunks_exact(4)) {
+                    *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+        }
+        self.optimizer.steps = state.optimizer_steps;
+        Ok(state)
     }
 
     /// Writes the policy as a Hugging Face folder (weights, config, tokenizer files), or with LoRA the adapter
