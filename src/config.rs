@@ -18,8 +18,19 @@ pub struct TrainConfig {
     /// Folder with `tokenizer.json` / `tokenizer_config.json`. Unset: the model folder.
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
-    /// JSON Lines or JSON file of `{prompt, completion, label}`, `{prompt, chosen, rejected}` or `{chosen, rejected}`.
+    /// JSON Lines, JSON or Parquet file (or a folder of them) of `{prompt, completion, label}`,
+    /// `{prompt, chosen, rejected}` or `{chosen, rejected}`.
     pub train_dataset: PathBuf,
+    /// Column names in the data files, mapped to TRL's `prompt`, `completion` and `label`.
+    #[serde(default = "d_prompt_col")]
+    pub prompt_column: String,
+    #[serde(default = "d_completion_col")]
+    pub completion_column: String,
+    #[serde(default = "d_label_col")]
+    pub label_column: String,
+    /// Skip malformed rows (counted and reported in the log) instead of stopping at the first.
+    #[serde(default)]
+    pub skip_invalid_rows: bool,
     /// Where `metrics.jsonl` and the trained model go.
     #[serde(default = "d_output_dir")]
     pub output_dir: PathBuf,
@@ -195,6 +206,15 @@ fn d_logging_steps() -> usize {
 }
 fn d_sampling() -> String {
     "sequential".into()
+}
+fn d_prompt_col() -> String {
+    "prompt".into()
+}
+fn d_completion_col() -> String {
+    "completion".into()
+}
+fn d_label_col() -> String {
+    "label".into()
 }
 fn d_save_strategy() -> String {
     "steps".into()

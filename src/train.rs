@@ -283,8 +283,18 @@ impl Trainer {
                 format!("the tokenizer has {} tokens but vocab_size is {}", tokenizer.vocab_size(), policy.spec.vocab_size),
             ));
         }
-        let rows = data::read_rows(&cfg.train_dataset)?;
-        let (examples, _) = data::examples_from_rows(&rows)?;
+        let (mut rows, mut skipped) = data::read_dataset(&cfg.train_dataset, cfg.skip_invalid_rows)?;
+        let mapping = [
+            (cfg.prompt_column.as_str(), "prompt"),
+            (cfg.completion_column.as_str(), "completion"),
+            (cfg.label_column.as_str(), "label"),
+        ];
+        data::rename_columns(&mut rows, &mapping);
+        let (examples, _, bad) = data::examples_from_rows_skipping(&rows, cfg.skip_invalid_rows)?;
+        skipped.extend(bad);
+        if !skipped.is_empty() {
+            obs.warn(&format!("skipped {} invalid rows (skip_invalid_rows = true); first: {}", skipped.len(), skipped[0]));
+        }
         let opts = PrepareOptions {
             max_length: cfg.max_length(),
             batch_size: cfg.per_device_train_batch_size,

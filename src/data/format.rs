@@ -85,7 +85,10 @@ fn content(row: &RawRow, key: &str, conversational: bool) -> Result<Content> {
 fn label(row: &RawRow) -> Result<bool> {
     match field(row, "label")? {
         Value::Bool(b) => Ok(*b),
-        other => Err(row.error(format!("\"label\" must be true or false, found {}", kind(other)))),
+        // Many exported data sets store the label as 0/1.
+        Value::Number(n) if n.as_f64() == Some(1.0) => Ok(true),
+        Value::Number(n) if n.as_f64() == Some(0.0) => Ok(false),
+        other => Err(row.error(format!("\"label\" must be true or false (or 1 or 0), found {}", kind(other)))),
     }
 }
 
@@ -137,6 +140,63 @@ const UNPAIR_MAP_BATCH: usize = 1000;
 
 /// Turns rows of any accepted layout into unpaired examples, in the order TRL's trainer holds them.
 pub fn examples_from_rows(rows: &[RawRow]) -> Result<(Vec<Example>, bool)> {
+    examples_from_rows_skipping(rows, false).map(|(e, c, _)| (e, c))
+}
+
+/// `examples_from_rows`; with `skip_invalid`, a malformed row is left out and its error returned instead.
+pub fn examples_from_rows_skipping(rows: &[RawRow], skip_invalid: bool) -> Result<(Vec<Example>, bool, Vec<Error>)> {
+    let mut skipped = Vec::new();
+    let rows: Vec<RawRow> = if skip_invalid {
+        // Validate each row alone first; keep the ones that pass.
+        let first = rows.first().ok_or_else(|| Error::Train("the data set has no rows".into()))?;
+        let layout = detect_layout(first)?;
+        let conv_key = if layout == Layout::PairedImplicitPrompt { "chosen" } else { "prompt" };
+        let conversational = first.fields.get(conv_key).is_some_and(|v| v.is_array());
+        rows.iter()
+            .filter(|r| match check_row(r, layout, conversational) {
+                Ok(()) => true,
+                Err(e) => {
+                    skipped.push(e);
+                    false
+                }
+            })
+            .cloned()
+            .collect()
+    } else {
+        rows.to_vec()
+    };
+    let (examples, conversational) = examples_from_valid_rows(&rows)?;
+    Ok((examples, conversational, skipped))
+}
+
+/// The checks `examples_from_valid_rows` makes on one row.
+fn check_row(row: &RawRow, layout: Layout, conversational: bool) -> Result<()> {
+    match layout {
+        Layout::Unpaired => {
+            content(row, "prompt", conversational)?;
+            if is_empty(&content(row, "completion", conversational)?) {
+                return Err(row.error("\"completion\" is empty"));
+            }
+            label(row)?;
+        }
+        Layout::Paired | Layout::PairedImplicitPrompt => {
+            let (c, r) = (content(row, "chosen", conversational)?, content(row, "rejected", conversational)?);
+            let (c, r) = if layout == Layout::Paired {
+                content(row, "prompt", conversational)?;
+                (c, r)
+            } else {
+                let (_, c, r) = extract_prompt(row, c, r)?;
+                (c, r)
+            };
+            if is_empty(&c) || is_empty(&r) {
+                return Err(row.error("\"chosen\" or \"rejected\" completion is empty"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn examples_from_valid_rows(rows: &[RawRow]) -> Result<(Vec<Example>, bool)> {
     let first = rows.first().ok_or_else(|| Error::Train("the data set has no rows".into()))?;
     let layout = detect_layout(first)?;
     let conv_key = if layout == Layout::PairedImplicitPrompt { "chosen" } else { "prompt" };

@@ -5,7 +5,7 @@ pub mod prepare;
 pub mod read;
 pub mod tokenizer;
 
-pub use format::{examples_from_rows, Content, Example};
+pub use format::{examples_from_rows, examples_from_rows_skipping, Content, Example};
 pub use prepare::{collate, prepare, Batch, PrepareOptions, Prepared, TokenizedRow};
-pub use read::{read_rows, RawRow};
+pub use read::{read_dataset, read_rows, rename_columns, RawRow};
 pub use tokenizer::TextTokenizer;

@@ -18,6 +18,100 @@ impl RawRow {
     }
 }
 
+/// Reads a data set: a `.jsonl`, `.json` or `.parquet` file, or a folder of such files (shards, read in name
+/// order). With `skip_invalid`, rows that are not JSON objects are skipped and returned as errors instead of
+/// failing.
+pub fn read_dataset(path: &Path, skip_invalid: bool) -> Result<(Vec<RawRow>, Vec<Error>)> {
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| Error::file(path, format!("cannot read folder: {e}")))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "jsonl" || x == "json" || x == "parquet"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::file(path, "no .jsonl, .json or .parquet files in the folder"));
+        }
+        let (mut rows, mut skipped) = (Vec::new(), Vec::new());
+        for f in files {
+            let (r, s) = read_file(&f, skip_invalid)?;
+            rows.extend(r);
+            skipped.extend(s);
+        }
+        return Ok((rows, skipped));
+    }
+    read_file(path, skip_invalid)
+}
+
+fn read_file(path: &Path, skip_invalid: bool) -> Result<(Vec<RawRow>, Vec<Error>)> {
+    if path.extension().is_some_and(|x| x == "parquet") {
+        return read_parquet(path, skip_invalid);
+    }
+    if !skip_invalid {
+        return read_rows(path).map(|r| (r, Vec::new()));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    if text.trim_start().starts_with('[') {
+        return read_rows(path).map(|r| (r, Vec::new()));
+    }
+    let (mut rows, mut skipped) = (Vec::new(), Vec::new());
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed = serde_json::from_str::<Value>(line)
+            .map_err(|e| Error::Row { path: path.to_path_buf(), row: i + 1, msg: format!("invalid JSON: {e}") })
+            .and_then(|v| into_row(v, path, i + 1));
+        match parsed {
+            Ok(r) => rows.push(r),
+            Err(e) => skipped.push(e),
+        }
+    }
+    Ok((rows, skipped))
+}
+
+/// Reads a Parquet file (what dataset hubs serve) through Arrow, one JSON object per row.
+fn read_parquet(path: &Path, skip_invalid: bool) -> Result<(Vec<RawRow>, Vec<Error>)> {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let bad = |e: &dyn std::fmt::Display| Error::file(path, format!("invalid Parquet: {e}"));
+    let file = std::fs::File::open(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| bad(&e))?.build().map_err(|e| bad(&e))?;
+    let (mut rows, mut skipped) = (Vec::new(), Vec::new());
+    for batch in reader {
+        let batch = batch.map_err(|e| bad(&e))?;
+        let mut writer = arrow_json::ArrayWriter::new(Vec::new());
+        writer.write(&batch).map_err(|e| bad(&e))?;
+        writer.finish().map_err(|e| bad(&e))?;
+        let bytes = writer.into_inner();
+        let values: Vec<Value> = if bytes.is_empty() { Vec::new() } else { serde_json::from_slice(&bytes).map_err(|e| bad(&e))? };
+        for v in values {
+            let row = rows.len() + skipped.len() + 1;
+            match into_row(v, path, row) {
+                Ok(r) => rows.push(r),
+                Err(e) if skip_invalid => skipped.push(e),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    if rows.is_empty() && skipped.is_empty() {
+        return Err(Error::file(path, "no rows"));
+    }
+    Ok((rows, skipped))
+}
+
+/// Renames mapped columns (`prompt_column = "question"`, ...) to the names TRL expects.
+pub fn rename_columns(rows: &mut [RawRow], mapping: &[(&str, &str)]) {
+    for row in rows {
+        for (from, to) in mapping {
+            if from != to {
+                if let Some(v) = row.fields.remove(*from) {
+                    row.fields.insert(to.to_string(), v);
+                }
+            }
+        }
+    }
+}
+
 /// Reads a `.jsonl` file (one object a line, blank lines skipped) or a `.json` file holding an array of objects.
 pub fn read_rows(path: &Path) -> Result<Vec<RawRow>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
