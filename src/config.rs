@@ -21,6 +21,17 @@ pub struct TrainConfig {
     /// JSON Lines, JSON or Parquet file (or a folder of them) of `{prompt, completion, label}`,
     /// `{prompt, chosen, rejected}` or `{chosen, rejected}`.
     pub train_dataset: PathBuf,
+    /// Held-out data in the same formats; evaluated every `eval_steps` with `eval_strategy = "steps"`.
+    #[serde(default)]
+    pub eval_dataset: Option<PathBuf>,
+    /// `"no"` (transformers' default) or `"steps"`.
+    #[serde(default = "d_eval_strategy")]
+    pub eval_strategy: String,
+    /// Default: `logging_steps`.
+    #[serde(default)]
+    pub eval_steps: Option<usize>,
+    #[serde(default = "d_batch")]
+    pub per_device_eval_batch_size: usize,
     /// Column names in the data files, mapped to TRL's `prompt`, `completion` and `label`.
     #[serde(default = "d_prompt_col")]
     pub prompt_column: String,
@@ -207,6 +218,9 @@ fn d_logging_steps() -> usize {
 fn d_sampling() -> String {
     "sequential".into()
 }
+fn d_eval_strategy() -> String {
+    "no".into()
+}
 fn d_prompt_col() -> String {
     "prompt".into()
 }
@@ -311,6 +325,15 @@ impl TrainConfig {
         }
         if self.dataset_num_proc.is_some_and(|n| n > 1) {
             return bad("dataset_num_proc > 1 is not supported: TRL would then rotate KL pairs inside shards".into());
+        }
+        if self.eval_strategy != "steps" && self.eval_strategy != "no" {
+            return bad(format!("eval_strategy {:?}: expected \"steps\" or \"no\"", self.eval_strategy));
+        }
+        if self.eval_strategy == "steps" && self.eval_dataset.is_none() {
+            return bad("eval_strategy = \"steps\" needs an eval_dataset".into());
+        }
+        if self.eval_steps == Some(0) || self.per_device_eval_batch_size == 0 {
+            return bad("eval_steps and per_device_eval_batch_size must be at least 1".into());
         }
         if self.save_strategy != "steps" && self.save_strategy != "no" {
             return bad(format!("save_strategy {:?}: expected \"steps\" or \"no\"", self.save_strategy));

@@ -117,6 +117,28 @@ fn open_metrics(path: &std::path::Path, resume_step: Option<usize>) -> Result<st
     std::fs::File::create(path).map_err(|e| Error::file(path, e))
 }
 
+/// Reads, maps, validates and prepares one data set as the config says.
+fn load_data(cfg: &TrainConfig, path: &std::path::Path, tokenizer: &TextTokenizer, obs: &dyn Observer) -> Result<Prepared> {
+    let (mut rows, mut skipped) = data::read_dataset(path, cfg.skip_invalid_rows)?;
+    let mapping = [
+        (cfg.prompt_column.as_str(), "prompt"),
+        (cfg.completion_column.as_str(), "completion"),
+        (cfg.label_column.as_str(), "label"),
+    ];
+    data::rename_columns(&mut rows, &mapping);
+    let (examples, _, bad) = data::examples_from_rows_skipping(&rows, cfg.skip_invalid_rows)?;
+    skipped.extend(bad);
+    if !skipped.is_empty() {
+        obs.warn(&format!("{}: skipped {} invalid rows (skip_invalid_rows = true); first: {}", path.display(), skipped.len(), skipped[0]));
+    }
+    let opts = PrepareOptions {
+        max_length: cfg.max_length(),
+        batch_size: cfg.per_device_train_batch_size,
+        with_kl: cfg.loss_type().expect("validated").uses_kl(),
+    };
+    data::prepare(&examples, tokenizer, opts, path)
+}
+
 /// An observer that reports nothing.
 pub struct Silent;
 impl Observer for Silent {}
@@ -166,6 +188,11 @@ pub struct Trainer {
     pub reference: Option<Model>,
     /// Per training row: reference log-probs of the main and the KL sequence, when precomputed.
     pub precomputed_reference: Option<Vec<(f64, f64)>>,
+    /// The held-out set, prepared like the training set (KL pairs in chunks of the *training* batch size, as TRL).
+    pub eval_data: Option<Prepared>,
+    /// Its reference log-probs when precomputed: its own cache, computed before training, never with the trained
+    /// policy.
+    pub precomputed_eval_reference: Option<Vec<(f64, f64)>>,
     pub data: Prepared,
     pub optimizer: Optimizer,
     schedule: Schedule,
@@ -244,7 +271,6 @@ pub struct TrainSummary {
 impl Trainer {
     /// Loads tokenizer, models and data, prepares the data set as TRL does, and checks the run can start.
     pub fn new(cfg: TrainConfig, obs: &dyn Observer) -> Result<Self> {
-        let loss_type = cfg.loss_type().expect("validated");
         if cfg.bf16 == Some(true) {
             obs.warn("bf16 = true: kto computes in fp32 on the CPU (like TRL with bf16 = false)");
         }
@@ -283,24 +309,11 @@ impl Trainer {
                 format!("the tokenizer has {} tokens but vocab_size is {}", tokenizer.vocab_size(), policy.spec.vocab_size),
             ));
         }
-        let (mut rows, mut skipped) = data::read_dataset(&cfg.train_dataset, cfg.skip_invalid_rows)?;
-        let mapping = [
-            (cfg.prompt_column.as_str(), "prompt"),
-            (cfg.completion_column.as_str(), "completion"),
-            (cfg.label_column.as_str(), "label"),
-        ];
-        data::rename_columns(&mut rows, &mapping);
-        let (examples, _, bad) = data::examples_from_rows_skipping(&rows, cfg.skip_invalid_rows)?;
-        skipped.extend(bad);
-        if !skipped.is_empty() {
-            obs.warn(&format!("skipped {} invalid rows (skip_invalid_rows = true); first: {}", skipped.len(), skipped[0]));
-        }
-        let opts = PrepareOptions {
-            max_length: cfg.max_length(),
-            batch_size: cfg.per_device_train_batch_size,
-            with_kl: loss_type.uses_kl(),
+        let prepared = load_data(&cfg, &cfg.train_dataset, &tokenizer, obs)?;
+        let eval_data = match &cfg.eval_dataset {
+            Some(path) => Some(load_data(&cfg, path, &tokenizer, obs)?),
+            None => None,
         };
-        let prepared = data::prepare(&examples, &tokenizer, opts, &cfg.train_dataset)?;
         if prepared.prefix_mismatches > 0 {
             obs.warn(&format!(
                 "{} rows: the prompt's tokens are not a prefix of the prompt+completion tokens (e.g. a prompt ending in a space); the extra tokens move to the completion, as in TRL",
@@ -321,6 +334,7 @@ impl Trainer {
             obs.warn(&msg);
         }
         let mut t = Self::from_parts(cfg, policy, reference, prepared);
+        t.eval_data = eval_data;
         obs.info(&t.memory_plan().to_string());
         if t.cfg.precompute_ref_log_probs {
             t.precompute_reference(obs)?;
@@ -372,6 +386,8 @@ impl Trainer {
             policy,
             reference,
             precomputed_reference: None,
+            eval_data: None,
+            precomputed_eval_reference: None,
             data: prepared,
             optimizer,
             max_steps,
@@ -429,10 +445,48 @@ impl Trainer {
         data::collate(&self.data.rows, rows, self.cfg.max_length(), self.objective.loss_type.uses_kl())
     }
 
+    /// Collates rows of the eval set.
+    pub fn collate_eval(&self, rows: &[usize]) -> Batch {
+        let eval = self.eval_data.as_ref().expect("an eval set");
+        let mut b = data::collate(&eval.rows, rows, self.cfg.max_length(), self.objective.loss_type.uses_kl());
+        b.eval = true;
+        b
+    }
+
+    /// Runs the eval set in batches of `per_device_eval_batch_size` without gradients: TRL's eval metrics with an
+    /// `eval_` prefix (unweighted means over eval batches) and `eval_loss`.
+    pub fn evaluate(&self) -> Map<String, Value> {
+        let mut entry = Map::new();
+        let Some(eval) = &self.eval_data else { return entry };
+        let t = Instant::now();
+        let mut acc = MetricAccumulator::default();
+        let mut losses = Vec::new();
+        let rows: Vec<usize> = (0..eval.rows.len()).collect();
+        for chunk in rows.chunks(self.cfg.per_device_eval_batch_size) {
+            let rec = self.micro_batch(&self.collate_eval(chunk), 0, None, &mut PhaseTimes::default());
+            losses.push(rec.loss);
+            for (k, v) in &rec.metrics {
+                if *k != "num_tokens" {
+                    acc.add(k, *v);
+                }
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        entry.insert("eval_loss".into(), (losses.iter().sum::<f64>() / losses.len().max(1) as f64).into());
+        for (k, v) in acc.drain_means() {
+            entry.insert(format!("eval_{k}"), v.into());
+        }
+        entry.insert("eval_runtime".into(), secs.into());
+        entry.insert("eval_samples_per_second".into(), (eval.rows.len() as f64 / secs).into());
+        entry.insert("eval_steps_per_second".into(), (losses.len() as f64 / secs).into());
+        entry
+    }
+
     /// Reference log-probs of a micro-batch's main and KL sequences: precomputed ones when the run has them,
     /// else a pass of the reference model.
     fn reference_logps(&self, batch: &Batch, main: &SeqBatch) -> (Vec<f64>, Vec<f64>) {
-        if let Some(pre) = &self.precomputed_reference {
+        let table = if batch.eval { &self.precomputed_eval_reference } else { &self.precomputed_reference };
+        if let Some(pre) = table {
             let with_kl = self.objective.loss_type.uses_kl();
             let main_lp = batch.rows.iter().map(|&r| pre[r].0).collect();
             let kl_lp = if with_kl { batch.rows.iter().map(|&r| pre[r].1).collect() } else { Vec::new() };
@@ -464,28 +518,36 @@ impl Trainer {
     /// of `precompute_ref_batch_size` (default: the training batch size), cached on disk in `output_dir` keyed
     /// by the reference weights, the tokenized rows and the settings. The reference model is then released.
     pub fn precompute_reference(&mut self, obs: &dyn Observer) -> Result<()> {
-        if self.precomputed_reference.is_some() {
-            return Ok(());
+        if self.precomputed_reference.is_none() {
+            self.precomputed_reference = Some(self.precompute_split(false, obs)?);
         }
+        if self.eval_data.is_some() && self.precomputed_eval_reference.is_none() {
+            self.precomputed_eval_reference = Some(self.precompute_split(true, obs)?);
+        }
+        self.reference = None;
+        Ok(())
+    }
+
+    fn precompute_split(&self, eval: bool, obs: &dyn Observer) -> Result<Vec<(f64, f64)>> {
         let with_kl = self.objective.loss_type.uses_kl();
-        let key = reference_cache_key(self.reference_model().0, &self.data, self.cfg.max_length(), with_kl);
-        let path = self.cfg.output_dir.join(format!("ref_logps-{key:016x}.json"));
+        let data = if eval { self.eval_data.as_ref().expect("an eval set") } else { &self.data };
+        let key = reference_cache_key(self.reference_model().0, data, self.cfg.max_length(), with_kl);
+        let name = if eval { "eval_ref_logps" } else { "ref_logps" };
+        let path = self.cfg.output_dir.join(format!("{name}-{key:016x}.json"));
         if let Ok(text) = std::fs::read_to_string(&path) {
             if let Ok(values) = serde_json::from_str::<Vec<(f64, f64)>>(&text) {
-                if values.len() == self.data.rows.len() {
+                if values.len() == data.rows.len() {
                     obs.info(&format!("reference log-probs reused from {}", path.display()));
-                    self.precomputed_reference = Some(values);
-                    self.reference = None;
-                    return Ok(());
+                    return Ok(values);
                 }
             }
         }
         let t = Instant::now();
         let bs = self.cfg.precompute_ref_batch_size.unwrap_or(self.cfg.per_device_train_batch_size).max(1);
-        let mut values = Vec::with_capacity(self.data.rows.len());
-        let rows: Vec<usize> = (0..self.data.rows.len()).collect();
+        let mut values = Vec::with_capacity(data.rows.len());
+        let rows: Vec<usize> = (0..data.rows.len()).collect();
         for chunk in rows.chunks(bs) {
-            let batch = self.collate(chunk);
+            let batch = if eval { self.collate_eval(chunk) } else { self.collate(chunk) };
             let main = packed(&batch.main);
             let (model, adapters) = self.reference_model();
             let (out, _, kl) = sequence_logps(model, adapters, &batch, &main, with_kl, false, false, (&mut 0.0, &mut 0.0));
@@ -497,14 +559,13 @@ impl Trainer {
         let text = serde_json::to_string(&values).map_err(|e| Error::Train(e.to_string()))?;
         crate::files::write_atomic(&path, text.as_bytes())?;
         obs.info(&format!(
-            "reference log-probs of {} rows precomputed in {:.1} s, cached in {}",
+            "reference log-probs of {} {} rows precomputed in {:.1} s, cached in {}",
             values.len(),
+            if eval { "eval" } else { "training" },
             t.elapsed().as_secs_f64(),
             path.display()
         ));
-        self.precomputed_reference = Some(values);
-        self.reference = None;
-        Ok(())
+        Ok(values)
     }
 
     /// Runs one micro-batch. With `grads`, backpropagates `loss / loss_divisor` into it.
@@ -658,6 +719,15 @@ impl Trainer {
                     log_history.push(entry);
                     state.loss_since_log = 0.0;
                     state.steps_since_log = 0;
+                }
+                let eval_every = self.cfg.eval_steps.unwrap_or(self.cfg.logging_steps);
+                if self.cfg.eval_strategy == "steps" && step % eval_every == 0 {
+                    let mut entry = self.evaluate();
+                    entry.insert("epoch".into(), state.epoch_progress.into());
+                    entry.insert("step".into(), step.into());
+                    write_entry(&entry)?;
+                    obs.log(&entry);
+                    log_history.push(entry);
                 }
                 let interrupted = self.stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
                 let periodic = self.cfg.save_strategy == "steps" && step % self.cfg.save_steps == 0;

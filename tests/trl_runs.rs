@@ -128,3 +128,46 @@ fn gradient_checkpointing_changes_no_number() {
         }
     }
 }
+
+#[test]
+fn evaluation_logs_eval_metrics_and_precomputed_eval_reference_agrees() {
+    let data = fixture("kto.jsonl").display().to_string();
+    let eval_keys = [
+        "optim=sgd".to_string(),
+        "max_steps=2".to_string(),
+        "eval_strategy=\"steps\"".to_string(),
+        "eval_steps=1".to_string(),
+        "per_device_eval_batch_size=4".to_string(),
+        format!("eval_dataset={data:?}"),
+    ];
+    let extra: Vec<&str> = eval_keys.iter().map(|s| s.as_str()).collect();
+    let (t, logs, _dir) = run("eval", &extra);
+    let evals: Vec<_> = logs.iter().filter(|e| e.contains_key("eval_loss")).collect();
+    assert_eq!(evals.len(), 2, "one evaluation per step");
+    let e = evals[1];
+    for k in ["eval_kl", "eval_entropy", "eval_rewards/chosen", "eval_rewards/margins", "eval_logps/rejected", "eval_runtime"] {
+        assert!(e.contains_key(k), "{k} missing from {e:?}");
+    }
+    assert!(!e.contains_key("eval_num_tokens"), "num_tokens is not updated in eval");
+    // The eval set equals the training set here, with the same batch size: eval_loss is the mean of the
+    // micro-batch losses under the final weights.
+    let mut losses = Vec::new();
+    for rows in t.epoch_batches() {
+        losses.push(t.micro_batch(&t.collate_eval(&rows), 0, None, &mut Default::default()).loss);
+    }
+    let mean = losses.iter().sum::<f64>() / losses.len() as f64;
+    assert!((e["eval_loss"].as_f64().unwrap() - mean).abs() < 1e-12);
+
+    // With precomputed reference log-probs the eval set gets its own cache and the same numbers.
+    let mut with_pre = extra.clone();
+    with_pre.push("precompute_ref_log_probs=true");
+    let (_, logs_pre, dir) = run("eval-precomputed", &with_pre);
+    let pre: Vec<_> = logs_pre.iter().filter(|e| e.contains_key("eval_loss")).collect();
+    for (a, b) in evals.iter().zip(&pre) {
+        for (k, v) in a.iter().filter(|(k, _)| !k.contains("runtime") && !k.contains("per_second")) {
+            let (x, y) = (v.as_f64().unwrap(), b[k].as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-9 * x.abs().max(1.0), "{k}: {x} vs {y}");
+        }
+    }
+    assert!(std::fs::read_dir(dir.path()).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("eval_ref_logps-")));
+}

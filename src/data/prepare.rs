@@ -109,7 +109,9 @@ pub fn rotate_kl_completions(rows: &mut [TokenizedRow], batch_size: usize) {
 /// One collated micro-batch: per row the main and KL sequences (ids and completion mask, truncated, unpadded).
 #[derive(Debug, Clone)]
 pub struct Batch {
+    /// Row indices into the data set the batch came from (the training set, or the eval set when `eval`).
     pub rows: Vec<usize>,
+    pub eval: bool,
     pub labels: Vec<bool>,
     pub main: Vec<(Vec<u32>, Vec<bool>)>,
     pub kl: Vec<(Vec<u32>, Vec<bool>)>,
@@ -128,7 +130,7 @@ fn sequence(prompt: &[u32], completion: &[u32], max_length: Option<usize>) -> (V
 /// Collates rows `indices` like TRL's `DataCollatorForUnpairedPreference` (keep-start truncation; the padding
 /// it adds is not needed by the packed engine).
 pub fn collate(rows: &[TokenizedRow], indices: &[usize], max_length: Option<usize>, with_kl: bool) -> Batch {
-    let mut b = Batch { rows: indices.to_vec(), labels: Vec::new(), main: Vec::new(), kl: Vec::new() };
+    let mut b = Batch { rows: indices.to_vec(), eval: false, labels: Vec::new(), main: Vec::new(), kl: Vec::new() };
     for &i in indices {
         let r = &rows[i];
         b.labels.push(r.label);
