@@ -51,7 +51,7 @@ impl Console {
         let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::new(0);
             bar.set_style(
-                ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {per_sec}  eta {eta}  {msg}")
+                ProgressStyle::with_template("{bar:30} {pos}/{len}  {per_sec}  eta {eta}  {msg}")
                     .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             bar
@@ -78,6 +78,15 @@ fn fmt_entry(entry: &Map<String, Value>) -> String {
 }
 
 impl Observer for Console {
+    fn preparing(&self, path: &std::path::Path, done: usize, total: usize) {
+        if let Some(b) = &self.bar {
+            if done == 0 {
+                b.set_length(total as u64);
+                b.set_message(format!("tokenizing {}", path.display()));
+            }
+            b.set_position(done as u64);
+        }
+    }
     fn info(&self, msg: &str) {
         self.line(&format!("kto: {msg}"));
     }
@@ -87,6 +96,9 @@ impl Observer for Console {
     fn start(&self, total: usize) {
         if let Some(b) = &self.bar {
             b.set_length(total as u64);
+            b.set_position(0);
+            b.reset_eta();
+            b.set_message("training");
         }
     }
     fn step(&self, step: usize, loss: f64) {

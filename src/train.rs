@@ -16,8 +16,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 /// Where the trainer reports what it does. The command line draws a progress bar; tests stay quiet.
-pub trait Observer {
+pub trait Observer: Sync {
     fn info(&self, _msg: &str) {}
+    /// Tokenization progress of a data set (called from worker threads).
+    fn preparing(&self, _path: &std::path::Path, _done: usize, _total: usize) {}
     fn warn(&self, _msg: &str) {}
     fn start(&self, _total_steps: usize) {}
     /// After each optimizer step.
@@ -136,7 +138,8 @@ fn load_data(cfg: &TrainConfig, path: &std::path::Path, tokenizer: &TextTokenize
         batch_size: cfg.per_device_train_batch_size,
         with_kl: cfg.loss_type().expect("validated").uses_kl(),
     };
-    data::prepare(&examples, tokenizer, opts, path)
+    obs.preparing(path, 0, examples.len());
+    data::prepare::prepare_with_progress(&examples, tokenizer, opts, path, &|n| obs.preparing(path, n, examples.len()))
 }
 
 /// An observer that reports nothing.

@@ -68,12 +68,29 @@ pub fn tokenize_example(tok: &TextTokenizer, ex: &Example) -> std::result::Resul
 
 /// Runs TRL's preprocessing over all examples. `path` names the data file in errors.
 pub fn prepare(examples: &[Example], tok: &TextTokenizer, opts: PrepareOptions, path: &Path) -> Result<Prepared> {
+    prepare_with_progress(examples, tok, opts, path, &|_| {})
+}
+
+/// `prepare`, calling `progress(rows tokenized so far)` every 1,024 rows (from worker threads).
+pub fn prepare_with_progress(
+    examples: &[Example],
+    tok: &TextTokenizer,
+    opts: PrepareOptions,
+    path: &Path,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<Prepared> {
+    let done = std::sync::atomic::AtomicUsize::new(0);
     let tokenized: Vec<(Vec<u32>, Vec<u32>, bool)> = examples
         .par_iter()
         .map(|ex| {
+            let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            if n % 1024 == 0 {
+                progress(n);
+            }
             tokenize_example(tok, ex).map_err(|msg| Error::Row { path: path.to_path_buf(), row: ex.line, msg })
         })
         .collect::<Result<_>>()?;
+    progress(examples.len());
     let mut rows = Vec::with_capacity(examples.len());
     let mut dropped_source_rows = Vec::new();
     let mut prefix_mismatches = 0;
