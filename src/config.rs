@@ -159,6 +159,9 @@ pub struct TrainConfig {
     /// Only 1 (or unset) is supported: TRL with several processes rotates KL pairs inside shards.
     #[serde(default)]
     pub dataset_num_proc: Option<usize>,
+    /// `"none"` (default here) or `"tensorboard"` (event file in `OUTPUT_DIR/runs/`); `"all"` means tensorboard.
+    #[serde(default = "d_report_to")]
+    pub report_to: String,
     /// No progress bar even on a terminal.
     #[serde(default)]
     pub disable_tqdm: bool,
@@ -217,6 +220,9 @@ fn d_logging_steps() -> usize {
 }
 fn d_sampling() -> String {
     "sequential".into()
+}
+fn d_report_to() -> String {
+    "none".into()
 }
 fn d_eval_strategy() -> String {
     "no".into()
@@ -325,6 +331,9 @@ impl TrainConfig {
         }
         if self.dataset_num_proc.is_some_and(|n| n > 1) {
             return bad("dataset_num_proc > 1 is not supported: TRL would then rotate KL pairs inside shards".into());
+        }
+        if !["none", "tensorboard", "all"].contains(&self.report_to.as_str()) {
+            return bad(format!("report_to {:?}: expected \"none\", \"tensorboard\" or \"all\"", self.report_to));
         }
         if self.eval_strategy != "steps" && self.eval_strategy != "no" {
             return bad(format!("eval_strategy {:?}: expected \"steps\" or \"no\"", self.eval_strategy));

@@ -14,6 +14,7 @@ pub mod files;
 pub mod model;
 pub mod objective;
 pub mod optim;
+pub mod tensorboard;
 pub mod train;
 
 pub use error::{Error, Result};

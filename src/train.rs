@@ -653,9 +653,17 @@ impl Trainer {
             obs.info(&format!("resuming from {} (step {})", dir.display(), state.global_step));
         }
         let mut metrics_file = open_metrics(&metrics_path, resume.as_ref().map(|_| state.global_step))?;
+        let mut events = match self.cfg.report_to.as_str() {
+            "tensorboard" | "all" => Some(crate::tensorboard::EventWriter::create(&out_dir)?),
+            _ => None,
+        };
         let mut write_entry = |entry: &Map<String, Value>| -> Result<()> {
             let line = serde_json::to_string(entry).map_err(|e| Error::Train(e.to_string()))?;
-            writeln!(metrics_file, "{line}").and_then(|_| metrics_file.flush()).map_err(|e| Error::file(&metrics_path, e))
+            writeln!(metrics_file, "{line}").and_then(|_| metrics_file.flush()).map_err(|e| Error::file(&metrics_path, e))?;
+            if let (Some(ev), Some(step)) = (events.as_mut(), entry.get("step").and_then(|s| s.as_u64())) {
+                ev.scalars(step as usize, entry)?;
+            }
+            Ok(())
         };
 
         let start = Instant::now();

@@ -171,3 +171,29 @@ fn evaluation_logs_eval_metrics_and_precomputed_eval_reference_agrees() {
     }
     assert!(std::fs::read_dir(dir.path()).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("eval_ref_logps-")));
 }
+
+#[test]
+fn tensorboard_event_file_has_valid_records_with_the_logged_scalars() {
+    let (_, logs, dir) = run("tensorboard", &["optim=sgd", "report_to=\"tensorboard\""]);
+    let events: Vec<_> = std::fs::read_dir(dir.path().join("runs")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(events.len(), 1);
+    let bytes = std::fs::read(&events[0]).unwrap();
+    let (mut pos, mut records) = (0, Vec::new());
+    while pos < bytes.len() {
+        let len_bytes = &bytes[pos..pos + 8];
+        let len = u64::from_le_bytes(len_bytes.try_into().unwrap()) as usize;
+        let crc = u32::from_le_bytes(bytes[pos + 8..pos + 12].try_into().unwrap());
+        assert_eq!(crc, kto::tensorboard::masked_crc(len_bytes), "length CRC");
+        let data = &bytes[pos + 12..pos + 12 + len];
+        let dcrc = u32::from_le_bytes(bytes[pos + 12 + len..pos + 16 + len].try_into().unwrap());
+        assert_eq!(dcrc, kto::tensorboard::masked_crc(data), "data CRC");
+        records.push(data.to_vec());
+        pos += 16 + len;
+    }
+    // The version record, then one per metrics.jsonl line (3 steps and the summary).
+    assert_eq!(records.len(), 1 + logs.len());
+    assert!(records[0].windows(13).any(|w| w == b"brain.Event:2"));
+    let loss = logs[0]["loss"].as_f64().unwrap() as f32;
+    let needle: Vec<u8> = [b"train/loss".as_slice(), &[0x15], &loss.to_le_bytes()].concat();
+    assert!(records[1].windows(needle.len()).any(|w| w == needle.as_slice()), "step 1's loss as a scalar");
+}
