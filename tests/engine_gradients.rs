@@ -1,16 +1,9 @@
 //! Finite-difference checks of the engine's backward pass, one directional derivative per parameter tensor.
 use kto::engine::{backward, forward, SeqBatch};
 use kto::model::{Model, ModelSpec, ParamLayout};
+mod common;
+use common::Rng;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}
 
 /// The family differences on top of the plain Llama block.
 #[derive(Clone, Copy, Default)]

@@ -1,19 +1,9 @@
 //! The fast kernels against the simple reference kernels: max |fast − reference| ≤ 1e-5 · max |reference|.
 use kto::engine::kernels::{attention_backward, attention_forward, AttnShape};
 use kto::engine::reference::{attention_backward_naive, attention_forward_naive};
+mod common;
+use common::Rng;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| scale * self.next()).collect()
-    }
-}
 
 fn assert_close(name: &str, fast: &[f32], reference: &[f32]) {
     assert!(reference.iter().any(|v| *v != 0.0), "{name}: reference is all zeros");

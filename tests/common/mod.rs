@@ -63,3 +63,17 @@ pub fn assert_logs_match(got: &[Map<String, Value>], want: &[Value]) {
         }
     }
 }
+
+/// A small deterministic generator (xorshift) for test tensors: values in [-1, 1).
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| scale * self.next()).collect()
+    }
+}
