@@ -4,6 +4,8 @@ pub mod decoder;
 pub mod gemm;
 pub mod kernels;
 pub mod reference;
+#[cfg(target_arch = "x86_64")]
+mod sgemm_avx2;
 
 pub use decoder::{
     backward, forward, forward_continuation, forward_logits, forward_with_cache, ContinuationBatch, PrefixCache, ScoredOutput, SeqBatch, Tape,
