@@ -11,6 +11,7 @@ pub mod data;
 pub mod engine;
 pub mod error;
 pub mod files;
+pub mod generate;
 pub mod model;
 pub mod objective;
 pub mod optim;

@@ -78,6 +78,11 @@ impl TextTokenizer {
         self.inner.encode(text, add_special_tokens).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string())
     }
 
+    /// Text of `ids`, special tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> std::result::Result<String, String> {
+        self.inner.decode(ids, true).map_err(|e| e.to_string())
+    }
+
     pub fn has_chat_template(&self) -> bool {
         self.chat.is_some()
     }

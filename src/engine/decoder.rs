@@ -468,6 +468,77 @@ pub fn forward_continuation(model: &Model, batch: &ContinuationBatch, cache: &Pr
     score(model, &hidden, &batch.scored_targets, &batch.scored_seq, batch.seq_starts.len() - 1, None).0
 }
 
+/// Keys and values of sequences being generated: per layer, `capacity` rows per sequence of the fused q|k|v
+/// rows, filled as `extend` runs tokens through the model (a KV cache, in the layout `forward_continuation`
+/// reads).
+pub struct KvCache {
+    capacity: usize,
+    lens: Vec<usize>,
+    cache: PrefixCache,
+}
+
+impl KvCache {
+    /// Room for `n_seqs` sequences of at most `capacity` tokens each.
+    pub fn new(model: &Model, n_seqs: usize, capacity: usize) -> Self {
+        let spec = &model.spec;
+        let w = (spec.heads + 2 * spec.kv_heads) * spec.head_dim;
+        let qkv = (0..spec.layers).map(|_| Buf::zeros(n_seqs * capacity * w)).collect();
+        let seq_starts = (0..=n_seqs).map(|s| s * capacity).collect();
+        KvCache { capacity, lens: vec![0; n_seqs], cache: PrefixCache { seq_starts, tokens: Vec::new(), qkv, final_hidden: Buf::default() } }
+    }
+
+    /// Tokens held for sequence `s`.
+    pub fn len(&self, s: usize) -> usize {
+        self.lens[s]
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+/// Runs `new_tokens[s]` after what the cache holds for sequence `s` (an empty slice leaves it alone), stores
+/// their keys and values, and returns the next-token logits after each sequence's last new token
+/// (`[vocab]` per sequence; empty for sequences given no tokens). Panics past the cache's capacity.
+pub fn extend_kv(model: &Model, cache: &mut KvCache, new_tokens: &[&[u32]]) -> Vec<Vec<f32>> {
+    assert_eq!(new_tokens.len(), cache.lens.len(), "one token slice per cached sequence");
+    let (mut tokens, mut positions, mut seq_starts, mut prefix) = (Vec::new(), Vec::new(), vec![0], Vec::new());
+    let active: Vec<usize> = (0..new_tokens.len()).filter(|&s| !new_tokens[s].is_empty()).collect();
+    for &s in &active {
+        let (len, add) = (cache.lens[s], new_tokens[s].len());
+        assert!(len + add <= cache.capacity, "sequence {s} would exceed the KV cache's {} tokens", cache.capacity);
+        tokens.extend_from_slice(new_tokens[s]);
+        positions.extend(len as u32..(len + add) as u32);
+        seq_starts.push(tokens.len());
+        prefix.push((s * cache.capacity, len));
+    }
+    let mut logits = vec![Vec::new(); new_tokens.len()];
+    if active.is_empty() {
+        return logits;
+    }
+    let keys = Keys::Continuation { seq_starts: &seq_starts, cache: &cache.cache, prefix: &prefix };
+    let (x, _, kept_qkv) = run_layers(model, &tokens, &positions, keys, false, true, true, false);
+    let w = (model.spec.heads + 2 * model.spec.kv_heads) * model.spec.head_dim;
+    for (layer, rows) in cache.cache.qkv.iter_mut().zip(&kept_qkv) {
+        for (i, &s) in active.iter().enumerate() {
+            let (from, to) = (seq_starts[i], seq_starts[i + 1]);
+            let dst = (s * cache.capacity + cache.lens[s]) * w;
+            layer[dst..dst + (to - from) * w].copy_from_slice(&rows[from * w..to * w]);
+        }
+    }
+    let (xf, _) = final_norm(model, &x);
+    let last_rows: Vec<usize> = seq_starts[1..].iter().map(|&e| e - 1).collect();
+    let hidden = gather_rows(&xf, &last_rows, model.spec.hidden);
+    let (hd, vocab) = (model.spec.hidden, model.spec.vocab_size);
+    let mut all = vec![0f32; active.len() * vocab];
+    gemm(active.len(), hd, vocab, &hidden, false, &model.params[model.layout.lm_head..][..vocab * hd], true, &mut all, false);
+    for (i, &s) in active.iter().enumerate() {
+        cache.lens[s] += new_tokens[s].len();
+        logits[s] = all[i * vocab..(i + 1) * vocab].to_vec();
+    }
+    logits
+}
+
 /// Logits of the scored rows, one block of rows at a time, reduced to log p(target), entropy, mean logit and
 /// log-sum-exp; the full `[M, vocab]` logits never exist at once unless `softmax` asks to keep them (then it
 /// receives the normalised probabilities).

@@ -1,0 +1,198 @@
+//! Sampling from a model with a KV cache: temperature, top-k, top-p, a token budget, stop at EOS. Each prompt
+//! draws from its own random stream (seed, prompt index), so a completion does not depend on which other
+//! prompts share its batch.
+use crate::data::{Content, TextTokenizer};
+use crate::engine::{extend_kv, KvCache};
+use crate::model::Model;
+
+#[derive(Debug, Clone, Copy)]
+pub struct SamplingOptions {
+    /// 0: greedy (always the most likely token).
+    pub temperature: f32,
+    /// Keep the smallest set of most likely tokens whose probability reaches `top_p` (1: all).
+    pub top_p: f32,
+    /// Keep the `top_k` most likely tokens (0: all).
+    pub top_k: usize,
+    pub max_new_tokens: usize,
+    pub seed: u64,
+}
+
+impl Default for SamplingOptions {
+    /// transformers' `generate` defaults for sampling, with a short budget.
+    fn default() -> Self {
+        SamplingOptions { temperature: 1.0, top_p: 1.0, top_k: 50, max_new_tokens: 64, seed: 0 }
+    }
+}
+
+/// Prompts run through the model together (bounds the KV cache's memory).
+const GENERATION_BATCH: usize = 64;
+
+/// SplitMix64: a small, well-mixed stream per prompt.
+struct Stream(u64);
+
+impl Stream {
+    fn new(seed: u64, index: u64) -> Self {
+        let mut s = Stream(seed ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        s.next_u64();
+        s
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Picks the next token from `logits` as `opts` says.
+fn sample(logits: &[f32], opts: &SamplingOptions, stream: &mut Stream) -> u32 {
+    let argmax = || logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+    if opts.temperature <= 0.0 {
+        return argmax() as u32;
+    }
+    // Candidates from the most to the least likely (ties: lower id first, as a stable sort gives).
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if opts.top_k > 0 {
+        order.truncate(opts.top_k);
+    }
+    let max = logits[order[0]] as f64;
+    let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / opts.temperature as f64).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if opts.top_p < 1.0 {
+        // transformers: drop tokens once the probability before them already reaches top_p (keep at least one).
+        let (mut cum, mut keep) = (0.0, 0);
+        for p in &probs {
+            if keep > 0 && cum >= opts.top_p as f64 {
+                break;
+            }
+            cum += p;
+            keep += 1;
+        }
+        probs.truncate(keep);
+    }
+    let total: f64 = probs.iter().sum();
+    let mut u = stream.uniform() * total;
+    for (i, p) in probs.iter().enumerate() {
+        if u < *p {
+            return order[i] as u32;
+        }
+        u -= p;
+    }
+    order[probs.len() - 1] as u32
+}
+
+/// Continues each prompt (token ids) until `eos_id` or `max_new_tokens`; returns the new tokens of each, the
+/// EOS left out.
+pub fn generate_ids(model: &Model, prompts: &[Vec<u32>], eos_id: u32, opts: &SamplingOptions) -> Vec<Vec<u32>> {
+    let mut out = Vec::with_capacity(prompts.len());
+    for (chunk_index, chunk) in prompts.chunks(GENERATION_BATCH).enumerate() {
+        let first = chunk_index * GENERATION_BATCH;
+        let capacity = chunk.iter().map(|p| p.len()).max().unwrap_or(0) + opts.max_new_tokens;
+        let mut cache = KvCache::new(model, chunk.len(), capacity.max(1));
+        let mut streams: Vec<Stream> = (0..chunk.len()).map(|i| Stream::new(opts.seed, (first + i) as u64)).collect();
+        let mut generated: Vec<Vec<u32>> = vec![Vec::new(); chunk.len()];
+        let mut done: Vec<bool> = chunk.iter().map(|p| p.is_empty() || opts.max_new_tokens == 0).collect();
+        let mut feed: Vec<Vec<u32>> = chunk.iter().map(|p| if p.is_empty() { Vec::new() } else { p.clone() }).collect();
+        while done.iter().any(|d| !d) {
+            let slices: Vec<&[u32]> = feed.iter().map(|f| f.as_slice()).collect();
+            let logits = extend_kv(model, &mut cache, &slices);
+            for s in 0..chunk.len() {
+                feed[s].clear();
+                if done[s] {
+                    continue;
+                }
+                let token = sample(&logits[s], opts, &mut streams[s]);
+                if token == eos_id {
+                    done[s] = true;
+                    continue;
+                }
+                generated[s].push(token);
+                if generated[s].len() == opts.max_new_tokens {
+                    done[s] = true;
+                } else {
+                    feed[s].push(token);
+                }
+            }
+        }
+        out.extend(generated);
+    }
+    out
+}
+
+/// Token ids of a prompt exactly as training tokenizes prompts: text through the tokenizer (with its special
+/// tokens), message lists through the chat template with the generation prompt. With `chat` and a tokenizer
+/// that has a chat template, a text prompt is sent as one user message.
+pub fn prompt_ids(tok: &TextTokenizer, prompt: &Content, chat: bool) -> Result<Vec<u32>, String> {
+    match prompt {
+        Content::Text(text) if chat && tok.has_chat_template() => {
+            let message = serde_json::json!({"role": "user", "content": text});
+            tok.encode(&tok.render_chat(&[message], true, None, None)?, false)
+        }
+        Content::Text(text) => tok.encode(text, true),
+        Content::Messages(messages) => tok.encode(&tok.render_chat(messages, true, None, None)?, false),
+    }
+}
+
+/// Samples a completion (decoded text, special tokens dropped) for each prompt.
+pub fn generate_texts(
+    model: &Model,
+    tok: &TextTokenizer,
+    prompts: &[Content],
+    chat: bool,
+    opts: &SamplingOptions,
+) -> Result<Vec<String>, String> {
+    let ids = prompts.iter().map(|p| prompt_ids(tok, p, chat)).collect::<Result<Vec<_>, _>>()?;
+    generate_ids(model, &ids, tok.eos_id, opts).iter().map(|g| tok.decode(g)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_picks_the_maximum_and_top_k_one_is_greedy() {
+        let logits = [0.1f32, 2.0, -1.0, 1.9];
+        let mut s = Stream::new(1, 0);
+        let greedy = SamplingOptions { temperature: 0.0, ..Default::default() };
+        assert_eq!(sample(&logits, &greedy, &mut s), 1);
+        let top1 = SamplingOptions { top_k: 1, ..Default::default() };
+        for _ in 0..20 {
+            assert_eq!(sample(&logits, &top1, &mut s), 1);
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_only_the_nucleus() {
+        // Probabilities ~ [0.64, 0.24, 0.09, 0.03]: top_p 0.7 keeps the first two.
+        let logits = [3.0f32, 2.0, 1.0, 0.0];
+        let opts = SamplingOptions { top_p: 0.7, top_k: 0, ..Default::default() };
+        let mut s = Stream::new(7, 3);
+        let mut seen = [0usize; 4];
+        for _ in 0..2000 {
+            seen[sample(&logits, &opts, &mut s) as usize] += 1;
+        }
+        assert_eq!(seen[2] + seen[3], 0, "{seen:?}");
+        let ratio = seen[0] as f64 / seen[1] as f64;
+        assert!((ratio - std::f64::consts::E).abs() < 0.4, "p0/p1 = {ratio}, want e");
+    }
+
+    #[test]
+    fn sampling_follows_the_softmax() {
+        let logits = [0.0f32, (3.0f32).ln()];
+        let opts = SamplingOptions { top_k: 0, ..Default::default() };
+        let mut s = Stream::new(11, 0);
+        let ones = (0..4000).filter(|_| sample(&logits, &opts, &mut s) == 1).count();
+        assert!((ones as f64 / 4000.0 - 0.75).abs() < 0.03, "{ones}");
+        // Temperature 0.5 squares the odds: 9:1.
+        let cold = SamplingOptions { temperature: 0.5, ..opts };
+        let ones = (0..4000).filter(|_| sample(&logits, &cold, &mut s) == 1).count();
+        assert!((ones as f64 / 4000.0 - 0.9).abs() < 0.03, "{ones}");
+    }
+}
