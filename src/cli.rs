@@ -1,6 +1,6 @@
 //! The command line: a thin shell over the library. Errors come back as one line and a non-zero exit.
 use crate::config::TrainConfig;
-use crate::train::{Observer, Trainer};
+use crate::train::{Observer, Task, Trainer};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value};
@@ -24,6 +24,18 @@ pub enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// Sample completions from a model (KV cache; temperature, top-k, top-p): for one prompt, printed; for a data
+    /// file of prompts, written as JSON Lines `{prompt, completion}`.
+    Generate(GenerateArgs),
+    /// Supervised fine-tuning (next-token loss on completion tokens) from the same TOML config as `train`
+    /// ({prompt, completion} rows; learning_rate defaults to SFTConfig's 2e-5).
+    Sft {
+        /// The TOML config file.
+        config: PathBuf,
+        /// Override a config key (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
     /// Time KTO training steps on a random Llama of the shape shared/peer/bench_trl.py uses.
     Bench(crate::bench::BenchOptions),
     /// Fold a LoRA adapter (a PEFT folder, as `kto train` with `use_peft` writes) into its base model and write
@@ -39,6 +51,89 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// The model folder (Hugging Face layout).
+    pub model: PathBuf,
+    /// A LoRA adapter folder to apply (as `kto train` with `use_peft` writes it).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// One prompt.
+    #[arg(long, conflicts_with = "prompts", required_unless_present = "prompts")]
+    pub prompt: Option<String>,
+    /// A data file of prompts (.jsonl, .json or .parquet), one per row.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// The column holding each row's prompt (text or a message list).
+    #[arg(long, default_value = "prompt")]
+    pub prompt_column: String,
+    /// Where to write `{prompt, completion}` lines (default: standard output).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// 0 decodes greedily.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 keeps the whole vocabulary.
+    #[arg(long, default_value_t = 50)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Send text prompts as they are even when the tokenizer has a chat template.
+    #[arg(long)]
+    pub no_chat_template: bool,
+}
+
+fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
+    use crate::generate::{content_json, generate_texts, read_prompts, SamplingOptions};
+    if !(args.temperature >= 0.0 && args.top_p > 0.0 && args.top_p <= 1.0) {
+        anyhow::bail!("--temperature must be >= 0 and --top-p in (0, 1]");
+    }
+    let mut model = crate::model::Model::load(&args.model)?;
+    if let Some(adapter) = &args.adapter {
+        model.lora = Some(crate::model::lora::Lora::load_peft(adapter, &model.spec)?);
+    }
+    let tok_dir = match &args.adapter {
+        Some(a) if a.join("tokenizer.json").is_file() => a,
+        _ => &args.model,
+    };
+    let tok = crate::data::TextTokenizer::load(tok_dir)?;
+    let prompts = match (&args.prompt, &args.prompts) {
+        (Some(p), _) => vec![crate::data::Content::Text(p.clone())],
+        (None, Some(path)) => read_prompts(path, &args.prompt_column)?,
+        (None, None) => anyhow::bail!("give --prompt TEXT or --prompts FILE"),
+    };
+    let opts = SamplingOptions {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        max_new_tokens: args.max_new_tokens,
+        seed: args.seed,
+    };
+    let completions = generate_texts(&model, &tok, &prompts, !args.no_chat_template, &opts)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_dir.display()))?;
+    if args.prompt.is_some() && args.out.is_none() {
+        println!("{}", completions[0]);
+        return Ok(());
+    }
+    let mut text = String::new();
+    for (p, c) in prompts.iter().zip(&completions) {
+        text += &serde_json::json!({"prompt": content_json(p), "completion": c}).to_string();
+        text.push('\n');
+    }
+    match &args.out {
+        Some(path) => {
+            crate::files::write_atomic(path, text.as_bytes())?;
+            eprintln!("kto: {} completions written to {}", completions.len(), path.display());
+        }
+        None => print!("{text}"),
+    }
+    Ok(())
 }
 
 /// Progress on a terminal: a bar with loss and step rate; elsewhere one plain line per log entry.
@@ -119,26 +214,33 @@ impl Observer for Console {
     }
 }
 
+/// `kto train` and `kto sft`: load, train with a progress bar, stop cleanly on SIGINT/SIGTERM.
+fn run_training(task: Task, cfg: TrainConfig) -> anyhow::Result<()> {
+    let console = Console::new(!cfg.disable_tqdm);
+    let mut trainer = Trainer::new_for(task, cfg, &console)?;
+    // Ctrl-C / SIGTERM: finish the current optimizer step, write a checkpoint, stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
+    trainer.stop = Some(stop);
+    let summary = trainer.train(&console)?;
+    let out = trainer.cfg.output_dir.display();
+    console.info(&format!(
+        "trained {} steps in {:.1} s, train_loss {:.6}; model and metrics.jsonl in {out}",
+        summary.steps, summary.runtime_s, summary.train_loss
+    ));
+    Ok(())
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Train { config, overrides } => {
-            let cfg = TrainConfig::load(&config, &overrides)?;
-            let console = Console::new(!cfg.disable_tqdm);
-            let mut trainer = Trainer::new(cfg, &console)?;
-            // Ctrl-C / SIGTERM: finish the current optimizer step, write a checkpoint, stop.
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-                signal_hook::flag::register(signal, stop.clone())?;
-            }
-            trainer.stop = Some(stop);
-            let summary = trainer.train(&console)?;
-            let out = trainer.cfg.output_dir.display();
-            console.info(&format!(
-                "trained {} steps in {:.1} s, train_loss {:.6}; model and metrics.jsonl in {out}",
-                summary.steps, summary.runtime_s, summary.train_loss
-            ));
-            Ok(())
+        Command::Train { config, overrides } => run_training(Task::Kto, TrainConfig::load(&config, &overrides)?),
+        Command::Sft { config, overrides } => {
+            let defaults = [("learning_rate", toml::Value::Float(2e-5))];
+            run_training(Task::Sft, TrainConfig::load_with_defaults(&config, &overrides, &defaults)?)
         }
+        Command::Generate(args) => run_generate(&args),
         Command::Bench(opts) => crate::bench::run(&opts),
         Command::Merge { base, adapter, out } => {
             let mut model = crate::model::Model::load(&base)?;

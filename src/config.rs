@@ -267,15 +267,28 @@ fn parse_override_value(raw: &str) -> toml::Value {
 impl TrainConfig {
     /// Reads a TOML file and applies `KEY=VALUE` overrides.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        Self::load_with_defaults(path, overrides, &[])
+    }
+
+    /// `load`, where `defaults` replace KTOConfig's default of keys the file and overrides leave unset (`kto sft`
+    /// takes SFTConfig's `learning_rate = 2e-5`).
+    pub fn load_with_defaults(path: &Path, overrides: &[String], defaults: &[(&str, toml::Value)]) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
-        Self::from_toml(&text, overrides).map_err(|e| match e {
+        Self::from_toml_with_defaults(&text, overrides, defaults).map_err(|e| match e {
             Error::Config(msg) => Error::file(path, msg),
             other => other,
         })
     }
 
     pub fn from_toml(text: &str, overrides: &[String]) -> Result<Self> {
+        Self::from_toml_with_defaults(text, overrides, &[])
+    }
+
+    pub fn from_toml_with_defaults(text: &str, overrides: &[String], defaults: &[(&str, toml::Value)]) -> Result<Self> {
         let mut table: toml::Table = toml::from_str(text).map_err(|e| Error::Config(one_line(&e.to_string())))?;
+        for (key, value) in defaults {
+            table.entry(key.to_string()).or_insert_with(|| value.clone());
+        }
         for item in overrides {
             let (key, value) = item
                 .split_once('=')

@@ -196,3 +196,24 @@ mod tests {
         assert!((ones as f64 / 4000.0 - 0.9).abs() < 0.03, "{ones}");
     }
 }
+
+/// Prompts of a data file (JSON Lines, JSON or Parquet): the `column` of every row, text or a message list.
+pub fn read_prompts(path: &std::path::Path, column: &str) -> crate::Result<Vec<Content>> {
+    let (rows, _) = crate::data::read_dataset(path, false)?;
+    rows.iter()
+        .map(|row| match row.fields.get(column) {
+            Some(serde_json::Value::String(s)) => Ok(Content::Text(s.clone())),
+            Some(serde_json::Value::Array(m)) => Ok(Content::Messages(m.clone())),
+            Some(other) => Err(row.error(format!("\"{column}\" must be a string or a list of messages, found {other}"))),
+            None => Err(row.error(format!("missing key \"{column}\""))),
+        })
+        .collect()
+}
+
+/// A prompt as JSON (text, or its message list).
+pub fn content_json(c: &Content) -> serde_json::Value {
+    match c {
+        Content::Text(s) => serde_json::Value::String(s.clone()),
+        Content::Messages(m) => serde_json::Value::Array(m.clone()),
+    }
+}

@@ -132,6 +132,25 @@ impl KtoObjective {
     }
 }
 
+/// Supervised fine-tuning on completion tokens, as TRL's `SFTTrainer` with `completion_only_loss`: the mean
+/// negative log-prob of the micro-batch's completion tokens (the trainer weights micro-batches by their token
+/// counts, so an optimizer step averages over all its tokens), and TRL's SFT metrics.
+pub fn sft_loss(policy_out: &ScoredOutput, n_seqs: usize, num_tokens_so_far: f64) -> MicroBatchLoss {
+    let ntok = policy_out.token_logps.len();
+    let mean = |sum: f64| if ntok > 0 { sum / ntok as f64 } else { 0.0 };
+    let loss = mean(-policy_out.token_logps.iter().map(|&v| v as f64).sum::<f64>());
+    let entropy = mean(policy_out.entropy.iter().map(|&e| e as f64).sum());
+    let accuracy = mean(policy_out.target_is_argmax.iter().filter(|h| **h).count() as f64);
+    // loss = −Σ token log-probs / ntok, and a sequence's log-prob is the sum of its tokens'.
+    let d = if ntok > 0 { -1.0 / ntok as f64 } else { 0.0 };
+    MicroBatchLoss {
+        loss,
+        dloss_dlogp: vec![d; n_seqs],
+        kl: 0.0,
+        metrics: vec![("entropy", entropy), ("num_tokens", num_tokens_so_far), ("mean_token_accuracy", accuracy)],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -120,7 +120,7 @@ fn open_metrics(path: &std::path::Path, resume_step: Option<usize>) -> Result<st
 }
 
 /// Reads, maps, validates and prepares one data set as the config says.
-fn load_data(cfg: &TrainConfig, path: &std::path::Path, tokenizer: &TextTokenizer, obs: &dyn Observer) -> Result<Prepared> {
+fn load_data(cfg: &TrainConfig, task: Task, path: &std::path::Path, tokenizer: &TextTokenizer, obs: &dyn Observer) -> Result<Prepared> {
     let (mut rows, mut skipped) = data::read_dataset(path, cfg.skip_invalid_rows)?;
     let mapping = [
         (cfg.prompt_column.as_str(), "prompt"),
@@ -128,6 +128,20 @@ fn load_data(cfg: &TrainConfig, path: &std::path::Path, tokenizer: &TextTokenize
         (cfg.label_column.as_str(), "label"),
     ];
     data::rename_columns(&mut rows, &mapping);
+    if task == Task::Sft {
+        // SFT learns every {prompt, completion} row; a label, if present, is not a filter.
+        if let Some(first) = rows.first() {
+            if !first.fields.contains_key("prompt") || !first.fields.contains_key("completion") {
+                return Err(first.error("kto sft expects keys {prompt, completion}"));
+            }
+            if first.fields.contains_key("label") {
+                obs.warn(&format!("{}: kto sft trains on every row; the \"label\" column is ignored (filter the file to keep only desirable rows)", path.display()));
+            }
+        }
+        for row in &mut rows {
+            row.fields.insert("label".into(), Value::Bool(true));
+        }
+    }
     let (examples, _, bad) = data::examples_from_rows_skipping(&rows, cfg.skip_invalid_rows)?;
     skipped.extend(bad);
     if !skipped.is_empty() {
@@ -136,7 +150,7 @@ fn load_data(cfg: &TrainConfig, path: &std::path::Path, tokenizer: &TextTokenize
     let opts = PrepareOptions {
         max_length: cfg.max_length(),
         batch_size: cfg.per_device_train_batch_size,
-        with_kl: cfg.loss_type().expect("validated").uses_kl(),
+        with_kl: task == Task::Kto && cfg.loss_type().expect("validated").uses_kl(),
     };
     obs.preparing(path, 0, examples.len());
     data::prepare::prepare_with_progress(&examples, tokenizer, opts, path, &|n| obs.preparing(path, n, examples.len()))
@@ -160,6 +174,8 @@ pub struct MicroBatchRecord {
     pub metrics: Vec<(&'static str, f64)>,
     /// Tokens of the main sequences (TRL's `attention_mask` sum).
     pub num_tokens: usize,
+    /// Completion tokens scored (SFT weighs micro-batches by them).
+    pub scored_tokens: usize,
 }
 
 /// TRL's per-log aggregation: every metric is the unweighted mean of its per-micro-batch values since the last
@@ -182,8 +198,18 @@ impl MetricAccumulator {
     }
 }
 
+/// What a trainer optimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// KTO (or APO-zero unpaired) against a reference model: `kto train`.
+    Kto,
+    /// Next-token loss on completion tokens, no reference: `kto sft`.
+    Sft,
+}
+
 pub struct Trainer {
     pub cfg: TrainConfig,
+    pub task: Task,
     pub objective: KtoObjective,
     pub policy: Model,
     /// The frozen reference model. `None` with LoRA and no `ref_model` (the reference is then the policy's
@@ -274,6 +300,14 @@ pub struct TrainSummary {
 impl Trainer {
     /// Loads tokenizer, models and data, prepares the data set as TRL does, and checks the run can start.
     pub fn new(cfg: TrainConfig, obs: &dyn Observer) -> Result<Self> {
+        Self::new_for(Task::Kto, cfg, obs)
+    }
+
+    /// `new` for a task: SFT loads no reference model and needs no labels.
+    pub fn new_for(task: Task, cfg: TrainConfig, obs: &dyn Observer) -> Result<Self> {
+        if task == Task::Sft && cfg.precompute_ref_log_probs {
+            return Err(Error::Config("precompute_ref_log_probs: kto sft has no reference model".into()));
+        }
         if cfg.bf16 == Some(true) {
             obs.warn("bf16 = true: kto computes in fp32 on the CPU (like TRL with bf16 = false)");
         }
@@ -302,8 +336,8 @@ impl Trainer {
                 }
                 Some(r)
             }
-            // Under LoRA the reference is the frozen base inside the policy: no second copy.
-            None if cfg.use_peft => None,
+            // SFT has no reference; under LoRA the reference is the frozen base inside the policy: no second copy.
+            None if cfg.use_peft || task == Task::Sft => None,
             None => Some(Model { lora: None, ..policy.clone() }),
         };
         if tokenizer.vocab_size() > policy.spec.vocab_size {
@@ -312,9 +346,9 @@ impl Trainer {
                 format!("the tokenizer has {} tokens but vocab_size is {}", tokenizer.vocab_size(), policy.spec.vocab_size),
             ));
         }
-        let prepared = load_data(&cfg, &cfg.train_dataset, &tokenizer, obs)?;
+        let prepared = load_data(&cfg, task, &cfg.train_dataset, &tokenizer, obs)?;
         let eval_data = match &cfg.eval_dataset {
-            Some(path) => Some(load_data(&cfg, path, &tokenizer, obs)?),
+            Some(path) => Some(load_data(&cfg, task, path, &tokenizer, obs)?),
             None => None,
         };
         if prepared.prefix_mismatches > 0 {
@@ -333,22 +367,23 @@ impl Trainer {
         if prepared.rows.is_empty() {
             return Err(Error::Train(format!("{}: no rows left to train on", cfg.train_dataset.display())));
         }
-        if let Some(msg) = weight_balance_warning(&prepared, cfg.desirable_weight, cfg.undesirable_weight) {
-            obs.warn(&msg);
+        if task == Task::Kto {
+            if let Some(msg) = weight_balance_warning(&prepared, cfg.desirable_weight, cfg.undesirable_weight) {
+                obs.warn(&msg);
+            }
         }
         let mut t = Self::from_parts(cfg, policy, reference, prepared);
+        t.task = task;
         t.eval_data = eval_data;
         obs.info(&t.memory_plan().to_string());
         if t.cfg.precompute_ref_log_probs {
             t.precompute_reference(obs)?;
         }
-        obs.info(&format!(
-            "{} rows ({} desirable), {} parameters, {} optimizer steps",
-            t.data.rows.len(),
-            t.data.rows.iter().filter(|r| r.label).count(),
-            t.policy.num_parameters(),
-            t.max_steps
-        ));
+        let rows = match task {
+            Task::Kto => format!("{} rows ({} desirable)", t.data.rows.len(), t.data.rows.iter().filter(|r| r.label).count()),
+            Task::Sft => format!("{} rows", t.data.rows.len()),
+        };
+        obs.info(&format!("{rows}, {} parameters, {} optimizer steps", t.policy.num_parameters(), t.max_steps));
         Ok(t)
     }
 
@@ -382,6 +417,7 @@ impl Trainer {
             undesirable_weight: cfg.undesirable_weight,
         };
         Trainer {
+            task: Task::Kto,
             schedule: cfg.schedule().expect("validated"),
             warmup: cfg.warmup_for(max_steps),
             cfg,
@@ -438,6 +474,11 @@ impl Trainer {
         }
     }
 
+    /// Whether batches carry KL sequences (KTO's `kto` loss).
+    fn with_kl(&self) -> bool {
+        self.task == Task::Kto && self.objective.loss_type.uses_kl()
+    }
+
     /// Row indices of each micro-batch of one epoch (sequential, the last one may be short).
     pub fn epoch_batches(&self) -> Vec<Vec<usize>> {
         let n = self.data.rows.len();
@@ -445,13 +486,13 @@ impl Trainer {
     }
 
     pub fn collate(&self, rows: &[usize]) -> Batch {
-        data::collate(&self.data.rows, rows, self.cfg.max_length(), self.objective.loss_type.uses_kl())
+        data::collate(&self.data.rows, rows, self.cfg.max_length(), self.with_kl())
     }
 
     /// Collates rows of the eval set.
     pub fn collate_eval(&self, rows: &[usize]) -> Batch {
         let eval = self.eval_data.as_ref().expect("an eval set");
-        let mut b = data::collate(&eval.rows, rows, self.cfg.max_length(), self.objective.loss_type.uses_kl());
+        let mut b = data::collate(&eval.rows, rows, self.cfg.max_length(), self.with_kl());
         b.eval = true;
         b
     }
@@ -490,14 +531,14 @@ impl Trainer {
     fn reference_logps(&self, batch: &Batch, main: &SeqBatch) -> (Vec<f64>, Vec<f64>) {
         let table = if batch.eval { &self.precomputed_eval_reference } else { &self.precomputed_reference };
         if let Some(pre) = table {
-            let with_kl = self.objective.loss_type.uses_kl();
+            let with_kl = self.with_kl();
             let main_lp = batch.rows.iter().map(|&r| pre[r].0).collect();
             let kl_lp = if with_kl { batch.rows.iter().map(|&r| pre[r].1).collect() } else { Vec::new() };
             return (main_lp, kl_lp);
         }
         let (model, adapters) = self.reference_model();
         let (out, _, kl) =
-            sequence_logps(model, adapters, batch, main, self.objective.loss_type.uses_kl(), false, false, (&mut 0.0, &mut 0.0));
+            sequence_logps(model, adapters, batch, main, self.with_kl(), false, false, (&mut 0.0, &mut 0.0));
         (out.seq_logps, kl)
     }
 
@@ -532,7 +573,7 @@ impl Trainer {
     }
 
     fn precompute_split(&self, eval: bool, obs: &dyn Observer) -> Result<Vec<(f64, f64)>> {
-        let with_kl = self.objective.loss_type.uses_kl();
+        let with_kl = self.with_kl();
         let data = if eval { self.eval_data.as_ref().expect("an eval set") } else { &self.data };
         let key = reference_cache_key(self.reference_model().0, data, self.cfg.max_length(), with_kl);
         let name = if eval { "eval_ref_logps" } else { "ref_logps" };
@@ -580,7 +621,7 @@ impl Trainer {
         times: &mut PhaseTimes,
     ) -> MicroBatchRecord {
         let main = packed(&batch.main);
-        let with_kl = self.objective.loss_type.uses_kl();
+        let with_kl = self.with_kl();
         let (policy_out, tape, policy_kl) = sequence_logps(
             &self.policy,
             true,
@@ -591,8 +632,28 @@ impl Trainer {
             self.cfg.gradient_checkpointing,
             (&mut times.policy_forward, &mut times.policy_kl_forward),
         );
-        let (reference, reference_kl) = timed(&mut times.reference_forward, || self.reference_logps(batch, &main));
         let num_tokens = main.n_tokens();
+        if self.task == Task::Sft {
+            let result = crate::objective::sft_loss(&policy_out, main.n_seqs(), (num_tokens_before + num_tokens) as f64);
+            if let (Some((g, divisor)), Some(tape)) = (grads, tape) {
+                let d: Vec<f32> = result.dloss_dlogp.iter().map(|v| (v / divisor) as f32).collect();
+                timed(&mut times.backward, || backward(&self.policy, &main, tape, &d, g));
+            }
+            return MicroBatchRecord {
+                rows: batch.rows.clone(),
+                labels: batch.labels.clone(),
+                policy_logps: policy_out.seq_logps,
+                reference_logps: Vec::new(),
+                policy_kl_logps: Vec::new(),
+                reference_kl_logps: Vec::new(),
+                loss: result.loss,
+                kl: 0.0,
+                metrics: result.metrics,
+                num_tokens,
+                scored_tokens: main.scored_rows.len(),
+            };
+        }
+        let (reference, reference_kl) = timed(&mut times.reference_forward, || self.reference_logps(batch, &main));
         let lp = MicroBatchLogps {
             labels: &batch.labels,
             policy: &policy_out.seq_logps,
@@ -617,6 +678,7 @@ impl Trainer {
             kl: result.kl,
             metrics: result.metrics,
             num_tokens,
+            scored_tokens: main.scored_rows.len(),
         }
     }
 
@@ -682,10 +744,17 @@ impl Trainer {
             for (g, group) in epoch_batches.chunks(ga).enumerate().skip(skip_groups) {
                 grads.par_iter_mut().for_each(|v| *v = 0.0);
                 let mut step_loss = 0.0;
-                for (j, rows) in group.iter().enumerate() {
-                    let batch = self.collate(rows);
+                let batches: Vec<Batch> = group.iter().map(|rows| self.collate(rows)).collect();
+                // KTO averages the micro-batch losses of a step; SFT averages over all the step's tokens.
+                let scored = |b: &Batch| b.main.iter().map(|(_, m)| m.iter().skip(1).filter(|c| **c).count()).sum::<usize>();
+                let step_tokens: usize = batches.iter().map(scored).sum();
+                for (j, batch) in batches.iter().enumerate() {
+                    let divisor = match self.task {
+                        Task::Kto => group.len() as f64,
+                        Task::Sft => step_tokens.max(1) as f64 / scored(batch).max(1) as f64,
+                    };
                     let mut times = std::mem::take(&mut self.phases);
-                    let rec = self.micro_batch(&batch, state.num_tokens, Some((&mut grads, group.len() as f64)), &mut times);
+                    let rec = self.micro_batch(batch, state.num_tokens, Some((&mut grads, divisor)), &mut times);
                     self.phases = times;
                     if !rec.loss.is_finite() {
                         return Err(Error::Train(format!(
@@ -695,7 +764,7 @@ impl Trainer {
                         )));
                     }
                     state.num_tokens += rec.num_tokens;
-                    step_loss += rec.loss / group.len() as f64;
+                    step_loss += rec.loss / divisor;
                     for (k, v) in &rec.metrics {
                         acc.add(k, *v);
                     }

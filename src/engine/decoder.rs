@@ -82,6 +82,8 @@ pub struct ScoredOutput {
     pub token_logps: Vec<f32>,
     pub entropy: Vec<f32>,
     pub mean_logit: Vec<f32>,
+    /// Per scored position: whether the target is the most likely token (SFT's token accuracy).
+    pub target_is_argmax: Vec<bool>,
 }
 
 struct LayerTape {
@@ -336,6 +338,7 @@ fn score(
         token_logps: vec![0.0; m],
         entropy: vec![0.0; m],
         mean_logit: vec![0.0; m],
+        target_is_argmax: vec![false; m],
     };
     let mut lse = Buf::zeros(m);
     lm_head_forward(model, hidden, targets, &mut out, &mut lse, softmax.as_deref_mut());
@@ -562,18 +565,19 @@ fn lm_head_forward(
             None => &mut scratch[..nr * vocab],
         };
         gemm(nr, hd, vocab, &hidden[r0 * hd..], false, w, true, z, false);
-        let stats: Vec<(f32, f32, f32, f32)> = z
+        let stats: Vec<(f32, f32, f32, f32, bool)> = z
             .par_chunks_mut(vocab)
             .zip(targets[r0..r0 + nr].par_iter())
             .map(|(zr, &t)| {
-                let (lp, ent, ml, l, inv_sum) = kernels::logit_row_stats(zr, t as usize);
+                let (lp, ent, ml, l, inv_sum, hit) = kernels::logit_row_stats(zr, t as usize);
                 if keep {
                     zr.iter_mut().for_each(|e| *e *= inv_sum);
                 }
-                (lp, ent, ml, l)
+                (lp, ent, ml, l, hit)
             })
             .collect();
-        for (i, (lp, ent, ml, l)) in stats.into_iter().enumerate() {
+        for (i, (lp, ent, ml, l, hit)) in stats.into_iter().enumerate() {
+            out.target_is_argmax[r0 + i] = hit;
             out.token_logps[r0 + i] = lp;
             out.entropy[r0 + i] = ent;
             out.mean_logit[r0 + i] = ml;

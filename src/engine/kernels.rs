@@ -49,8 +49,8 @@ fn lane_max(x: &[f32]) -> f32 {
 }
 
 /// Statistics of one row of logits `z` with target token `t`: (log p(t), entropy, mean logit, log-sum-exp,
-/// 1 / Σ exp(z − max)). Overwrites `z` with `exp(z − max)`, so scaling it by the last value gives the softmax. Sums run in eight f32 lanes per block of 512, blocks added in f64.
-pub fn logit_row_stats(z: &mut [f32], t: usize) -> (f32, f32, f32, f32, f32) {
+/// 1 / Σ exp(z − max), whether t has the largest logit). Overwrites `z` with `exp(z − max)`, so scaling it by the last value gives the softmax. Sums run in eight f32 lanes per block of 512, blocks added in f64.
+pub fn logit_row_stats(z: &mut [f32], t: usize) -> (f32, f32, f32, f32, f32, bool) {
     let target = z[t];
     let max = lane_max(z);
     let (mut sum, mut zsum, mut ezsum) = (0f64, 0f64, 0f64);
@@ -81,7 +81,7 @@ pub fn logit_row_stats(z: &mut [f32], t: usize) -> (f32, f32, f32, f32, f32) {
     let lse = max as f64 + sum.ln();
     let logp = target as f64 - lse;
     let entropy = lse - ezsum / sum;
-    (logp as f32, entropy as f32, (zsum / z.len() as f64) as f32, lse as f32, (1.0 / sum) as f32)
+    (logp as f32, entropy as f32, (zsum / z.len() as f64) as f32, lse as f32, (1.0 / sum) as f32, target >= max)
 }
 
 /// RMSNorm as Llama computes it: `y = w ⊙ x / sqrt(mean(x²) + eps)`. Returns `rstd` per row for backward.
