@@ -36,6 +36,21 @@ pub enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// Draw a run's curves (loss, KL, rewards, margins, eval) from OUTPUT_DIR/metrics.jsonl to OUTPUT_DIR/metrics.svg.
+    Plot {
+        /// The run's output folder.
+        output_dir: PathBuf,
+    },
+    /// The built-in demonstration: a synthetic task judged by a rule; SFT base model, KTO, KTO with 10% of the
+    /// desirable answers, SFT on desirable answers; desirable rates on held-out prompts, per seed.
+    Demo {
+        /// Where to write everything (data, models, metrics, figures, results).
+        #[arg(long, default_value = "runs/demo")]
+        out: PathBuf,
+        /// Seeds to run, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+        seeds: Vec<u64>,
+    },
     /// Time KTO training steps on a random Llama of the shape shared/peer/bench_trl.py uses.
     Bench(crate::bench::BenchOptions),
     /// Fold a LoRA adapter (a PEFT folder, as `kto train` with `use_peft` writes) into its base model and write
@@ -241,6 +256,23 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             run_training(Task::Sft, TrainConfig::load_with_defaults(&config, &overrides, &defaults)?)
         }
         Command::Generate(args) => run_generate(&args),
+        Command::Demo { out, seeds } => {
+            let console = Console::new(false);
+            let t = std::time::Instant::now();
+            let results = crate::demo::run(&crate::demo::DemoOptions { out: out.clone(), seeds }, &console)?;
+            println!("{}", crate::demo::table(&results));
+            eprintln!(
+                "kto: demo finished in {:.0} s; results.md, results.json, desirable_rates.svg and each seed's runs (seed-N/kto/metrics.svg) in {}",
+                t.elapsed().as_secs_f64(),
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Plot { output_dir } => {
+            let path = crate::plot::plot_run(&output_dir)?;
+            eprintln!("kto: wrote {}", path.display());
+            Ok(())
+        }
         Command::Bench(opts) => crate::bench::run(&opts),
         Command::Merge { base, adapter, out } => {
             let mut model = crate::model::Model::load(&base)?;

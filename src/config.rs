@@ -165,6 +165,22 @@ pub struct TrainConfig {
     /// No progress bar even on a terminal.
     #[serde(default)]
     pub disable_tqdm: bool,
+    /// At each evaluation, sample completions of the first `generate_eval_prompts` eval prompts from the policy
+    /// and the reference into `OUTPUT_DIR/eval_generations/step-N.jsonl` (TRL 0.x's key; TRL 1.x dropped it).
+    #[serde(default)]
+    pub generate_during_eval: bool,
+    #[serde(default = "d_generate_eval_prompts")]
+    pub generate_eval_prompts: usize,
+    /// Token budget of those completions (also bounded by `max_length`).
+    #[serde(default = "d_generate_max_new_tokens")]
+    pub generate_max_new_tokens: usize,
+}
+
+fn d_generate_eval_prompts() -> usize {
+    4
+}
+fn d_generate_max_new_tokens() -> usize {
+    64
 }
 
 fn d_output_dir() -> PathBuf {
@@ -344,6 +360,9 @@ impl TrainConfig {
         }
         if self.dataset_num_proc.is_some_and(|n| n > 1) {
             return bad("dataset_num_proc > 1 is not supported: TRL would then rotate KL pairs inside shards".into());
+        }
+        if self.generate_during_eval && self.eval_dataset.is_none() {
+            return bad("generate_during_eval = true needs an eval_dataset".into());
         }
         if !["none", "tensorboard", "all"].contains(&self.report_to.as_str()) {
             return bad(format!("report_to {:?}: expected \"none\", \"tensorboard\" or \"all\"", self.report_to));

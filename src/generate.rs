@@ -91,11 +91,17 @@ fn sample(logits: &[f32], opts: &SamplingOptions, stream: &mut Stream) -> u32 {
 /// Continues each prompt (token ids) until `eos_id` or `max_new_tokens`; returns the new tokens of each, the
 /// EOS left out.
 pub fn generate_ids(model: &Model, prompts: &[Vec<u32>], eos_id: u32, opts: &SamplingOptions) -> Vec<Vec<u32>> {
+    generate_ids_with(model, true, prompts, eos_id, opts)
+}
+
+/// `generate_ids`; `adapters: false` samples from the model's frozen base when it carries LoRA adapters.
+pub fn generate_ids_with(model: &Model, adapters: bool, prompts: &[Vec<u32>], eos_id: u32, opts: &SamplingOptions) -> Vec<Vec<u32>> {
     let mut out = Vec::with_capacity(prompts.len());
     for (chunk_index, chunk) in prompts.chunks(GENERATION_BATCH).enumerate() {
         let first = chunk_index * GENERATION_BATCH;
         let capacity = chunk.iter().map(|p| p.len()).max().unwrap_or(0) + opts.max_new_tokens;
         let mut cache = KvCache::new(model, chunk.len(), capacity.max(1));
+        cache.adapters = adapters;
         let mut streams: Vec<Stream> = (0..chunk.len()).map(|i| Stream::new(opts.seed, (first + i) as u64)).collect();
         let mut generated: Vec<Vec<u32>> = vec![Vec::new(); chunk.len()];
         let mut done: Vec<bool> = chunk.iter().map(|p| p.is_empty() || opts.max_new_tokens == 0).collect();

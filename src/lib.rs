@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod files;
@@ -15,6 +16,7 @@ pub mod generate;
 pub mod model;
 pub mod objective;
 pub mod optim;
+pub mod plot;
 pub mod tensorboard;
 pub mod train;
 

@@ -210,6 +210,8 @@ pub enum Task {
 pub struct Trainer {
     pub cfg: TrainConfig,
     pub task: Task,
+    /// The run's tokenizer (absent for trainers built `from_parts`); decodes `generate_during_eval` samples.
+    pub tokenizer: Option<TextTokenizer>,
     pub objective: KtoObjective,
     pub policy: Model,
     /// The frozen reference model. `None` with LoRA and no `ref_model` (the reference is then the policy's
@@ -374,6 +376,7 @@ impl Trainer {
         }
         let mut t = Self::from_parts(cfg, policy, reference, prepared);
         t.task = task;
+        t.tokenizer = Some(tokenizer);
         t.eval_data = eval_data;
         obs.info(&t.memory_plan().to_string());
         if t.cfg.precompute_ref_log_probs {
@@ -418,6 +421,7 @@ impl Trainer {
         };
         Trainer {
             task: Task::Kto,
+            tokenizer: None,
             schedule: cfg.schedule().expect("validated"),
             warmup: cfg.warmup_for(max_steps),
             cfg,
@@ -808,6 +812,9 @@ impl Trainer {
                     write_entry(&entry)?;
                     obs.log(&entry);
                     log_history.push(entry);
+                    if self.cfg.generate_during_eval {
+                        self.write_eval_generations(step)?;
+                    }
                 }
                 let interrupted = self.stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
                 let periodic = self.cfg.save_strategy == "steps" && step % self.cfg.save_steps == 0;
@@ -843,6 +850,48 @@ impl Trainer {
         self.save(&out_dir)?;
         obs.finish();
         Ok(TrainSummary { log_history, steps: step, train_loss, runtime_s: runtime })
+    }
+
+    /// `generate_during_eval`: completions of the first eval prompts sampled from the policy and from the
+    /// reference (when one is still in memory) into `OUTPUT_DIR/eval_generations/step-N.jsonl`.
+    pub fn write_eval_generations(&self, step: usize) -> Result<PathBuf> {
+        use crate::generate::{generate_ids_with, SamplingOptions};
+        let (Some(eval), Some(tok)) = (&self.eval_data, &self.tokenizer) else {
+            return Err(Error::Train("generate_during_eval needs an eval set and the run's tokenizer".into()));
+        };
+        let rows = &eval.rows[..self.cfg.generate_eval_prompts.min(eval.rows.len())];
+        let prompts: Vec<Vec<u32>> = rows.iter().map(|r| r.prompt_ids.clone()).collect();
+        let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let budget = match self.cfg.max_length() {
+            Some(m) => self.cfg.generate_max_new_tokens.min(m.saturating_sub(longest)),
+            None => self.cfg.generate_max_new_tokens,
+        };
+        let opts = SamplingOptions { max_new_tokens: budget, seed: self.cfg.seed.wrapping_add(step as u64), ..Default::default() };
+        let policy = generate_ids_with(&self.policy, true, &prompts, tok.eos_id, &opts);
+        // The reference: a separate model, the frozen base under LoRA, or gone once precomputed.
+        let reference = match (&self.reference, &self.policy.lora, self.task) {
+            (Some(r), _, Task::Kto) => Some(generate_ids_with(r, false, &prompts, tok.eos_id, &opts)),
+            (None, Some(_), Task::Kto) => Some(generate_ids_with(&self.policy, false, &prompts, tok.eos_id, &opts)),
+            _ => None,
+        };
+        let decode = |ids: &[u32]| tok.decode(ids).map_err(|e| Error::Train(format!("decoding a sample: {e}")));
+        let mut text = String::new();
+        for (i, row) in rows.iter().enumerate() {
+            let mut line = Map::new();
+            line.insert("step".into(), step.into());
+            line.insert("prompt".into(), decode(&row.prompt_ids)?.into());
+            line.insert("policy".into(), decode(&policy[i])?.into());
+            if let Some(r) = &reference {
+                line.insert("reference".into(), decode(&r[i])?.into());
+            }
+            text += &Value::Object(line).to_string();
+            text.push('\n');
+        }
+        let dir = self.cfg.output_dir.join("eval_generations");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::file(&dir, e))?;
+        let path = dir.join(format!("step-{step}.jsonl"));
+        crate::files::write_atomic(&path, text.as_bytes())?;
+        Ok(path)
     }
 
     /// Writes `checkpoint-N` (model or adapter, optimizer moments, run state) into the output folder.

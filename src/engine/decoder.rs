@@ -475,6 +475,8 @@ pub fn forward_continuation(model: &Model, batch: &ContinuationBatch, cache: &Pr
 /// rows, filled as `extend` runs tokens through the model (a KV cache, in the layout `forward_continuation`
 /// reads).
 pub struct KvCache {
+    /// Apply the model's LoRA adapters (false: its frozen base, KTO's reference under LoRA).
+    pub adapters: bool,
     capacity: usize,
     lens: Vec<usize>,
     cache: PrefixCache,
@@ -487,7 +489,7 @@ impl KvCache {
         let w = (spec.heads + 2 * spec.kv_heads) * spec.head_dim;
         let qkv = (0..spec.layers).map(|_| Buf::zeros(n_seqs * capacity * w)).collect();
         let seq_starts = (0..=n_seqs).map(|s| s * capacity).collect();
-        KvCache { capacity, lens: vec![0; n_seqs], cache: PrefixCache { seq_starts, tokens: Vec::new(), qkv, final_hidden: Buf::default() } }
+        KvCache { adapters: true, capacity, lens: vec![0; n_seqs], cache: PrefixCache { seq_starts, tokens: Vec::new(), qkv, final_hidden: Buf::default() } }
     }
 
     /// Tokens held for sequence `s`.
@@ -520,7 +522,7 @@ pub fn extend_kv(model: &Model, cache: &mut KvCache, new_tokens: &[&[u32]]) -> V
         return logits;
     }
     let keys = Keys::Continuation { seq_starts: &seq_starts, cache: &cache.cache, prefix: &prefix };
-    let (x, _, kept_qkv) = run_layers(model, &tokens, &positions, keys, false, true, true, false);
+    let (x, _, kept_qkv) = run_layers(model, &tokens, &positions, keys, false, true, cache.adapters, false);
     let w = (model.spec.heads + 2 * model.spec.kv_heads) * model.spec.head_dim;
     for (layer, rows) in cache.cache.qkv.iter_mut().zip(&kept_qkv) {
         for (i, &s) in active.iter().enumerate() {
