@@ -229,19 +229,36 @@ impl Observer for Console {
     }
 }
 
-/// `kto train` and `kto sft`: load, train with a progress bar, stop cleanly on SIGINT/SIGTERM.
+/// `kto train` and `kto sft`: load, train with a progress bar, stop cleanly on SIGINT/SIGTERM. Under `mpirun`
+/// (with the `mpi` feature) every rank runs this; rank 0 alone reports and writes.
 fn run_training(task: Task, cfg: TrainConfig) -> anyhow::Result<()> {
-    let console = Console::new(!cfg.disable_tqdm);
-    let mut trainer = Trainer::new_for(task, cfg, &console)?;
+    let ranks = crate::dist::Ranks::from_launcher()?;
+    let result = train_on_ranks(task, cfg, &ranks);
+    if let (Err(e), true) = (&result, ranks.size() > 1) {
+        // The other ranks would wait forever in the next collective: stop them all with this error.
+        eprintln!("kto: error on rank {} of {}: {e:#}", ranks.rank(), ranks.size());
+        ranks.abort(1);
+    }
+    result
+}
+
+fn train_on_ranks(task: Task, cfg: TrainConfig, ranks: &crate::dist::Ranks) -> anyhow::Result<()> {
+    let console = Console::new(!cfg.disable_tqdm && ranks.is_root());
+    let quiet = crate::train::Silent;
+    let obs: &dyn Observer = if ranks.is_root() { &console } else { &quiet };
+    if ranks.size() > 1 {
+        obs.info(&format!("data-parallel over {} MPI ranks", ranks.size()));
+    }
+    let mut trainer = Trainer::new_on(task, cfg, obs, ranks)?;
     // Ctrl-C / SIGTERM: finish the current optimizer step, write a checkpoint, stop.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone())?;
     }
     trainer.stop = Some(stop);
-    let summary = trainer.train(&console)?;
+    let summary = trainer.train_on(obs, ranks)?;
     let out = trainer.cfg.output_dir.display();
-    console.info(&format!(
+    obs.info(&format!(
         "trained {} steps in {:.1} s, train_loss {:.6}; model and metrics.jsonl in {out}",
         summary.steps, summary.runtime_s, summary.train_loss
     ));

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod demo;
+pub mod dist;
 pub mod engine;
 pub mod error;
 pub mod files;

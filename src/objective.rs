@@ -66,15 +66,48 @@ impl KtoObjective {
         scored_seq: &[usize],
         num_tokens_so_far: f64,
     ) -> MicroBatchLoss {
+        self.evaluate_across(lp, policy_out, scored_seq, num_tokens_so_far, &|_| {})
+    }
+
+    /// `evaluate` for one rank of a data-parallel run: `sum_over_ranks` adds a vector element-wise over the
+    /// ranks (in place; the identity for one process). As TRL gathers them: the KL reference point is the
+    /// mean of the ranks' batch means, then clamped at 0; each metric is a ratio of sums gathered over ranks.
+    pub fn evaluate_across(
+        &self,
+        lp: &MicroBatchLogps,
+        policy_out: &ScoredOutput,
+        scored_seq: &[usize],
+        num_tokens_so_far: f64,
+        sum_over_ranks: &dyn Fn(&mut [f64]),
+    ) -> MicroBatchLoss {
         let n = lp.labels.len();
         let beta = self.beta;
-        // KL reference point: batch mean over all rows of both labels, detached, clamped at 0 (§4.3).
-        let kl = if self.loss_type.uses_kl() && n > 0 {
-            let mean = lp.policy_kl.iter().zip(lp.reference_kl).map(|(p, r)| p - r).sum::<f64>() / n as f64;
-            mean.max(0.0)
-        } else {
-            0.0
-        };
+        // Sufficient statistics, summed over ranks in one collective: [Σ batch KL means, ranks with rows,
+        // then (sum, count) of entropy, logits/chosen, logits/rejected, rewards/chosen, logps/chosen,
+        // rewards/rejected, logps/rejected].
+        let mut sums = [0f64; 16];
+        if self.loss_type.uses_kl() && n > 0 {
+            sums[0] = lp.policy_kl.iter().zip(lp.reference_kl).map(|(p, r)| p - r).sum::<f64>() / n as f64;
+        }
+        sums[1] = (n > 0) as u8 as f64;
+        sums[2] = policy_out.entropy.iter().map(|&e| e as f64).sum();
+        sums[3] = policy_out.entropy.len() as f64;
+        for (t, &s) in scored_seq.iter().enumerate() {
+            let slot = if lp.labels[s] { 4 } else { 6 };
+            sums[slot] += policy_out.mean_logit[t] as f64;
+            sums[slot + 1] += 1.0;
+        }
+        for i in 0..n {
+            let slot = if lp.labels[i] { 8 } else { 12 };
+            sums[slot] += beta * (lp.policy[i] - lp.reference[i]);
+            sums[slot + 1] += 1.0;
+            sums[slot + 2] += lp.policy[i];
+            sums[slot + 3] += 1.0;
+        }
+        sum_over_ranks(&mut sums);
+        // KL reference point: the (mean over ranks of) batch mean over all rows of both labels, detached,
+        // clamped at 0 (§4.3).
+        let kl = if self.loss_type.uses_kl() && sums[1] > 0.0 { (sums[0] / sums[1]).max(0.0) } else { 0.0 };
         let mut loss_sum = 0.0;
         let mut dloss = vec![0.0; n];
         for i in 0..n {
@@ -96,34 +129,22 @@ impl KtoObjective {
         }
         let loss = if n > 0 { loss_sum / n as f64 } else { 0.0 };
 
+        let ratio = |slot: usize| (sums[slot + 1] > 0.0).then(|| sums[slot] / sums[slot + 1]);
         let mut metrics: Vec<(&'static str, f64)> = vec![("kl", kl)];
-        let ntok = policy_out.entropy.len();
-        let entropy = if ntok > 0 { policy_out.entropy.iter().map(|&e| e as f64).sum::<f64>() / ntok as f64 } else { 0.0 };
-        metrics.push(("entropy", entropy));
+        metrics.push(("entropy", ratio(2).unwrap_or(0.0)));
         metrics.push(("num_tokens", num_tokens_so_far));
-        for (key, want) in [("logits/chosen", true), ("logits/rejected", false)] {
-            let (mut sum, mut count) = (0.0, 0usize);
-            for (t, &s) in scored_seq.iter().enumerate() {
-                if lp.labels[s] == want {
-                    sum += policy_out.mean_logit[t] as f64;
-                    count += 1;
-                }
-            }
-            if count > 0 {
-                metrics.push((key, sum / count as f64));
+        for (key, slot) in [("logits/chosen", 4), ("logits/rejected", 6)] {
+            if let Some(v) = ratio(slot) {
+                metrics.push((key, v));
             }
         }
         let mut group_rewards = [None, None];
-        for (g, want, rk, lk) in [(0, true, "rewards/chosen", "logps/chosen"), (1, false, "rewards/rejected", "logps/rejected")] {
-            let rows: Vec<usize> = (0..n).filter(|&i| lp.labels[i] == want).collect();
-            if rows.is_empty() {
-                continue;
+        for (g, slot, rk, lk) in [(0, 8, "rewards/chosen", "logps/chosen"), (1, 12, "rewards/rejected", "logps/rejected")] {
+            if let (Some(reward), Some(logps)) = (ratio(slot), ratio(slot + 2)) {
+                metrics.push((rk, reward));
+                metrics.push((lk, logps));
+                group_rewards[g] = Some(reward);
             }
-            let reward = rows.iter().map(|&i| beta * (lp.policy[i] - lp.reference[i])).sum::<f64>() / rows.len() as f64;
-            let logps = rows.iter().map(|&i| lp.policy[i]).sum::<f64>() / rows.len() as f64;
-            metrics.push((rk, reward));
-            metrics.push((lk, logps));
-            group_rewards[g] = Some(reward);
         }
         if let [Some(c), Some(r)] = group_rewards {
             metrics.push(("rewards/margins", c - r));
@@ -136,11 +157,27 @@ impl KtoObjective {
 /// negative log-prob of the micro-batch's completion tokens (the trainer weights micro-batches by their token
 /// counts, so an optimizer step averages over all its tokens), and TRL's SFT metrics.
 pub fn sft_loss(policy_out: &ScoredOutput, n_seqs: usize, num_tokens_so_far: f64) -> MicroBatchLoss {
+    sft_loss_across(policy_out, n_seqs, num_tokens_so_far, &|_| {})
+}
+
+/// `sft_loss` for one rank of a data-parallel run: entropy and accuracy are ratios of sums over the ranks.
+pub fn sft_loss_across(
+    policy_out: &ScoredOutput,
+    n_seqs: usize,
+    num_tokens_so_far: f64,
+    sum_over_ranks: &dyn Fn(&mut [f64]),
+) -> MicroBatchLoss {
     let ntok = policy_out.token_logps.len();
     let mean = |sum: f64| if ntok > 0 { sum / ntok as f64 } else { 0.0 };
     let loss = mean(-policy_out.token_logps.iter().map(|&v| v as f64).sum::<f64>());
-    let entropy = mean(policy_out.entropy.iter().map(|&e| e as f64).sum());
-    let accuracy = mean(policy_out.target_is_argmax.iter().filter(|h| **h).count() as f64);
+    let mut sums = [
+        policy_out.entropy.iter().map(|&e| e as f64).sum(),
+        policy_out.target_is_argmax.iter().filter(|h| **h).count() as f64,
+        ntok as f64,
+    ];
+    sum_over_ranks(&mut sums);
+    let gathered = |v: f64| if sums[2] > 0.0 { v / sums[2] } else { 0.0 };
+    let (entropy, accuracy) = (gathered(sums[0]), gathered(sums[1]));
     // loss = −Σ token log-probs / ntok, and a sequence's log-prob is the sum of its tokens'.
     let d = if ntok > 0 { -1.0 / ntok as f64 } else { 0.0 };
     MicroBatchLoss {

@@ -4,7 +4,8 @@
 use crate::checkpoint::{self, RunState};
 use crate::config::TrainConfig;
 use crate::data::{self, Batch, PrepareOptions, Prepared, TextTokenizer};
-use crate::engine::{backward, forward_continuation, forward_with_cache, ContinuationBatch, SeqBatch};
+use crate::dist::Ranks;
+use crate::engine::{backward, forward_continuation, forward_with_cache, ContinuationBatch, ScoredOutput, SeqBatch};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::objective::{KtoObjective, MicroBatchLogps};
@@ -172,7 +173,7 @@ pub struct MicroBatchRecord {
     pub loss: f64,
     pub kl: f64,
     pub metrics: Vec<(&'static str, f64)>,
-    /// Tokens of the main sequences (TRL's `attention_mask` sum).
+    /// Tokens of the main sequences (TRL's `attention_mask` sum), over all ranks of a data-parallel run.
     pub num_tokens: usize,
     /// Completion tokens scored (SFT weighs micro-batches by them).
     pub scored_tokens: usize,
@@ -307,6 +308,11 @@ impl Trainer {
 
     /// `new` for a task: SFT loads no reference model and needs no labels.
     pub fn new_for(task: Task, cfg: TrainConfig, obs: &dyn Observer) -> Result<Self> {
+        Self::new_on(task, cfg, obs, &Ranks::single())
+    }
+
+    /// `new_for` on one rank of a data-parallel run (the reference precomputation is split over the ranks).
+    pub fn new_on(task: Task, cfg: TrainConfig, obs: &dyn Observer, ranks: &Ranks) -> Result<Self> {
         if task == Task::Sft && cfg.precompute_ref_log_probs {
             return Err(Error::Config("precompute_ref_log_probs: kto sft has no reference model".into()));
         }
@@ -380,7 +386,7 @@ impl Trainer {
         t.eval_data = eval_data;
         obs.info(&t.memory_plan().to_string());
         if t.cfg.precompute_ref_log_probs {
-            t.precompute_reference(obs)?;
+            t.precompute_reference_on(obs, ranks)?;
         }
         let rows = match task {
             Task::Kto => format!("{} rows ({} desirable)", t.data.rows.len(), t.data.rows.iter().filter(|r| r.label).count()),
@@ -394,13 +400,7 @@ impl Trainer {
     /// `reference: None` requires LoRA adapters on the policy (the reference is then its base).
     pub fn from_parts(cfg: TrainConfig, policy: Model, reference: Option<Model>, prepared: Prepared) -> Self {
         let loss_type = cfg.loss_type().expect("validated");
-        let batches_per_epoch = prepared.rows.len().div_ceil(cfg.per_device_train_batch_size);
-        let updates_per_epoch = batches_per_epoch.div_ceil(cfg.gradient_accumulation_steps);
-        let max_steps = if cfg.max_steps > 0 {
-            cfg.max_steps as usize
-        } else {
-            (cfg.num_train_epochs * updates_per_epoch as f64).ceil().max(1.0) as usize
-        };
+        let max_steps = planned_steps(&cfg, prepared.rows.len(), 1);
         let trainable = match &policy.lora {
             Some(l) => &l.tensors,
             None => &policy.layout.tensors,
@@ -566,17 +566,23 @@ impl Trainer {
     /// of `precompute_ref_batch_size` (default: the training batch size), cached on disk in `output_dir` keyed
     /// by the reference weights, the tokenized rows and the settings. The reference model is then released.
     pub fn precompute_reference(&mut self, obs: &dyn Observer) -> Result<()> {
+        self.precompute_reference_on(obs, &Ranks::single())
+    }
+
+    /// `precompute_reference` split over the ranks of a data-parallel run: each computes every `ranks`-th
+    /// batch, the tables are summed over the ranks, and rank 0 writes the cache.
+    pub fn precompute_reference_on(&mut self, obs: &dyn Observer, ranks: &Ranks) -> Result<()> {
         if self.precomputed_reference.is_none() {
-            self.precomputed_reference = Some(self.precompute_split(false, obs)?);
+            self.precomputed_reference = Some(self.precompute_split(false, obs, ranks)?);
         }
         if self.eval_data.is_some() && self.precomputed_eval_reference.is_none() {
-            self.precomputed_eval_reference = Some(self.precompute_split(true, obs)?);
+            self.precomputed_eval_reference = Some(self.precompute_split(true, obs, ranks)?);
         }
         self.reference = None;
         Ok(())
     }
 
-    fn precompute_split(&self, eval: bool, obs: &dyn Observer) -> Result<Vec<(f64, f64)>> {
+    fn precompute_split(&self, eval: bool, obs: &dyn Observer, ranks: &Ranks) -> Result<Vec<(f64, f64)>> {
         let with_kl = self.with_kl();
         let data = if eval { self.eval_data.as_ref().expect("an eval set") } else { &self.data };
         let key = reference_cache_key(self.reference_model().0, data, self.cfg.max_length(), with_kl);
@@ -592,20 +598,26 @@ impl Trainer {
         }
         let t = Instant::now();
         let bs = self.cfg.precompute_ref_batch_size.unwrap_or(self.cfg.per_device_train_batch_size).max(1);
-        let mut values = Vec::with_capacity(data.rows.len());
+        // Flat [main, kl] per row; each rank fills its batches, the sum over ranks completes the table.
+        let mut flat = vec![0f64; 2 * data.rows.len()];
         let rows: Vec<usize> = (0..data.rows.len()).collect();
-        for chunk in rows.chunks(bs) {
+        for chunk in rows.chunks(bs).skip(ranks.rank()).step_by(ranks.size()) {
             let batch = if eval { self.collate_eval(chunk) } else { self.collate(chunk) };
             let main = packed(&batch.main);
             let (model, adapters) = self.reference_model();
             let (out, _, kl) = sequence_logps(model, adapters, &batch, &main, with_kl, false, false, (&mut 0.0, &mut 0.0));
-            for (i, lp) in out.seq_logps.iter().enumerate() {
-                values.push((*lp, if with_kl { kl[i] } else { 0.0 }));
+            for (i, (&row, lp)) in chunk.iter().zip(&out.seq_logps).enumerate() {
+                flat[2 * row] = *lp;
+                flat[2 * row + 1] = if with_kl { kl[i] } else { 0.0 };
             }
         }
-        std::fs::create_dir_all(&self.cfg.output_dir).map_err(|e| Error::file(&self.cfg.output_dir, e))?;
-        let text = serde_json::to_string(&values).map_err(|e| Error::Train(e.to_string()))?;
-        crate::files::write_atomic(&path, text.as_bytes())?;
+        ranks.sum_f64(&mut flat);
+        let values: Vec<(f64, f64)> = flat.chunks(2).map(|c| (c[0], c[1])).collect();
+        if ranks.is_root() {
+            std::fs::create_dir_all(&self.cfg.output_dir).map_err(|e| Error::file(&self.cfg.output_dir, e))?;
+            let text = serde_json::to_string(&values).map_err(|e| Error::Train(e.to_string()))?;
+            crate::files::write_atomic(&path, text.as_bytes())?;
+        }
         obs.info(&format!(
             "reference log-probs of {} {} rows precomputed in {:.1} s, cached in {}",
             values.len(),
@@ -624,49 +636,62 @@ impl Trainer {
         grads: Option<(&mut [f32], f64)>,
         times: &mut PhaseTimes,
     ) -> MicroBatchRecord {
+        self.micro_batch_across(Some(batch), num_tokens_before, grads, times, &Ranks::single())
+    }
+
+    /// `micro_batch` on one rank of a data-parallel run, in step with the other ranks' micro-batches: the KL
+    /// reference point, the metrics and the token count are combined over the ranks as TRL gathers them. A rank
+    /// with no micro-batch at this place of the step (`None`, a short last step) still takes part.
+    pub fn micro_batch_across(
+        &self,
+        batch: Option<&Batch>,
+        num_tokens_before: usize,
+        grads: Option<(&mut [f32], f64)>,
+        times: &mut PhaseTimes,
+        ranks: &Ranks,
+    ) -> MicroBatchRecord {
+        let empty = Batch::default();
+        let batch = batch.unwrap_or(&empty);
         let main = packed(&batch.main);
         let with_kl = self.with_kl();
-        let (policy_out, tape, policy_kl) = sequence_logps(
-            &self.policy,
-            true,
-            batch,
-            &main,
-            with_kl,
-            grads.is_some(),
-            self.cfg.gradient_checkpointing,
-            (&mut times.policy_forward, &mut times.policy_kl_forward),
-        );
-        let num_tokens = main.n_tokens();
-        if self.task == Task::Sft {
-            let result = crate::objective::sft_loss(&policy_out, main.n_seqs(), (num_tokens_before + num_tokens) as f64);
-            if let (Some((g, divisor)), Some(tape)) = (grads, tape) {
-                let d: Vec<f32> = result.dloss_dlogp.iter().map(|v| (v / divisor) as f32).collect();
-                timed(&mut times.backward, || backward(&self.policy, &main, tape, &d, g));
-            }
-            return MicroBatchRecord {
-                rows: batch.rows.clone(),
-                labels: batch.labels.clone(),
-                policy_logps: policy_out.seq_logps,
-                reference_logps: Vec::new(),
-                policy_kl_logps: Vec::new(),
-                reference_kl_logps: Vec::new(),
-                loss: result.loss,
-                kl: 0.0,
-                metrics: result.metrics,
-                num_tokens,
-                scored_tokens: main.scored_rows.len(),
-            };
-        }
-        let (reference, reference_kl) = timed(&mut times.reference_forward, || self.reference_logps(batch, &main));
-        let lp = MicroBatchLogps {
-            labels: &batch.labels,
-            policy: &policy_out.seq_logps,
-            reference: &reference,
-            policy_kl: &policy_kl,
-            reference_kl: &reference_kl,
+        let (policy_out, tape, policy_kl) = if batch.rows.is_empty() {
+            (ScoredOutput::default(), None, Vec::new())
+        } else {
+            sequence_logps(
+                &self.policy,
+                true,
+                batch,
+                &main,
+                with_kl,
+                grads.is_some(),
+                self.cfg.gradient_checkpointing,
+                (&mut times.policy_forward, &mut times.policy_kl_forward),
+            )
         };
-        let result =
-            self.objective.evaluate(&lp, &policy_out, &main.scored_seq, (num_tokens_before + num_tokens) as f64);
+        let mut tokens = [main.n_tokens() as f64];
+        ranks.sum_f64(&mut tokens);
+        let num_tokens = tokens[0] as usize;
+        let sum_over_ranks = |v: &mut [f64]| ranks.sum_f64(v);
+        let (reference, reference_kl, result) = if self.task == Task::Sft {
+            let total = (num_tokens_before + num_tokens) as f64;
+            (Vec::new(), Vec::new(), crate::objective::sft_loss_across(&policy_out, main.n_seqs(), total, &sum_over_ranks))
+        } else {
+            let (reference, reference_kl) = if batch.rows.is_empty() {
+                (Vec::new(), Vec::new())
+            } else {
+                timed(&mut times.reference_forward, || self.reference_logps(batch, &main))
+            };
+            let lp = MicroBatchLogps {
+                labels: &batch.labels,
+                policy: &policy_out.seq_logps,
+                reference: &reference,
+                policy_kl: &policy_kl,
+                reference_kl: &reference_kl,
+            };
+            let total = (num_tokens_before + num_tokens) as f64;
+            let result = self.objective.evaluate_across(&lp, &policy_out, &main.scored_seq, total, &sum_over_ranks);
+            (reference, reference_kl, result)
+        };
         if let (Some((g, divisor)), Some(tape)) = (grads, tape) {
             let d: Vec<f32> = result.dloss_dlogp.iter().map(|v| (v / divisor) as f32).collect();
             timed(&mut times.backward, || backward(&self.policy, &main, tape, &d, g));
@@ -706,6 +731,21 @@ impl Trainer {
 
     /// Trains for `max_steps` optimizer steps, writing `metrics.jsonl` and finally the model to `output_dir`.
     pub fn train(&mut self, obs: &dyn Observer) -> Result<TrainSummary> {
+        self.train_on(obs, &Ranks::single())
+    }
+
+    /// `train` as one rank of a data-parallel run. An optimizer step takes `gradient_accumulation_steps ×
+    /// ranks` consecutive micro-batches; rank r runs those at places r, r + ranks, ...; gradients and losses are
+    /// summed over the ranks before the update, so every rank keeps the same weights, and the run equals one
+    /// process with `gradient_accumulation_steps × ranks` (up to the KL point and metrics, which TRL gathers per
+    /// micro-batch across ranks). Rank 0 alone writes logs, checkpoints and the model.
+    pub fn train_on(&mut self, obs: &dyn Observer, ranks: &Ranks) -> Result<TrainSummary> {
+        let world = ranks.size();
+        if world > 1 {
+            self.max_steps = planned_steps(&self.cfg, self.data.rows.len(), world);
+            self.warmup = self.cfg.warmup_for(self.max_steps);
+        }
+        let root = ranks.is_root();
         let out_dir = self.cfg.output_dir.clone();
         std::fs::create_dir_all(&out_dir).map_err(|e| Error::file(&out_dir, format!("cannot create: {e}")))?;
         let metrics_path = out_dir.join("metrics.jsonl");
@@ -718,12 +758,14 @@ impl Trainer {
             state = self.load_checkpoint(dir)?;
             obs.info(&format!("resuming from {} (step {})", dir.display(), state.global_step));
         }
-        let mut metrics_file = open_metrics(&metrics_path, resume.as_ref().map(|_| state.global_step))?;
+        let mut metrics_file =
+            if root { Some(open_metrics(&metrics_path, resume.as_ref().map(|_| state.global_step))?) } else { None };
         let mut events = match self.cfg.report_to.as_str() {
-            "tensorboard" | "all" => Some(crate::tensorboard::EventWriter::create(&out_dir)?),
+            "tensorboard" | "all" if root => Some(crate::tensorboard::EventWriter::create(&out_dir)?),
             _ => None,
         };
         let mut write_entry = |entry: &Map<String, Value>| -> Result<()> {
+            let Some(metrics_file) = metrics_file.as_mut() else { return Ok(()) };
             let line = serde_json::to_string(entry).map_err(|e| Error::Train(e.to_string()))?;
             writeln!(metrics_file, "{line}").and_then(|_| metrics_file.flush()).map_err(|e| Error::file(&metrics_path, e))?;
             if let (Some(ev), Some(step)) = (events.as_mut(), entry.get("step").and_then(|s| s.as_u64())) {
@@ -736,7 +778,9 @@ impl Trainer {
         let epoch_batches = self.epoch_batches();
         let batches_per_epoch = epoch_batches.len();
         let ga = self.cfg.gradient_accumulation_steps;
-        let updates_per_epoch = batches_per_epoch.div_ceil(ga);
+        // Micro-batches of one optimizer step, over all ranks.
+        let per_step = ga * world;
+        let updates_per_epoch = batches_per_epoch.div_ceil(per_step);
         let mut grads = vec![0f32; self.trainable_params().len()];
         let mut acc = MetricAccumulator { values: std::mem::take(&mut state.pending_metrics) };
         let mut log_history = Vec::new();
@@ -745,35 +789,48 @@ impl Trainer {
         let mut skip_groups = step % updates_per_epoch;
         obs.start(self.max_steps);
         'run: while step < self.max_steps {
-            for (g, group) in epoch_batches.chunks(ga).enumerate().skip(skip_groups) {
+            for (g, group) in epoch_batches.chunks(per_step).enumerate().skip(skip_groups) {
                 grads.par_iter_mut().for_each(|v| *v = 0.0);
                 let mut step_loss = 0.0;
-                let batches: Vec<Batch> = group.iter().map(|rows| self.collate(rows)).collect();
+                // This rank's micro-batches: places rank, rank + world, ... of the step (None past a short end).
+                let batches: Vec<Option<Batch>> = (0..group.len().div_ceil(world))
+                    .map(|k| group.get(k * world + ranks.rank()).map(|rows| self.collate(rows)))
+                    .collect();
                 // KTO averages the micro-batch losses of a step; SFT averages over all the step's tokens.
-                let scored = |b: &Batch| b.main.iter().map(|(_, m)| m.iter().skip(1).filter(|c| **c).count()).sum::<usize>();
-                let step_tokens: usize = batches.iter().map(scored).sum();
-                for (j, batch) in batches.iter().enumerate() {
+                let scored = |b: &Option<Batch>| {
+                    b.as_ref().map_or(0, |b| b.main.iter().map(|(_, m)| m.iter().skip(1).filter(|c| **c).count()).sum::<usize>())
+                };
+                let mut step_tokens = [batches.iter().map(scored).sum::<usize>() as f64];
+                ranks.sum_f64(&mut step_tokens);
+                for batch in &batches {
                     let divisor = match self.task {
                         Task::Kto => group.len() as f64,
-                        Task::Sft => step_tokens.max(1) as f64 / scored(batch).max(1) as f64,
+                        Task::Sft => step_tokens[0].max(1.0) / scored(batch).max(1) as f64,
                     };
                     let mut times = std::mem::take(&mut self.phases);
-                    let rec = self.micro_batch(batch, state.num_tokens, Some((&mut grads, divisor)), &mut times);
+                    let rec = self.micro_batch_across(batch.as_ref(), state.num_tokens, Some((&mut grads, divisor)), &mut times, ranks);
                     self.phases = times;
-                    if !rec.loss.is_finite() {
-                        return Err(Error::Train(format!(
-                            "non-finite loss at step {} (micro-batch rows {:?}); the last good checkpoint is kept",
-                            step + 1,
-                            rec.rows
-                        )));
-                    }
                     state.num_tokens += rec.num_tokens;
-                    step_loss += rec.loss / divisor;
+                    if batch.is_some() {
+                        step_loss += rec.loss / divisor;
+                    }
                     for (k, v) in &rec.metrics {
                         acc.add(k, *v);
                     }
-                    let micro_index = g * ga + j;
-                    state.epoch_progress = epoch as f64 + (micro_index + 1) as f64 / batches_per_epoch as f64;
+                }
+                state.epoch_progress = epoch as f64 + (g * per_step + group.len()) as f64 / batches_per_epoch as f64;
+                if world > 1 {
+                    ranks.sum_f32(&mut grads);
+                    let mut l = [step_loss];
+                    ranks.sum_f64(&mut l);
+                    step_loss = l[0];
+                }
+                if !step_loss.is_finite() {
+                    return Err(Error::Train(format!(
+                        "non-finite loss at step {} (rows {:?}); the last good checkpoint is kept",
+                        step + 1,
+                        group.iter().flatten().collect::<Vec<_>>()
+                    )));
                 }
                 let (grad_norm, lr) = self.apply_update(&grads, step);
                 if !grad_norm.is_finite() {
@@ -812,16 +869,19 @@ impl Trainer {
                     write_entry(&entry)?;
                     obs.log(&entry);
                     log_history.push(entry);
-                    if self.cfg.generate_during_eval {
+                    if self.cfg.generate_during_eval && root {
                         self.write_eval_generations(step)?;
                     }
                 }
-                let interrupted = self.stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
+                let stop_requested = self.stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
+                let interrupted = if world > 1 { ranks.any(stop_requested) } else { stop_requested };
                 let periodic = self.cfg.save_strategy == "steps" && step % self.cfg.save_steps == 0;
                 if periodic || interrupted || (step == self.max_steps && self.cfg.save_strategy == "steps") {
                     state.global_step = step;
                     state.pending_metrics = acc.values.clone();
-                    let dir = self.write_checkpoint(&state)?;
+                    let dir = if root { self.write_checkpoint(&state)? } else { checkpoint::checkpoint_dir(&out_dir, step) };
+                    // No rank runs ahead of a checkpoint that is not written yet (a resume must find it).
+                    ranks.barrier();
                     if interrupted {
                         obs.finish();
                         return Err(Error::Interrupted { step, checkpoint: dir });
@@ -836,7 +896,7 @@ impl Trainer {
         }
         let runtime = start.elapsed().as_secs_f64();
         let train_loss = state.total_loss / step.max(1) as f64;
-        let samples = step * ga * self.cfg.per_device_train_batch_size;
+        let samples = step * per_step * self.cfg.per_device_train_batch_size;
         let mut summary = Map::new();
         summary.insert("train_runtime".into(), runtime.into());
         summary.insert("train_samples_per_second".into(), (samples as f64 / runtime).into());
@@ -847,7 +907,10 @@ impl Trainer {
         summary.insert("step".into(), step.into());
         write_entry(&summary)?;
         log_history.push(summary);
-        self.save(&out_dir)?;
+        if root {
+            self.save(&out_dir)?;
+        }
+        ranks.barrier();
         obs.finish();
         Ok(TrainSummary { log_history, steps: step, train_loss, runtime_s: runtime })
     }
@@ -962,6 +1025,18 @@ impl Trainer {
             None => self.policy.save_pretrained(dir, &self.cfg.model, self.cfg.tokenizer_dir())?,
         }
         Ok(dir.to_path_buf())
+    }
+}
+
+/// Optimizer steps of a run: `max_steps`, else `num_train_epochs` of steps of `gradient_accumulation_steps ×
+/// world` micro-batches.
+fn planned_steps(cfg: &TrainConfig, rows: usize, world: usize) -> usize {
+    let batches_per_epoch = rows.div_ceil(cfg.per_device_train_batch_size);
+    let updates_per_epoch = batches_per_epoch.div_ceil(cfg.gradient_accumulation_steps * world);
+    if cfg.max_steps > 0 {
+        cfg.max_steps as usize
+    } else {
+        (cfg.num_train_epochs * updates_per_epoch as f64).ceil().max(1.0) as usize
     }
 }
 

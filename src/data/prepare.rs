@@ -124,7 +124,7 @@ pub fn rotate_kl_completions(rows: &mut [TokenizedRow], batch_size: usize) {
 }
 
 /// One collated micro-batch: per row the main and KL sequences (ids and completion mask, truncated, unpadded).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Batch {
     /// Row indices into the data set the batch came from (the training set, or the eval set when `eval`).
     pub rows: Vec<usize>,
