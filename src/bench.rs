@@ -130,6 +130,12 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
+    // Under `mpirun` (with the `mpi` feature) each rank takes an equal share of the batch and the gradients are
+    // summed over the ranks every step: data-parallel scaling of the same global batch.
+    let ranks = crate::dist::Ranks::from_launcher()?;
+    if opts.batch % ranks.size() != 0 {
+        anyhow::bail!("--batch {} does not split evenly over {} ranks", opts.batch, ranks.size());
+    }
     if let Some(t) = opts.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
     }
@@ -188,7 +194,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&scratch);
         result?;
     }
-    let batch = trainer.collate(&(0..opts.batch).collect::<Vec<_>>());
+    let share = opts.batch / ranks.size();
+    let batch = trainer.collate(&(ranks.rank() * share..(ranks.rank() + 1) * share).collect::<Vec<_>>());
     let mut grads = vec![0f32; trainer.trainable_params().len()];
     let mut step_times = Vec::new();
     let mut phases = PhaseTimes::default();
@@ -196,8 +203,11 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         let t = Instant::now();
         grads.par_iter_mut().for_each(|g| *g = 0.0);
         let mut times = PhaseTimes::default();
-        trainer.micro_batch(&batch, 0, Some((&mut grads, 1.0)), &mut times);
+        trainer.micro_batch_across(Some(&batch), 0, Some((&mut grads, ranks.size() as f64)), &mut times, &ranks);
         trainer.phases = PhaseTimes::default();
+        if ranks.size() > 1 {
+            ranks.sum_f32(&mut grads);
+        }
         trainer.apply_update(&grads, it);
         times.optimizer = trainer.phases.optimizer;
         if it >= opts.warmup {
@@ -227,9 +237,13 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     let peak = gemm_peak_gflops(1024);
     let rss = peak_rss_mb();
     let threads = rayon::current_num_threads();
+    ranks.barrier();
+    if !ranks.is_root() {
+        return Ok(());
+    }
     let mode = if opts.lora_r > 0 { format!("LoRA r={} all-linear", opts.lora_r) } else { "full fine-tuning".into() };
-    println!("kto bench: Llama vocab {} hidden {} intermediate {} layers {} heads {}/{} ({} parameters, {} trainable), batch {} x {} tokens, kto, AdamW, {mode}, {} reference, gradient checkpointing {}, {threads} threads",
-        spec.vocab_size, spec.hidden, spec.intermediate, spec.layers, spec.heads, spec.kv_heads, trainer.policy.num_parameters(), trainer.trainable_params().len(), opts.batch, len, opts.reference, if opts.gradient_checkpointing { "on" } else { "off" });
+    println!("kto bench: Llama vocab {} hidden {} intermediate {} layers {} heads {}/{} ({} parameters, {} trainable), batch {} x {} tokens, kto, AdamW, {mode}, {} reference, gradient checkpointing {}, {} rank(s) x {threads} threads",
+        spec.vocab_size, spec.hidden, spec.intermediate, spec.layers, spec.heads, spec.kv_heads, trainer.policy.num_parameters(), trainer.trainable_params().len(), opts.batch, len, opts.reference, if opts.gradient_checkpointing { "on" } else { "off" }, ranks.size());
     println!("{:<28} {:>10}", "phase (mean over steps)", "ms");
     for (name, t) in [
         ("policy KL forward", phases.policy_kl_forward),
@@ -252,6 +266,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         "peak_rss_mb": rss,
         "step_gflop": step_flops / 1e9,
         "threads": threads,
+        "ranks": ranks.size(),
         "reference": opts.reference,
         "lora_r": opts.lora_r,
         "gradient_checkpointing": opts.gradient_checkpointing,

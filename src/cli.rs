@@ -234,7 +234,12 @@ impl Observer for Console {
 fn run_training(task: Task, cfg: TrainConfig) -> anyhow::Result<()> {
     let ranks = crate::dist::Ranks::from_launcher()?;
     let result = train_on_ranks(task, cfg, &ranks);
+    let interrupted = |e: &anyhow::Error| matches!(e.downcast_ref::<crate::Error>(), Some(crate::Error::Interrupted { .. }));
     if let (Err(e), true) = (&result, ranks.size() > 1) {
+        if interrupted(e) {
+            // Every rank stopped after the same step (they agree on it); nothing to abort.
+            return result;
+        }
         // The other ranks would wait forever in the next collective: stop them all with this error.
         eprintln!("kto: error on rank {} of {}: {e:#}", ranks.rank(), ranks.size());
         ranks.abort(1);
