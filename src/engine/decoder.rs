@@ -126,7 +126,7 @@ pub struct Tape {
 }
 
 fn linear(x: &[f32], rows: usize, w: &[f32], in_dim: usize, out_dim: usize) -> Buf {
-    let mut y = Buf::zeros(rows * out_dim);
+    let mut y = Buf::scratch(rows * out_dim);
     gemm(rows, in_dim, out_dim, x, false, w, true, &mut y, false);
     y
 }
@@ -164,7 +164,7 @@ fn run_layers(
     checkpoint: bool,
 ) -> (Buf, Vec<LayerRecord>, Vec<Buf>) {
     let (p, lay, hd) = (&model.params, &model.layout, model.spec.hidden);
-    let mut x = Buf::zeros(tokens.len() * hd);
+    let mut x = Buf::scratch(tokens.len() * hd);
     x.par_chunks_mut(hd).zip(tokens.par_iter()).for_each(|(row, &t)| {
         row.copy_from_slice(&p[lay.embed + t as usize * hd..][..hd]);
     });
@@ -211,8 +211,8 @@ fn layer_forward(
     let qkv_w = (spec.heads + 2 * spec.kv_heads) * spec.head_dim;
     let shape =
         AttnShape { seq_starts, heads: spec.heads, kv_heads: spec.kv_heads, head_dim: spec.head_dim, window: spec.layer_windows[l] };
-    let mut xn1 = Buf::zeros(n * hd);
-    let mut rstd1 = Buf::zeros(n);
+    let mut xn1 = Buf::scratch(n * hd);
+    let mut rstd1 = Buf::scratch(n);
     kernels::rmsnorm_forward(x, &p[lo.input_norm..][..hd], spec.rms_eps, &mut xn1, &mut rstd1);
     // q, k and v weights are consecutive in the layout: one GEMM against the [q|k|v] stack.
     let mut qkv = linear(&xn1, n, &p[lo.q..], hd, qkv_w);
@@ -252,15 +252,15 @@ fn layer_forward(
     for m in adapters_of(&[Target::O]) {
         lora_u.push(lora_forward(lora.unwrap(), m, &att, n, x, hd));
     }
-    let mut xn2 = Buf::zeros(n * hd);
-    let mut rstd2 = Buf::zeros(n);
+    let mut xn2 = Buf::scratch(n * hd);
+    let mut rstd2 = Buf::scratch(n);
     kernels::rmsnorm_forward(x, &p[lo.post_norm..][..hd], spec.rms_eps, &mut xn2, &mut rstd2);
     // gate and up weights are consecutive too: one GEMM against the [gate|up] stack.
     let mut gate_up = linear(&xn2, n, &p[lo.gate..], hd, 2 * inter);
     for m in adapters_of(&[Target::Gate, Target::Up]) {
         lora_u.push(lora_forward(lora.unwrap(), m, &xn2, n, &mut gate_up, 2 * inter));
     }
-    let mut h = Buf::zeros(n * inter);
+    let mut h = Buf::scratch(n * inter);
     kernels::swiglu_forward(&gate_up, inter, &mut h);
     let x_mid = Buf::copy_of(x);
     gemm(n, inter, hd, &h, false, &p[lo.down..], true, x, true);
@@ -316,8 +316,8 @@ fn lora_backward(
 
 fn final_norm(model: &Model, x: &[f32]) -> (Buf, Buf) {
     let hd = model.spec.hidden;
-    let mut xf = Buf::zeros(x.len());
-    let mut rstd = Buf::zeros(x.len() / hd);
+    let mut xf = Buf::scratch(x.len());
+    let mut rstd = Buf::scratch(x.len() / hd);
     let w = &model.params[model.layout.final_norm..][..hd];
     kernels::rmsnorm_forward(x, w, model.spec.rms_eps, &mut xf, &mut rstd);
     (xf, rstd)
@@ -349,7 +349,7 @@ fn score(
 }
 
 fn gather_rows(src: &[f32], rows: &[usize], width: usize) -> Buf {
-    let mut dst = Buf::zeros(rows.len() * width);
+    let mut dst = Buf::scratch(rows.len() * width);
     dst.par_chunks_mut(width).zip(rows.par_iter()).for_each(|(d, &r)| d.copy_from_slice(&src[r * width..][..width]));
     dst
 }
@@ -463,7 +463,7 @@ pub fn forward_continuation(model: &Model, batch: &ContinuationBatch, cache: &Pr
     let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, false, false, adapters, false);
     let (xf, _) = final_norm(model, &x);
     let hd = model.spec.hidden;
-    let mut hidden = Buf::zeros(batch.scored_rows.len() * hd);
+    let mut hidden = Buf::scratch(batch.scored_rows.len() * hd);
     hidden.par_chunks_mut(hd).zip(batch.scored_rows.par_iter()).for_each(|(d, &(from_cache, r))| {
         let src = if from_cache { &cache.final_hidden } else { &xf };
         d.copy_from_slice(&src[r * hd..][..hd]);
@@ -674,7 +674,7 @@ pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], 
             window: spec.layer_windows[l],
         };
         // MLP block: x_out = x_mid + down(swiglu(gate(xn2), up(xn2))).
-        let mut dh = Buf::zeros(n * inter);
+        let mut dh = Buf::scratch(n * inter);
         let adapters_of = |targets: &[Target]| -> Vec<(usize, &LoraModule)> {
             lora.map(|lr| lr.layers[l].iter().enumerate().filter(|(_, m)| targets.contains(&m.target)).collect())
                 .unwrap_or_default()
@@ -687,9 +687,9 @@ pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], 
             let ag = adapter_grads.as_deref_mut().expect("adapter gradients");
             lora_backward(lora.unwrap(), m, &dx, hd, &t.h, &t.lora_u[i], n, ag, &mut dh);
         }
-        let mut dgate_up = Buf::zeros(n * 2 * inter);
+        let mut dgate_up = Buf::scratch(n * 2 * inter);
         kernels::swiglu_backward(&dh, &t.gate_up, inter, &mut dgate_up);
-        let mut dxn2 = Buf::zeros(n * hd);
+        let mut dxn2 = Buf::scratch(n * hd);
         gemm(n, 2 * inter, hd, &dgate_up, false, &p[lo.gate..], false, &mut dxn2, false);
         if let Some(g) = base.as_deref_mut() {
             gemm(2 * inter, n, hd, &dgate_up, true, &t.xn2, false, &mut g[lo.gate..][..2 * inter * hd], true);
@@ -705,7 +705,7 @@ pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], 
         kernels::rmsnorm_backward(&dxn2, &t.x_mid, &p[lo.post_norm..][..hd], &t.rstd2, &mut dx, dw_post);
 
         // Attention block: x_mid = x_in + o(attention(rope(q(xn1)), rope(k(xn1)), v(xn1))).
-        let mut datt = Buf::zeros(n * qd);
+        let mut datt = Buf::scratch(n * qd);
         gemm(n, hd, qd, &dx, false, &p[lo.o..], false, &mut datt, false);
         if let Some(g) = base.as_deref_mut() {
             gemm(hd, n, qd, &dx, true, &t.att, false, &mut g[lo.o..][..hd * qd], true);
@@ -732,7 +732,7 @@ pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], 
         if let (Some(b), Some(g)) = (lo.qkv_bias, base.as_deref_mut()) {
             kernels::bias_backward(&dqkv, qkv_w, &mut g[b..b + qkv_w]);
         }
-        let mut dxn1 = Buf::zeros(n * hd);
+        let mut dxn1 = Buf::scratch(n * hd);
         gemm(n, qkv_w, hd, &dqkv, false, &p[lo.q..], false, &mut dxn1, false);
         if let Some(g) = base.as_deref_mut() {
             gemm(qkv_w, n, hd, &dqkv, true, &t.xn1, false, &mut g[lo.q..][..qkv_w * hd], true);
