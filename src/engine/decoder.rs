@@ -102,9 +102,14 @@ struct LayerTape {
     rstd2: Buf,
     /// Fused `[gate | up]` rows.
     gate_up: Buf,
-    /// Per adapter of the layer (in `Lora::layers` order): its input times Aᵀ, `[N, r]`.
+    /// Per adapter of the layer (in `Lora::layers` order): its input times Aᵀ, `[N, r]` (`[M, r]` after attention
+    /// when the layer keeps only `out_rows`).
     lora_u: Vec<Buf>,
     h: Buf,
+    /// The last layer computes its output only at the rows that are scored (nothing reads the others): those
+    /// rows, and the attention output gathered at them. From `x_mid` on, such a tape holds only these rows.
+    out_rows: Option<Vec<usize>>,
+    att_out: Buf,
 }
 
 /// What the forward kept of one layer: everything, or (gradient checkpointing) only its input.
@@ -137,7 +142,9 @@ pub struct PrefixCache {
     seq_starts: Vec<usize>,
     tokens: Vec<u32>,
     qkv: Vec<Buf>,
+    /// Final-normed hidden states of the pass's scored rows (`hidden_rows`, ascending), the only ones it computes.
     final_hidden: Buf,
+    hidden_rows: Vec<usize>,
 }
 
 /// Which keys the tokens of a pass attend to.
@@ -162,6 +169,7 @@ fn run_layers(
     keep_qkv: bool,
     adapters: bool,
     checkpoint: bool,
+    last_layer_rows: Option<&[usize]>,
 ) -> (Buf, Vec<LayerRecord>, Vec<Buf>) {
     let (p, lay, hd) = (&model.params, &model.layout, model.spec.hidden);
     let mut x = Buf::scratch(tokens.len() * hd);
@@ -169,9 +177,11 @@ fn run_layers(
         row.copy_from_slice(&p[lay.embed + t as usize * hd..][..hd]);
     });
     let (mut records, mut kept_qkv) = (Vec::new(), Vec::new());
+    let last = lay.layers.len().saturating_sub(1);
     for l in 0..lay.layers.len() {
         let x_in = (keep_tape && checkpoint).then(|| Buf::copy_of(&x));
-        let (tape, qkv) = layer_forward(model, l, &mut x, positions, &keys, keep_tape && !checkpoint, keep_qkv, adapters);
+        let rows = if l == last { last_layer_rows } else { None };
+        let (tape, qkv) = layer_forward(model, l, &mut x, positions, &keys, keep_tape && !checkpoint, keep_qkv, adapters, rows);
         if let Some(q) = qkv {
             kept_qkv.push(q);
         }
@@ -185,7 +195,8 @@ fn run_layers(
 }
 
 /// One decoder layer, updating the residual stream `x` in place; returns its tape when asked (and its q|k|v
-/// rows with `keep_qkv`).
+/// rows with `keep_qkv`). With `out_rows`, everything after attention runs only at those rows and `x` comes
+/// back with just them (the last layer, whose other rows nothing reads).
 #[allow(clippy::too_many_arguments)]
 fn layer_forward(
     model: &Model,
@@ -196,6 +207,7 @@ fn layer_forward(
     keep_tape: bool,
     keep_qkv: bool,
     adapters: bool,
+    out_rows: Option<&[usize]>,
 ) -> (Option<LayerTape>, Option<Buf>) {
     let lora = if adapters { model.lora.as_ref() } else { None };
     let spec = &model.spec;
@@ -247,10 +259,21 @@ fn layer_forward(
             kernels::attention_continuation(&shape, &qkv, &cache.qkv[l], prefix, &mut att);
         }
     }
-    let x_in = Buf::copy_of(x);
-    gemm(n, qd, hd, &att, false, &p[lo.o..], true, x, true);
+    let x_in = if keep_tape { Buf::copy_of(x) } else { Buf::default() };
+    let att_out = match out_rows {
+        Some(rows) => {
+            *x = gather_rows(x, rows, hd);
+            gather_rows(&att, rows, qd)
+        }
+        None => Buf::default(),
+    };
+    let (n, att_in) = match out_rows {
+        Some(rows) => (rows.len(), &att_out),
+        None => (n, &att),
+    };
+    gemm(n, qd, hd, att_in, false, &p[lo.o..], true, x, true);
     for m in adapters_of(&[Target::O]) {
-        lora_u.push(lora_forward(lora.unwrap(), m, &att, n, x, hd));
+        lora_u.push(lora_forward(lora.unwrap(), m, att_in, n, x, hd));
     }
     let mut xn2 = Buf::scratch(n * hd);
     let mut rstd2 = Buf::scratch(n);
@@ -262,14 +285,31 @@ fn layer_forward(
     }
     let mut h = Buf::scratch(n * inter);
     kernels::swiglu_forward(&gate_up, inter, &mut h);
-    let x_mid = Buf::copy_of(x);
+    let x_mid = if keep_tape { Buf::copy_of(x) } else { Buf::default() };
     gemm(n, inter, hd, &h, false, &p[lo.down..], true, x, true);
     for m in adapters_of(&[Target::Down]) {
         lora_u.push(lora_forward(lora.unwrap(), m, &h, n, x, hd));
     }
     let kept_qkv = keep_qkv.then(|| Buf::copy_of(&qkv));
-    let tape = keep_tape
-        .then(|| LayerTape { x_in, xn1, rstd1, qkv, attn_lse, qk_pre, qk_rstd, att, x_mid, xn2, rstd2, gate_up, h, lora_u });
+    let out_rows = out_rows.map(|r| r.to_vec());
+    let tape = keep_tape.then(|| LayerTape {
+        x_in,
+        xn1,
+        rstd1,
+        qkv,
+        attn_lse,
+        qk_pre,
+        qk_rstd,
+        att,
+        x_mid,
+        xn2,
+        rstd2,
+        gate_up,
+        h,
+        lora_u,
+        out_rows,
+        att_out,
+    });
     (tape, kept_qkv)
 }
 
@@ -348,6 +388,15 @@ fn score(
     (out, lse)
 }
 
+/// `rows.len()` rows of `src` placed at `rows` of an `n`-row buffer, zeros elsewhere (inverse of `gather_rows`).
+fn scatter_rows(src: &[f32], rows: &[usize], width: usize, n: usize) -> Buf {
+    let mut dst = Buf::zeros(n * width);
+    for (i, &r) in rows.iter().enumerate() {
+        dst[r * width..][..width].copy_from_slice(&src[i * width..][..width]);
+    }
+    dst
+}
+
 fn gather_rows(src: &[f32], rows: &[usize], width: usize) -> Buf {
     let mut dst = Buf::scratch(rows.len() * width);
     dst.par_chunks_mut(width).zip(rows.par_iter()).for_each(|(d, &r)| d.copy_from_slice(&src[r * width..][..width]));
@@ -361,7 +410,7 @@ pub fn forward_logits(model: &Model, seqs: &[&[u32]]) -> Vec<Vec<f32>> {
     let pairs: Vec<(&[u32], &[bool])> = seqs.iter().zip(&masks).map(|(s, m)| (*s, m.as_slice())).collect();
     let batch = SeqBatch::new(&pairs);
     let keys = Keys::Causal { seq_starts: &batch.seq_starts };
-    let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, false, false, true, false);
+    let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, false, false, true, false, None);
     let (xf, _) = final_norm(model, &x);
     let (hd, vocab) = (model.spec.hidden, model.spec.vocab_size);
     let w = &model.params[model.layout.lm_head..][..vocab * hd];
@@ -395,10 +444,11 @@ pub fn forward_with_cache(
     checkpoint: bool,
 ) -> (ScoredOutput, Option<Tape>, Option<PrefixCache>) {
     let keys = Keys::Causal { seq_starts: &batch.seq_starts };
+    // The last layer runs only the scored rows past attention: the hidden state comes back with just them.
+    let rows = Some(batch.scored_rows.as_slice());
     let (x, tapes, qkv) =
-        run_layers(model, &batch.tokens, &batch.positions, keys, keep_tape, keep_cache, adapters, checkpoint);
-    let (xf, rstd_final) = final_norm(model, &x);
-    let scored_hidden = gather_rows(&xf, &batch.scored_rows, model.spec.hidden);
+        run_layers(model, &batch.tokens, &batch.positions, keys, keep_tape, keep_cache, adapters, checkpoint, rows);
+    let (scored_hidden, rstd_final) = final_norm(model, &x);
     let m = batch.scored_rows.len();
     let mut softmax = (keep_tape && m * model.spec.vocab_size * 4 <= softmax_cache_bytes())
         .then(|| Buf::zeros(m * model.spec.vocab_size));
@@ -408,7 +458,8 @@ pub fn forward_with_cache(
         seq_starts: batch.seq_starts.clone(),
         tokens: batch.tokens.clone(),
         qkv,
-        final_hidden: xf,
+        final_hidden: Buf::copy_of(&scored_hidden),
+        hidden_rows: batch.scored_rows.clone(),
     });
     let tape = keep_tape.then_some(Tape { layers: tapes, x_final: x, rstd_final, scored_hidden, lse, softmax });
     (out, tape, cache)
@@ -442,7 +493,13 @@ impl ContinuationBatch {
             b.positions.extend(plen as u32..ids.len() as u32);
             for t in 0..ids.len().saturating_sub(1) {
                 if mask[t + 1] {
-                    let row = if t < plen { (true, base_start + t) } else { (false, own_start + t - plen) };
+                    let row = if t < plen {
+                        // The main pass kept final hidden states only at its scored rows.
+                        let kept = cache.hidden_rows.binary_search(&(base_start + t));
+                        (true, kept.expect("a continued sequence scores a prefix row the cached pass did not score"))
+                    } else {
+                        (false, own_start + t - plen)
+                    };
                     b.scored_rows.push(row);
                     b.scored_targets.push(ids[t + 1]);
                     b.scored_seq.push(s);
@@ -460,7 +517,7 @@ impl ContinuationBatch {
 /// `adapters` must be what the cached pass used.
 pub fn forward_continuation(model: &Model, batch: &ContinuationBatch, cache: &PrefixCache, adapters: bool) -> ScoredOutput {
     let keys = Keys::Continuation { seq_starts: &batch.seq_starts, cache, prefix: &batch.prefix };
-    let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, false, false, adapters, false);
+    let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, false, false, adapters, false, None);
     let (xf, _) = final_norm(model, &x);
     let hd = model.spec.hidden;
     let mut hidden = Buf::scratch(batch.scored_rows.len() * hd);
@@ -489,7 +546,8 @@ impl KvCache {
         let w = (spec.heads + 2 * spec.kv_heads) * spec.head_dim;
         let qkv = (0..spec.layers).map(|_| Buf::zeros(n_seqs * capacity * w)).collect();
         let seq_starts = (0..=n_seqs).map(|s| s * capacity).collect();
-        KvCache { adapters: true, capacity, lens: vec![0; n_seqs], cache: PrefixCache { seq_starts, tokens: Vec::new(), qkv, final_hidden: Buf::default() } }
+        let cache = PrefixCache { seq_starts, tokens: Vec::new(), qkv, final_hidden: Buf::default(), hidden_rows: Vec::new() };
+        KvCache { adapters: true, capacity, lens: vec![0; n_seqs], cache }
     }
 
     /// Tokens held for sequence `s`.
@@ -522,7 +580,7 @@ pub fn extend_kv(model: &Model, cache: &mut KvCache, new_tokens: &[&[u32]]) -> V
         return logits;
     }
     let keys = Keys::Continuation { seq_starts: &seq_starts, cache: &cache.cache, prefix: &prefix };
-    let (x, _, kept_qkv) = run_layers(model, &tokens, &positions, keys, false, true, cache.adapters, false);
+    let (x, _, kept_qkv) = run_layers(model, &tokens, &positions, keys, false, true, cache.adapters, false, None);
     let w = (model.spec.heads + 2 * model.spec.kv_heads) * model.spec.head_dim;
     for (layer, rows) in cache.cache.qkv.iter_mut().zip(&kept_qkv) {
         for (i, &s) in active.iter().enumerate() {
@@ -637,13 +695,10 @@ pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], 
             gemm(vocab, nr, hd, z, true, xs, false, &mut g[lay.lm_head..][..vocab * hd], true);
         }
     }
-    let mut dxf = Buf::zeros(n * hd);
-    for (i, &r) in batch.scored_rows.iter().enumerate() {
-        dxf[r * hd..][..hd].copy_from_slice(&d_hidden[i * hd..][..hd]);
-    }
-    let mut dx = Buf::zeros(n * hd);
+    // The final norm and the last layer's output exist only at the scored rows (`m` of them).
+    let mut dx = Buf::zeros(m * hd);
     kernels::rmsnorm_backward(
-        &dxf,
+        &d_hidden,
         &tape.x_final,
         &p[lay.final_norm..][..hd],
         &tape.rstd_final,
@@ -662,7 +717,8 @@ pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], 
                 // Gradient checkpointing: rebuild this layer's tape from its input.
                 let mut x = x_in;
                 let keys = Keys::Causal { seq_starts: &batch.seq_starts };
-                layer_forward(model, l, &mut x, &batch.positions, &keys, true, false, true).0.expect("a tape")
+                let rows = (l + 1 == lay.layers.len()).then_some(batch.scored_rows.as_slice());
+                layer_forward(model, l, &mut x, &batch.positions, &keys, true, false, true, rows).0.expect("a tape")
             }
         };
         let t = &t;
@@ -673,30 +729,33 @@ pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], 
             head_dim: spec.head_dim,
             window: spec.layer_windows[l],
         };
-        // MLP block: x_out = x_mid + down(swiglu(gate(xn2), up(xn2))).
-        let mut dh = Buf::scratch(n * inter);
+        // MLP block: x_out = x_mid + down(swiglu(gate(xn2), up(xn2))). A layer that kept only `out_rows` past
+        // attention runs this block and the output projection on those rows (`dx` has just them).
+        let nr = t.out_rows.as_ref().map_or(n, |r| r.len());
+        let att_in = if t.out_rows.is_some() { &t.att_out } else { &t.att };
+        let mut dh = Buf::scratch(nr * inter);
         let adapters_of = |targets: &[Target]| -> Vec<(usize, &LoraModule)> {
             lora.map(|lr| lr.layers[l].iter().enumerate().filter(|(_, m)| targets.contains(&m.target)).collect())
                 .unwrap_or_default()
         };
-        gemm(n, hd, inter, &dx, false, &p[lo.down..], false, &mut dh, false);
+        gemm(nr, hd, inter, &dx, false, &p[lo.down..], false, &mut dh, false);
         if let Some(g) = base.as_deref_mut() {
-            gemm(hd, n, inter, &dx, true, &t.h, false, &mut g[lo.down..][..hd * inter], true);
+            gemm(hd, nr, inter, &dx, true, &t.h, false, &mut g[lo.down..][..hd * inter], true);
         }
         for (i, m) in adapters_of(&[Target::Down]) {
             let ag = adapter_grads.as_deref_mut().expect("adapter gradients");
-            lora_backward(lora.unwrap(), m, &dx, hd, &t.h, &t.lora_u[i], n, ag, &mut dh);
+            lora_backward(lora.unwrap(), m, &dx, hd, &t.h, &t.lora_u[i], nr, ag, &mut dh);
         }
-        let mut dgate_up = Buf::scratch(n * 2 * inter);
+        let mut dgate_up = Buf::scratch(nr * 2 * inter);
         kernels::swiglu_backward(&dh, &t.gate_up, inter, &mut dgate_up);
-        let mut dxn2 = Buf::scratch(n * hd);
-        gemm(n, 2 * inter, hd, &dgate_up, false, &p[lo.gate..], false, &mut dxn2, false);
+        let mut dxn2 = Buf::scratch(nr * hd);
+        gemm(nr, 2 * inter, hd, &dgate_up, false, &p[lo.gate..], false, &mut dxn2, false);
         if let Some(g) = base.as_deref_mut() {
-            gemm(2 * inter, n, hd, &dgate_up, true, &t.xn2, false, &mut g[lo.gate..][..2 * inter * hd], true);
+            gemm(2 * inter, nr, hd, &dgate_up, true, &t.xn2, false, &mut g[lo.gate..][..2 * inter * hd], true);
         }
         for (i, m) in adapters_of(&[Target::Gate, Target::Up]) {
             let ag = adapter_grads.as_deref_mut().expect("adapter gradients");
-            lora_backward(lora.unwrap(), m, &dgate_up, 2 * inter, &t.xn2, &t.lora_u[i], n, ag, &mut dxn2);
+            lora_backward(lora.unwrap(), m, &dgate_up, 2 * inter, &t.xn2, &t.lora_u[i], nr, ag, &mut dxn2);
         }
         let dw_post = match base.as_deref_mut() {
             Some(g) => &mut g[lo.post_norm..][..hd],
@@ -705,14 +764,19 @@ pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], 
         kernels::rmsnorm_backward(&dxn2, &t.x_mid, &p[lo.post_norm..][..hd], &t.rstd2, &mut dx, dw_post);
 
         // Attention block: x_mid = x_in + o(attention(rope(q(xn1)), rope(k(xn1)), v(xn1))).
-        let mut datt = Buf::scratch(n * qd);
-        gemm(n, hd, qd, &dx, false, &p[lo.o..], false, &mut datt, false);
+        let mut datt = Buf::scratch(nr * qd);
+        gemm(nr, hd, qd, &dx, false, &p[lo.o..], false, &mut datt, false);
         if let Some(g) = base.as_deref_mut() {
-            gemm(hd, n, qd, &dx, true, &t.att, false, &mut g[lo.o..][..hd * qd], true);
+            gemm(hd, nr, qd, &dx, true, att_in, false, &mut g[lo.o..][..hd * qd], true);
         }
         for (i, m) in adapters_of(&[Target::O]) {
             let ag = adapter_grads.as_deref_mut().expect("adapter gradients");
-            lora_backward(lora.unwrap(), m, &dx, hd, &t.att, &t.lora_u[i], n, ag, &mut datt);
+            lora_backward(lora.unwrap(), m, &dx, hd, att_in, &t.lora_u[i], nr, ag, &mut datt);
+        }
+        if let Some(rows) = &t.out_rows {
+            // Back to every row: the rows past attention carried no gradient.
+            datt = scatter_rows(&datt, rows, qd, n);
+            dx = scatter_rows(&dx, rows, hd, n);
         }
         let mut dqkv = Buf::zeros(n * qkv_w);
         kernels::attention_backward(&shape, &datt, &t.qkv, &t.att, &t.attn_lse, &mut dqkv);
