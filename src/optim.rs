@@ -69,14 +69,19 @@ impl Optimizer {
                     let eps = self.eps as f32;
                     let m = &mut self.exp_avg[range.clone()];
                     let v = &mut self.exp_avg_sq[range.clone()];
-                    p.par_iter_mut().zip(g.par_iter()).zip(m.par_iter_mut()).zip(v.par_iter_mut()).for_each(
-                        |(((p, &g), m), v)| {
-                            let g = g * grad_scale;
-                            *p *= decay;
-                            *m += (1.0 - b1) * (g - *m);
-                            *v = *v * b2 + (1.0 - b2) * g * g;
-                            let denom = v.sqrt() / bc2_sqrt + eps;
-                            *p -= step_size * *m / denom;
+                    // Chunks with a plain inner loop: one compiled form that vectorises (element-wise rayon
+                    // iterators over four zipped slices compiled to half the speed in some call contexts).
+                    const CHUNK: usize = 1 << 14;
+                    p.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).zip(m.par_chunks_mut(CHUNK)).zip(v.par_chunks_mut(CHUNK)).for_each(
+                        |(((p, g), m), v)| {
+                            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                                let g = g * grad_scale;
+                                *p *= decay;
+                                *m += (1.0 - b1) * (g - *m);
+                                *v = *v * b2 + (1.0 - b2) * g * g;
+                                let denom = v.sqrt() / bc2_sqrt + eps;
+                                *p -= step_size * *m / denom;
+                            }
                         },
                     );
                 }
