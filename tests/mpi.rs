@@ -6,7 +6,8 @@
 //! - `kto`: the logged `kl` at every step is the clamped mean of the two ranks' batch KL means, each computed by
 //!   a single process on that rank's batch with the weights of the step;
 //! - resuming a 2-rank checkpoint with 1 process (same global batch) ends where the 1-process run ends;
-//! - a rank killed mid-run stops the whole job instead of hanging.
+//! - a rank killed mid-run stops the whole job instead of hanging;
+//! - tokenization is split over the ranks.
 #![cfg(feature = "mpi")]
 mod common;
 use common::fixture_toml;
@@ -91,7 +92,10 @@ fn apo_on_two_ranks_equals_one_process_with_doubled_accumulation() {
     let (two, one) = (dir.path().join("two"), dir.path().join("one"));
     let apo = "loss_type=\"apo_zero_unpaired\"";
     let out = mpirun(2, &config, &[apo, &format!("output_dir=\"{}\"", two.display())]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Tokenization was split over the ranks (and gave the same rows: the numbers below depend on them).
+    assert!(stderr.contains("24 rows tokenized over 2 ranks"), "{stderr}");
     single(&config, &[apo, "gradient_accumulation_steps=2", &format!("output_dir=\"{}\"", one.display())]);
 
     let (got, want) = (metrics(&two), metrics(&one));

@@ -79,10 +79,27 @@ pub fn prepare_with_progress(
     path: &Path,
     progress: &(dyn Fn(usize) + Sync),
 ) -> Result<Prepared> {
+    let all: Vec<usize> = (0..examples.len()).collect();
+    let tokenized = tokenize_rows(examples, &all, tok, path, progress)?;
+    assemble(examples, tokenized, opts, path)
+}
+
+/// Tokenized examples: (prompt ids, completion ids, whether the prompt was cut).
+pub type Tokenized = (Vec<u32>, Vec<u32>, bool);
+
+/// Tokenizes the examples at `indices` (in parallel), the way TRL does.
+pub fn tokenize_rows(
+    examples: &[Example],
+    indices: &[usize],
+    tok: &TextTokenizer,
+    path: &Path,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<Vec<Tokenized>> {
     let done = std::sync::atomic::AtomicUsize::new(0);
-    let tokenized: Vec<(Vec<u32>, Vec<u32>, bool)> = examples
+    let tokenized = indices
         .par_iter()
-        .map(|ex| {
+        .map(|&i| {
+            let ex = &examples[i];
             let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             if n % 1024 == 0 {
                 progress(n);
@@ -90,7 +107,13 @@ pub fn prepare_with_progress(
             tokenize_example(tok, ex).map_err(|msg| Error::Row { path: path.to_path_buf(), row: ex.line, msg })
         })
         .collect::<Result<_>>()?;
-    progress(examples.len());
+    progress(indices.len());
+    Ok(tokenized)
+}
+
+/// TRL's steps after tokenization: rows whose prompt alone reaches `max_length` dropped, KL completions rotated.
+/// `tokenized[i]` belongs to `examples[i]`.
+pub fn assemble(examples: &[Example], tokenized: Vec<Tokenized>, opts: PrepareOptions, path: &Path) -> Result<Prepared> {
     let mut rows = Vec::with_capacity(examples.len());
     let mut dropped_source_rows = Vec::new();
     let mut prefix_mismatches = 0;
