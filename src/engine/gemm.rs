@@ -31,7 +31,7 @@ pub fn gemm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: 
     if uses_avx2_kernel() {
         let parallel = m * n * k >= PARALLEL_MIN_FLOPS && threads > 1;
         // SAFETY: the strides describe exactly the buffers checked above; `uses_avx2_kernel` checked the CPU.
-        unsafe { super::sgemm_avx2::sgemm(m, k, n, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, accumulate, c.as_mut_ptr(), n, parallel) };
+        unsafe { super::sgemm_avx2::sgemm(m, k, n, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, 1.0, accumulate, c.as_mut_ptr(), n, parallel) };
         return;
     }
     if m * n * k < PARALLEL_MIN_FLOPS || threads == 1 {
@@ -181,6 +181,10 @@ pub unsafe fn sgemm_strided(
     rsc: usize,
     csc: usize,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if uses_avx2_kernel() && csc == 1 && (beta == 0.0 || beta == 1.0) && m > 0 && n > 0 && k > 0 {
+        return super::sgemm_avx2::sgemm(m, k, n, a, rsa, csa, b, rsb, csb, alpha, beta == 1.0, c, rsc, false);
+    }
     matrixmultiply::sgemm(
         m, k, n, alpha, a, rsa as isize, csa as isize, b, rsb as isize, csb as isize, beta, c, rsc as isize, csc as isize,
     );

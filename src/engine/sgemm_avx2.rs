@@ -23,6 +23,8 @@ const NC: usize = 1024;
 
 thread_local! {
     static PACK_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Packed B of single-threaded products (the many small ones inside attention tasks): no lock.
+    static PACK_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Packed-B buffers, taken and returned by each product (a pool, not a thread-local: a thread waiting for its
@@ -46,7 +48,7 @@ impl SharedConst {
     }
 }
 
-/// `c[m,n] = a·b + (accumulate ? c : 0)` on strided views (element (i,j) of a at `a[i*rsa + j*csa]`, likewise
+/// `c[m,n] = alpha·a·b + (accumulate ? c : 0)` on strided views (element (i,j) of a at `a[i*rsa + j*csa]`, likewise
 /// b; c row-major with row stride `rsc`). With `parallel`, B is packed once per block and the rayon threads
 /// share it, each packing and multiplying its own rows of A.
 ///
@@ -64,12 +66,17 @@ pub unsafe fn sgemm(
     b: *const f32,
     rsb: usize,
     csb: usize,
+    alpha: f32,
     accumulate: bool,
     c: *mut f32,
     rsc: usize,
     parallel: bool,
 ) {
-    let mut pb = PACK_B_POOL.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
+    let mut pb = if parallel {
+        PACK_B_POOL.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default()
+    } else {
+        PACK_B.with(|p| std::mem::take(&mut *p.borrow_mut()))
+    };
     let (a, b, c) = (SharedConst(a), SharedConst(b), SharedMut(c));
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
     for jc in (0..n).step_by(NC) {
@@ -120,11 +127,11 @@ pub unsafe fn sgemm(
                             // SAFETY: task (ib, g) writes only rows ic..ic+mc, columns of its panels.
                             let cp = c.ptr().add((ic + ir) * rsc + jc + jr);
                             if mr == MR && nr == NR {
-                                kernel_6x16(kc, ap, bp, cp, rsc, acc);
+                                kernel_6x16(kc, ap, bp, cp, rsc, alpha, acc);
                             } else {
                                 // Edge tile: compute into a full tile, copy the valid part.
                                 let mut tile = [0f32; MR * NR];
-                                kernel_6x16(kc, ap, bp, tile.as_mut_ptr(), NR, false);
+                                kernel_6x16(kc, ap, bp, tile.as_mut_ptr(), NR, alpha, false);
                                 for i in 0..mr {
                                     for j in 0..nr {
                                         let dst = cp.add(i * rsc + j);
@@ -143,7 +150,11 @@ pub unsafe fn sgemm(
             }
         }
     }
-    PACK_B_POOL.lock().unwrap_or_else(|e| e.into_inner()).push(pb);
+    if parallel {
+        PACK_B_POOL.lock().unwrap_or_else(|e| e.into_inner()).push(pb);
+    } else {
+        PACK_B.with(|p| *p.borrow_mut() = pb);
+    }
 }
 
 /// Writes `dst[p*width + j] = src[j*lane_stride + p*depth_stride]` for `j < lanes` (zero for `lanes..width`),
@@ -174,9 +185,9 @@ unsafe fn pack_panel(kc: usize, lanes: usize, width: usize, src: *const f32, lan
     }
 }
 
-/// `c[6,16] (+)= a_panel[6,kc] · b_panel[kc,16]`.
+/// `c[6,16] (+)= alpha · a_panel[6,kc] · b_panel[kc,16]`.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel_6x16(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rsc: usize, accumulate: bool) {
+unsafe fn kernel_6x16(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rsc: usize, alpha: f32, accumulate: bool) {
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
     let (mut a, mut b) = (a, b);
     for _ in 0..kc {
@@ -189,6 +200,13 @@ unsafe fn kernel_6x16(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rsc:
         }
         a = a.add(MR);
         b = b.add(NR);
+    }
+    if alpha != 1.0 {
+        let s = _mm256_set1_ps(alpha);
+        for row in acc.iter_mut() {
+            row[0] = _mm256_mul_ps(row[0], s);
+            row[1] = _mm256_mul_ps(row[1], s);
+        }
     }
     for (i, row) in acc.iter().enumerate() {
         let ci = c.add(i * rsc);
