@@ -34,9 +34,10 @@ pub fn gemm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: 
         unsafe { super::sgemm_avx2::sgemm(m, k, n, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, 1.0, accumulate, c.as_mut_ptr(), n, parallel) };
         return;
     }
+    let beta = if accumulate { 1.0 } else { 0.0 };
     if m * n * k < PARALLEL_MIN_FLOPS || threads == 1 {
         // SAFETY: the strides describe exactly the buffers checked above.
-        unsafe { block_gemm(m, k, n, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, accumulate, c.as_mut_ptr(), n) };
+        unsafe { sgemm_strided(m, k, n, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n, 1) };
         return;
     }
     if n > m {
@@ -52,7 +53,7 @@ pub fn gemm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: 
             let cols = cols_per_block.min(n - c0);
             // SAFETY: block bi writes only columns c0..c0+cols of c; b's columns c0.. lie inside b.
             unsafe {
-                block_gemm(m, k, cols, a.as_ptr(), rsa, csa, b.as_ptr().add(c0 * csb), rsb, csb, accumulate, c_ptr.ptr().add(c0), n)
+                sgemm_strided(m, k, cols, 1.0, a.as_ptr(), rsa, csa, b.as_ptr().add(c0 * csb), rsb, csb, beta, c_ptr.ptr().add(c0), n, 1)
             };
         });
         return;
@@ -64,7 +65,7 @@ pub fn gemm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: 
         let rows = c_block.len() / n;
         // SAFETY: the strides describe exactly the buffers checked above; row0 + rows <= m.
         unsafe {
-            block_gemm(rows, k, n, a.as_ptr().add(row0 * rsa), rsa, csa, b.as_ptr(), rsb, csb, accumulate, c_block.as_mut_ptr(), n)
+            sgemm_strided(rows, k, n, 1.0, a.as_ptr().add(row0 * rsa), rsa, csa, b.as_ptr(), rsb, csb, beta, c_block.as_mut_ptr(), n, 1)
         };
     });
 }
@@ -82,29 +83,6 @@ pub fn uses_avx2_kernel() -> bool {
             false
         }
     })
-}
-
-/// One thread's block of `gemm`: `c = a·b` (or `+=`), `c` row-major with row stride `rsc`.
-///
-/// # Safety
-/// As `sgemm_strided`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_gemm(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: *const f32,
-    rsa: usize,
-    csa: usize,
-    b: *const f32,
-    rsb: usize,
-    csb: usize,
-    accumulate: bool,
-    c: *mut f32,
-    rsc: usize,
-) {
-    let beta = if accumulate { 1.0 } else { 0.0 };
-    sgemm_strided(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, beta, c, rsc, 1)
 }
 
 #[cfg(test)]
