@@ -110,12 +110,24 @@ pub unsafe fn sgemm(
                 if first >= last {
                     return;
                 }
+                // A with contiguous rows is read in place (six row streams stay in L1 beside the B panel);
+                // other layouts, and the last partial panel of rows, are packed first.
+                let direct_a = csa == 1;
                 PACK_A.with(|pa| {
                     let mut pa = pa.borrow_mut();
-                    pa.resize(mc.div_ceil(MR) * MR * kc, 0.0);
-                    for (panel, i0) in (0..mc).step_by(MR).enumerate() {
-                        let src = a.ptr().add((ic + i0) * rsa + pc * csa);
-                        pack_panel(kc, MR.min(mc - i0), MR, src, rsa, csa, pa.as_mut_ptr().add(panel * MR * kc));
+                    let packed_rows = if direct_a { MR } else { mc.div_ceil(MR) * MR };
+                    pa.resize(packed_rows * kc, 0.0);
+                    if !direct_a {
+                        for (panel, i0) in (0..mc).step_by(MR).enumerate() {
+                            let src = a.ptr().add((ic + i0) * rsa + pc * csa);
+                            pack_panel(kc, MR.min(mc - i0), MR, src, rsa, csa, pa.as_mut_ptr().add(panel * MR * kc));
+                        }
+                    }
+                    // The partial panel of rows (direct A only): packed once, zero-padded to MR rows.
+                    let tail = mc % MR;
+                    if direct_a && tail != 0 {
+                        let src = a.ptr().add((ic + mc - tail) * rsa + pc);
+                        pack_panel(kc, tail, MR, src, rsa, 1, pa.as_mut_ptr());
                     }
                     for panel in first..last {
                         let jr = panel * NR;
@@ -123,15 +135,22 @@ pub unsafe fn sgemm(
                         let bp = packed_b.ptr().add(panel * NR * kc);
                         for ir in (0..mc).step_by(MR) {
                             let mr = MR.min(mc - ir);
-                            let ap = pa.as_ptr().add(ir * kc);
+                            // (pointer to element (ir, 0) of this block, row step, depth step)
+                            let (ap, a_rs, a_ks) = if !direct_a {
+                                (pa.as_ptr().add(ir * kc), 1, MR)
+                            } else if mr == MR {
+                                (a.ptr().add((ic + ir) * rsa + pc), rsa, 1)
+                            } else {
+                                (pa.as_ptr(), 1, MR)
+                            };
                             // SAFETY: task (ib, g) writes only rows ic..ic+mc, columns of its panels.
                             let cp = c.ptr().add((ic + ir) * rsc + jc + jr);
                             if mr == MR && nr == NR {
-                                kernel_6x16(kc, ap, bp, cp, rsc, alpha, acc);
+                                kernel_6x16(kc, ap, a_rs, a_ks, bp, cp, rsc, alpha, acc);
                             } else {
                                 // Edge tile: compute into a full tile, copy the valid part.
                                 let mut tile = [0f32; MR * NR];
-                                kernel_6x16(kc, ap, bp, tile.as_mut_ptr(), NR, alpha, false);
+                                kernel_6x16(kc, ap, a_rs, a_ks, bp, tile.as_mut_ptr(), NR, alpha, false);
                                 for i in 0..mr {
                                     for j in 0..nr {
                                         let dst = cp.add(i * rsc + j);
@@ -185,20 +204,22 @@ unsafe fn pack_panel(kc: usize, lanes: usize, width: usize, src: *const f32, lan
     }
 }
 
-/// `c[6,16] (+)= alpha · a_panel[6,kc] · b_panel[kc,16]`.
+/// `c[6,16] (+)= alpha · a[6,kc] · b_panel[kc,16]`, element (i, p) of `a` at `a[i*a_rs + p*a_ks]`: a packed
+/// panel (1, MR) or rows read in place (row stride, 1).
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel_6x16(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rsc: usize, alpha: f32, accumulate: bool) {
+unsafe fn kernel_6x16(kc: usize, a: *const f32, a_rs: usize, a_ks: usize, b: *const f32, c: *mut f32, rsc: usize, alpha: f32, accumulate: bool) {
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
     let (mut a, mut b) = (a, b);
     for _ in 0..kc {
         let b0 = _mm256_loadu_ps(b);
         let b1 = _mm256_loadu_ps(b.add(8));
         for (i, row) in acc.iter_mut().enumerate() {
-            let ai = _mm256_broadcast_ss(&*a.add(i));
+            let ai = _mm256_broadcast_ss(&*a.add(i * a_rs));
             row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
             row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
         }
-        a = a.add(MR);
+        a = a.add(a_ks);
         b = b.add(NR);
     }
     if alpha != 1.0 {
