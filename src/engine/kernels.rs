@@ -301,7 +301,11 @@ pub fn exp_f32(x: f32) -> f32 {
     // Round to nearest by adding and subtracting 1.5·2²³: plain f32 arithmetic, so loops vectorise (f32::round
     // is a libm call on baseline x86-64).
     const SHIFTER: f32 = 12_582_912.0;
-    let n = (x * std::f32::consts::LOG2_E + SHIFTER) - SHIFTER;
+    let shifted = x * std::f32::consts::LOG2_E + SHIFTER;
+    let n = shifted - SHIFTER;
+    // The integer n sits in the low mantissa bits of `shifted`: read it from there, because `n as i32` (a
+    // saturating conversion with a NaN check) does not vectorise and was most of this function's cost.
+    let n_int = shifted.to_bits().wrapping_sub(SHIFTER.to_bits()) as i32;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = 1.987_569_1e-4f32;
     let p = p * r + 1.398_199_9e-3;
@@ -310,7 +314,7 @@ pub fn exp_f32(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5.000_000_1e-1;
     let p = p * r * r + r + 1.0;
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    p * f32::from_bits((n_int.wrapping_add(127) as u32) << 23)
 }
 
 #[inline(always)]
