@@ -183,15 +183,30 @@ unsafe fn pack_panel(kc: usize, lanes: usize, width: usize, src: *const f32, lan
         std::ptr::write_bytes(dst, 0, kc * width);
     }
     if lane_stride == 1 {
-        // The lanes are contiguous: one copy per depth step.
-        for p in 0..kc {
-            std::ptr::copy_nonoverlapping(src.add(p * depth_stride), dst.add(p * width), lanes);
+        // The lanes are contiguous: one copy per depth step (of a constant length when full, so that it is
+        // two vector moves rather than a call to memmove).
+        if lanes == NR {
+            for p in 0..kc {
+                std::ptr::copy_nonoverlapping(src.add(p * depth_stride), dst.add(p * width), NR);
+            }
+        } else {
+            for p in 0..kc {
+                std::ptr::copy_nonoverlapping(src.add(p * depth_stride), dst.add(p * width), lanes);
+            }
         }
     } else if depth_stride == 1 {
-        // Each lane is a contiguous row: read it straight, write with a stride.
+        // Each lane is a contiguous row: a transpose. Whole 8×8 blocks go through AVX registers.
+        let blocks = if width % 8 == 0 { lanes / 8 } else { 0 };
+        let depth8 = kc / 8 * 8;
+        for g in 0..blocks {
+            for p in (0..depth8).step_by(8) {
+                transpose_8x8(src.add(g * 8 * lane_stride + p), lane_stride, dst.add(p * width + g * 8), width);
+            }
+        }
         for j in 0..lanes {
             let s = src.add(j * lane_stride);
-            for p in 0..kc {
+            let first = if j < blocks * 8 { depth8 } else { 0 };
+            for p in first..kc {
                 *dst.add(p * width + j) = *s.add(p);
             }
         }
@@ -201,6 +216,41 @@ unsafe fn pack_panel(kc: usize, lanes: usize, width: usize, src: *const f32, lan
                 *dst.add(p * width + j) = *src.add(j * lane_stride + p * depth_stride);
             }
         }
+    }
+}
+
+/// `dst[q*rsd + r] = src[r*rss + q]` for r, q < 8.
+#[target_feature(enable = "avx2")]
+unsafe fn transpose_8x8(src: *const f32, rss: usize, dst: *mut f32, rsd: usize) {
+    let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * rss)));
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    let out = [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ];
+    for (q, v) in out.iter().enumerate() {
+        _mm256_storeu_ps(dst.add(q * rsd), *v);
     }
 }
 
