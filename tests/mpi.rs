@@ -10,14 +10,14 @@
 //! - tokenization is split over the ranks.
 #![cfg(feature = "mpi")]
 mod common;
-use common::fixture_toml;
+use common::{fixture_toml, LoggedChild};
 use kto::config::TrainConfig;
 use kto::data::Batch;
 use kto::model::Model;
 use kto::train::{Silent, Trainer};
 use serde_json::{Map, Value};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BASE: &[&str] = &["optim=sgd", "max_steps=3", "save_steps=1", "learning_rate=1e-3"];
@@ -203,17 +203,16 @@ fn a_two_rank_checkpoint_resumes_in_one_process() {
 fn a_killed_rank_stops_the_job_instead_of_hanging() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path());
-    let mut child = Command::new("mpirun")
+    let mut mpirun = Command::new("mpirun");
+    mpirun
         .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
         .arg(env!("CARGO_BIN_EXE_kto"))
         .arg("train")
         .arg(&config)
         .args(set_args(&["max_steps=100000", "save_steps=100000", "num_train_epochs=1000"]))
-        .env("RAYON_NUM_THREADS", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .env("RAYON_NUM_THREADS", "1");
+    // Rank 0 logs a line at every step: its stderr goes to a file, which never blocks mpirun as a full pipe did.
+    let mut job = LoggedChild::spawn(&mut mpirun, &dir.path().join("stderr.log"));
     // Find rank 1 (a kto process whose environment says so) once it is training, and kill it.
     let start = Instant::now();
     let victim = loop {
@@ -233,19 +232,9 @@ fn a_killed_rank_stops_the_job_instead_of_hanging() {
         std::thread::sleep(Duration::from_millis(100));
     };
     Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap();
-    let killed_at = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(!status.success(), "the job must fail when a rank dies");
-            break;
-        }
-        if killed_at.elapsed() > Duration::from_secs(60) {
-            child.kill().ok();
-            panic!("the job hung after rank 1 was killed");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let status = job.wait_for(Duration::from_secs(60));
+    let stderr = job.stderr();
+    let status = status.unwrap_or_else(|| panic!("the job hung after rank 1 was killed: {stderr}"));
+    assert!(!status.success(), "the job must fail when a rank dies");
     assert!(stderr.to_lowercase().contains("signal 9") || stderr.contains("killed"), "mpirun says which rank died: {stderr}");
 }

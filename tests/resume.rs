@@ -2,9 +2,9 @@
 //! `metrics.jsonl` lines and bit-identical final weights as an uninterrupted run; SIGTERM stops cleanly with a
 //! checkpoint and a message that says how to resume.
 mod common;
-use common::fixture_toml;
+use common::{fixture_toml, LoggedChild};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const STEPS: &str = "max_steps=200";
@@ -40,14 +40,12 @@ fn uninterrupted() -> (tempfile::TempDir, Vec<String>, Vec<u8>) {
 }
 
 /// Starts a run, waits until it has written at least `checkpoints` checkpoints, then sends `signal`.
-fn start_and_signal(dir: &Path, signal: &str, checkpoints: usize) -> std::process::Output {
+fn start_and_signal(dir: &Path, signal: &str, checkpoints: usize) -> (std::process::ExitStatus, String) {
     let cfg = write_config(dir);
-    let child = Command::new(env!("CARGO_BIN_EXE_kto"))
-        .args(args(cfg.to_str().unwrap(), &[]))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut job = LoggedChild::spawn(
+        Command::new(env!("CARGO_BIN_EXE_kto")).args(args(cfg.to_str().unwrap(), &[])),
+        &dir.join("stderr.log"),
+    );
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let done = kto::checkpoint::list(&dir.join("out")).last().map(|(s, _)| *s).unwrap_or(0);
@@ -57,9 +55,10 @@ fn start_and_signal(dir: &Path, signal: &str, checkpoints: usize) -> std::proces
         assert!(Instant::now() < deadline, "no checkpoint appeared");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let status = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill").args([signal, &job.child.id().to_string()]).status().unwrap();
     assert!(status.success());
-    child.wait_with_output().unwrap()
+    let status = job.wait_for(Duration::from_secs(120)).expect("the run stops after the signal");
+    (status, job.stderr())
 }
 
 fn resume(dir: &Path) {
@@ -75,8 +74,8 @@ fn resume(dir: &Path) {
 fn sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run() {
     let (_ref_dir, want_lines, want_weights) = uninterrupted();
     let dir = tempfile::tempdir().unwrap();
-    let killed = start_and_signal(dir.path(), "-KILL", 2);
-    assert!(!killed.status.success(), "the run should have been killed mid-way");
+    let (killed, _) = start_and_signal(dir.path(), "-KILL", 2);
+    assert!(!killed.success(), "the run should have been killed mid-way");
     let last = kto::checkpoint::list(&dir.path().join("out")).last().unwrap().0;
     assert!(last < 200, "killed before the end (last checkpoint {last})");
     resume(dir.path());
@@ -89,9 +88,8 @@ fn sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run() {
 fn sigterm_writes_a_checkpoint_and_says_how_to_resume() {
     let (_ref_dir, want_lines, want_weights) = uninterrupted();
     let dir = tempfile::tempdir().unwrap();
-    let stopped = start_and_signal(dir.path(), "-TERM", 1);
-    assert_eq!(stopped.status.code(), Some(130), "{}", String::from_utf8_lossy(&stopped.stderr));
-    let stderr = String::from_utf8_lossy(&stopped.stderr);
+    let (stopped, stderr) = start_and_signal(dir.path(), "-TERM", 1);
+    assert_eq!(stopped.code(), Some(130), "{stderr}");
     assert!(stderr.contains("resume_from_checkpoint=true"), "{stderr}");
     resume(dir.path());
     assert_eq!(step_lines(dir.path()), want_lines);

@@ -77,3 +77,40 @@ impl Rng {
         (0..n).map(|_| scale * self.next()).collect()
     }
 }
+
+/// A child process whose stderr goes to a file, never to a pipe: a pipe nobody reads while the test waits fills
+/// (64 KiB) once the child has logged enough, and then the child, and whatever waits for it, blocks for ever.
+pub struct LoggedChild {
+    pub child: std::process::Child,
+    log: PathBuf,
+}
+
+impl LoggedChild {
+    /// Spawns `cmd` with stdout discarded and stderr written to `log`.
+    pub fn spawn(cmd: &mut std::process::Command, log: &std::path::Path) -> LoggedChild {
+        let file = std::fs::File::create(log).unwrap();
+        let child = cmd.stdout(std::process::Stdio::null()).stderr(file).spawn().unwrap();
+        LoggedChild { child, log: log.to_path_buf() }
+    }
+
+    /// What the child has written to stderr so far.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    /// Waits up to `limit` for the child to exit; `None` (after killing it) if it did not.
+    pub fn wait_for(&mut self, limit: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if start.elapsed() > limit {
+                self.child.kill().ok();
+                self.child.wait().ok();
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
