@@ -53,6 +53,46 @@ pub struct BenchOptions {
     pub gradient_checkpointing: bool,
 }
 
+impl BenchOptions {
+    /// Options that could not make a model or a batch are refused before anything is allocated.
+    fn check(&self) -> anyhow::Result<()> {
+        let at_least = [
+            ("--vocab", self.vocab, 4),
+            ("--hidden", self.hidden, 1),
+            ("--intermediate", self.intermediate, 1),
+            ("--layers", self.layers, 1),
+            ("--heads", self.heads, 1),
+            ("--kv-heads", self.kv_heads, 1),
+            ("--batch", self.batch, 2),
+            ("--prompt-len", self.prompt_len, 1),
+            ("--completion-len", self.completion_len, 1),
+            ("--steps", self.steps, 1),
+        ];
+        for (flag, value, min) in at_least {
+            if value < min {
+                anyhow::bail!("kto bench: {flag} must be at least {min}, got {value}");
+            }
+        }
+        if self.heads % self.kv_heads != 0 {
+            anyhow::bail!("kto bench: --heads {} is not a multiple of --kv-heads {}", self.heads, self.kv_heads);
+        }
+        if self.hidden % self.heads != 0 || (self.hidden / self.heads) % 2 != 0 {
+            anyhow::bail!("kto bench: --hidden {} must split into --heads {} heads of even size", self.hidden, self.heads);
+        }
+        if self.threads == Some(0) {
+            anyhow::bail!("kto bench: --threads must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Total physical memory, where the system says (Linux).
+fn physical_memory_bytes() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: usize = text.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// A small deterministic generator (xorshift64*) for weights and tokens.
 struct Rng(u64);
 impl Rng {
@@ -139,6 +179,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     if let Some(t) = opts.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
     }
+    opts.check()?;
     let spec = ModelSpec {
         vocab_size: opts.vocab,
         hidden: opts.hidden,
@@ -154,6 +195,16 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         layer_windows: vec![None; opts.layers],
         tied_embeddings: false,
     };
+    spec.check().map_err(|e| anyhow::anyhow!("kto bench: {e}"))?;
+    // Policy, reference (or LoRA base), gradients and two AdamW moments, in f32.
+    let needed = spec.parameter_count().and_then(|n| n.checked_mul(5 * 4)).unwrap_or(usize::MAX);
+    if let Some(total) = physical_memory_bytes().filter(|&t| needed > t) {
+        anyhow::bail!(
+            "kto bench: this shape needs at least {:.1} GB for weights, gradients and optimizer state; the machine has {:.1} GB",
+            needed as f64 / 1e9,
+            total as f64 / 1e9
+        );
+    }
     let policy = random_model(&spec, 0);
     let reference = if opts.lora_r > 0 { None } else { Some(random_model(&spec, 1)) };
     let len = opts.prompt_len + opts.completion_len;

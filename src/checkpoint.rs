@@ -2,6 +2,8 @@
 //! written into a temporary folder and renamed into place, so a kill at any moment leaves the previous
 //! checkpoints intact and never a half-written one.
 use crate::error::{Error, Result};
+use crate::output::remove_dir_whole;
+use crate::run_identity::RunIdentity;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -61,13 +63,13 @@ pub fn save(
     let text = serde_json::to_string_pretty(state).map_err(|e| Error::Train(e.to_string()))?;
     crate::files::write_atomic(&tmp.join(STATE_FILE), text.as_bytes())?;
     if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::file(&final_dir, e))?;
+        remove_dir_whole(&final_dir)?;
     }
     std::fs::rename(&tmp, &final_dir).map_err(|e| Error::file(&final_dir, format!("cannot rename checkpoint into place: {e}")))?;
     if let Some(keep) = keep {
         let all = list(output_dir);
         for (_, old) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
-            let _ = std::fs::remove_dir_all(old);
+            remove_dir_whole(old)?;
         }
     }
     Ok(final_dir)
@@ -79,25 +81,29 @@ pub fn load_state(dir: &Path) -> Result<RunState> {
     serde_json::from_str(&text).map_err(|e| Error::file(&path, format!("invalid trainer state: {e}")))
 }
 
-/// Which checkpoint `resume_from_checkpoint` names: a path, or `true` for the latest in `output_dir`.
-pub fn resolve(setting: &toml::Value, output_dir: &Path) -> Result<Option<PathBuf>> {
-    match setting {
-        toml::Value::Boolean(false) => Ok(None),
+/// Which checkpoint `resume_from_checkpoint` names: a path, or `true` for the latest in `output_dir`; either way
+/// it must belong to the run `identity` describes.
+pub fn resolve(setting: &toml::Value, output_dir: &Path, identity: &RunIdentity) -> Result<Option<PathBuf>> {
+    let dir = match setting {
+        toml::Value::Boolean(false) => return Ok(None),
         toml::Value::Boolean(true) => match list(output_dir).pop() {
-            Some((_, dir)) => Ok(Some(dir)),
-            None => Err(Error::Config(format!(
-                "resume_from_checkpoint = true but {} holds no checkpoint",
-                output_dir.display()
-            ))),
+            Some((_, dir)) => dir,
+            None => {
+                return Err(Error::Config(format!(
+                    "resume_from_checkpoint = true but {} holds no checkpoint",
+                    output_dir.display()
+                )))
+            }
         },
         toml::Value::String(p) => {
             let dir = PathBuf::from(p);
-            if dir.join(STATE_FILE).is_file() {
-                Ok(Some(dir))
-            } else {
-                Err(Error::file(&dir, format!("not a checkpoint (no {STATE_FILE})")))
+            if !dir.join(STATE_FILE).is_file() {
+                return Err(Error::file(&dir, format!("not a checkpoint (no {STATE_FILE})")));
             }
+            dir
         }
-        other => Err(Error::Config(format!("resume_from_checkpoint must be a path or true, got {other}"))),
-    }
+        other => return Err(Error::Config(format!("resume_from_checkpoint must be a path or true, got {other}"))),
+    };
+    identity.check_checkpoint(&dir)?;
+    Ok(Some(dir))
 }

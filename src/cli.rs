@@ -5,6 +5,8 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value};
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -105,7 +107,8 @@ pub struct GenerateArgs {
 }
 
 fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
-    use crate::generate::{content_json, generate_texts, read_prompts, SamplingOptions};
+    use crate::generate::{content_json, generate_texts, generate_texts_streaming, read_prompts, SamplingOptions};
+    use std::io::Write;
     if !(args.temperature >= 0.0 && args.top_p > 0.0 && args.top_p <= 1.0) {
         anyhow::bail!("--temperature must be >= 0 and --top-p in (0, 1]");
     }
@@ -118,6 +121,7 @@ fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
         _ => &args.model,
     };
     let tok = crate::data::TextTokenizer::load(tok_dir)?;
+    tok.check_fits(model.spec.vocab_size, &args.model)?;
     let prompts = match (&args.prompt, &args.prompts) {
         (Some(p), _) => vec![crate::data::Content::Text(p.clone())],
         (None, Some(path)) => read_prompts(path, &args.prompt_column)?,
@@ -130,34 +134,97 @@ fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
         max_new_tokens: args.max_new_tokens,
         seed: args.seed,
     };
-    let completions = generate_texts(&model, &tok, &prompts, !args.no_chat_template, &opts)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_dir.display()))?;
+    let chat = !args.no_chat_template;
     if args.prompt.is_some() && args.out.is_none() {
+        let completions = generate_texts(&model, &tok, &prompts, chat, &opts).map_err(|e| anyhow::anyhow!("{}: {e}", tok_dir.display()))?;
         println!("{}", completions[0]);
         return Ok(());
     }
-    let mut text = String::new();
-    for (p, c) in prompts.iter().zip(&completions) {
-        text += &serde_json::json!({"prompt": content_json(p), "completion": c}).to_string();
-        text.push('\n');
-    }
-    match &args.out {
-        Some(path) => {
-            crate::files::write_atomic(path, text.as_bytes())?;
-            eprintln!("kto: {} completions written to {}", completions.len(), path.display());
+    // Lines go out batch by batch: to standard output, or to OUT.partial, renamed to OUT when all are done, so
+    // an interrupted run keeps what it sampled and never leaves a file that looks complete.
+    let stop = stop_on_signals()?;
+    let partial = args.out.as_ref().map(|p| {
+        let mut name = p.file_name().unwrap_or_default().to_os_string();
+        name.push(".partial");
+        p.with_file_name(name)
+    });
+    let mut file = match &partial {
+        Some(p) => Some(std::fs::File::create(p).map_err(|e| crate::Error::file(p, format!("cannot write: {e}")))?),
+        None => None,
+    };
+    let mut write_error = None;
+    let mut sink = |first: usize, texts: &[String]| {
+        let mut lines = String::new();
+        for (p, c) in prompts[first..].iter().zip(texts) {
+            lines += &serde_json::json!({"prompt": content_json(p), "completion": c}).to_string();
+            lines.push('\n');
         }
-        None => print!("{text}"),
+        let written = match &mut file {
+            Some(f) => f.write_all(lines.as_bytes()).and_then(|_| f.flush()),
+            None => std::io::stdout().write_all(lines.as_bytes()),
+        };
+        if let Err(e) = written {
+            write_error = Some(e);
+            return false;
+        }
+        !stop.load(Ordering::SeqCst)
+    };
+    let made = generate_texts_streaming(&model, &tok, &prompts, chat, &opts, &mut sink)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_dir.display()))?;
+    let shown = |p: &Option<PathBuf>| p.as_ref().map_or("standard output".to_string(), |p| p.display().to_string());
+    if let Some(e) = write_error {
+        anyhow::bail!("{}: cannot write: {e}", shown(&partial));
+    }
+    if made < prompts.len() {
+        return Err(crate::Error::StoppedEarly(format!("after {made} of {} completions; they are in {}", prompts.len(), shown(&partial))).into());
+    }
+    if let (Some(partial), Some(out)) = (&partial, &args.out) {
+        std::fs::rename(partial, out).map_err(|e| crate::Error::file(out, format!("cannot move into place: {e}")))?;
+        eprintln!("kto: {made} completions written to {}", out.display());
     }
     Ok(())
 }
 
-/// Progress on a terminal: a bar with loss and step rate; elsewhere one plain line per log entry.
+/// Progress on a terminal: a bar with loss and step rate; elsewhere one plain line per log entry, as TRL prints
+/// a dict per log step. It also carries the stop request of SIGINT/SIGTERM to the trainer.
 struct Console {
     bar: Option<ProgressBar>,
+    stop: Arc<AtomicBool>,
+}
+
+/// SIGINT / SIGTERM: the first sets the returned flag (the run stops at the next safe point, with a checkpoint
+/// if it has started training) and is acknowledged on stderr; a second one ends the process at once (exit 130).
+fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // Registered first, so it sees the flag as the previous signal left it.
+        signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())?;
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
+    let seen = stop.clone();
+    std::thread::spawn(move || {
+        while !seen.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        eprintln!("kto: stopping at the next safe point (a checkpoint is written if training has started); signal again to stop at once");
+    });
+    Ok(stop)
+}
+
+/// What ranks other than 0 report: nothing, but they stop when asked.
+struct QuietRank(Arc<AtomicBool>);
+impl Observer for QuietRank {
+    fn stop_requested(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
 }
 
 impl Console {
     fn new(enabled: bool) -> Self {
+        Self::with_stop(enabled, Arc::new(AtomicBool::new(false)))
+    }
+
+    fn with_stop(enabled: bool, stop: Arc<AtomicBool>) -> Self {
         let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::new(0);
             bar.set_style(
@@ -166,7 +233,7 @@ impl Console {
             );
             bar
         });
-        Console { bar }
+        Console { bar, stop }
     }
     fn line(&self, s: &str) {
         match &self.bar {
@@ -227,6 +294,9 @@ impl Observer for Console {
             b.finish_and_clear();
         }
     }
+    fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
 }
 
 /// `kto train` and `kto sft`: load, train with a progress bar, stop cleanly on SIGINT/SIGTERM. Under `mpirun`
@@ -234,6 +304,7 @@ impl Observer for Console {
 fn run_training(task: Task, cfg: TrainConfig) -> anyhow::Result<()> {
     let ranks = crate::dist::Ranks::from_launcher()?;
     let result = train_on_ranks(task, cfg, &ranks);
+    // Only a stop the ranks agreed on (after the same step) ends them all cleanly; any other stops them all.
     let interrupted = |e: &anyhow::Error| matches!(e.downcast_ref::<crate::Error>(), Some(crate::Error::Interrupted { .. }));
     if let (Err(e), true) = (&result, ranks.size() > 1) {
         if interrupted(e) {
@@ -248,19 +319,15 @@ fn run_training(task: Task, cfg: TrainConfig) -> anyhow::Result<()> {
 }
 
 fn train_on_ranks(task: Task, cfg: TrainConfig, ranks: &crate::dist::Ranks) -> anyhow::Result<()> {
-    let console = Console::new(!cfg.disable_tqdm && ranks.is_root());
-    let quiet = crate::train::Silent;
+    // Every rank watches the signals (mpirun forwards SIGTERM to all); the ranks agree on the stop each step.
+    let stop = stop_on_signals()?;
+    let console = Console::with_stop(!cfg.disable_tqdm && ranks.is_root(), stop.clone());
+    let quiet = QuietRank(stop);
     let obs: &dyn Observer = if ranks.is_root() { &console } else { &quiet };
     if ranks.size() > 1 {
         obs.info(&format!("data-parallel over {} MPI ranks", ranks.size()));
     }
     let mut trainer = Trainer::new_on(task, cfg, obs, ranks)?;
-    // Ctrl-C / SIGTERM: finish the current optimizer step, write a checkpoint, stop.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, stop.clone())?;
-    }
-    trainer.stop = Some(stop);
     let summary = trainer.train_on(obs, ranks)?;
     let out = trainer.cfg.output_dir.display();
     obs.info(&format!(
@@ -270,13 +337,19 @@ fn train_on_ranks(task: Task, cfg: TrainConfig, ranks: &crate::dist::Ranks) -> a
     Ok(())
 }
 
+/// The base an adapter names (`base_model_name_or_path`), when it is a folder on this machine (a hub ID cannot
+/// be compared with a folder here).
+fn adapter_base(adapter: &std::path::Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(adapter.join("adapter_config.json")).ok()?;
+    let v: Value = serde_json::from_str(&text).ok()?;
+    let named = PathBuf::from(v.get("base_model_name_or_path")?.as_str()?);
+    named.is_dir().then_some(named)
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train { config, overrides } => run_training(Task::Kto, TrainConfig::load(&config, &overrides)?),
-        Command::Sft { config, overrides } => {
-            let defaults = [("learning_rate", toml::Value::Float(2e-5))];
-            run_training(Task::Sft, TrainConfig::load_with_defaults(&config, &overrides, &defaults)?)
-        }
+        Command::Sft { config, overrides } => run_training(Task::Sft, TrainConfig::load_sft(&config, &overrides)?),
         Command::Generate(args) => run_generate(&args),
         Command::Demo { out, seeds } => {
             let console = Console::new(false);
@@ -297,6 +370,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(opts) => crate::bench::run(&opts),
         Command::Merge { base, adapter, out } => {
+            for (flag, input) in [("--base", &base), ("--adapter", &adapter)] {
+                if crate::output::same_folder(&out, input) {
+                    anyhow::bail!("{}: --out is the {flag} folder; write the merged model elsewhere", out.display());
+                }
+            }
+            if let Some(named) = adapter_base(&adapter).filter(|named| !crate::output::same_folder(named, &base)) {
+                eprintln!(
+                    "kto: warning: {} was trained on {}, not {} (adapter_config.json's base_model_name_or_path); the merge is only right on the same base",
+                    adapter.display(),
+                    named.display(),
+                    base.display()
+                );
+            }
             let mut model = crate::model::Model::load(&base)?;
             model.lora = Some(crate::model::lora::Lora::load_peft(&adapter, &model.spec)?);
             model.merge_lora();

@@ -3,10 +3,10 @@
 use crate::error::{Error, Result};
 use crate::objective::LossType;
 use crate::optim::{OptimKind, Schedule};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     // ---- what to train on ----
@@ -45,6 +45,10 @@ pub struct TrainConfig {
     /// Where `metrics.jsonl` and the trained model go.
     #[serde(default = "d_output_dir")]
     pub output_dir: PathBuf,
+    /// A new run into an `output_dir` that holds another run's checkpoints, metrics or model is refused unless
+    /// this is true; then those are removed first (TrainingArguments' name).
+    #[serde(default)]
+    pub overwrite_output_dir: bool,
 
     // ---- the KTO objective ----
     /// β: temperature of the log-ratio against the reference.
@@ -174,6 +178,20 @@ pub struct TrainConfig {
     /// Token budget of those completions (also bounded by `max_length`).
     #[serde(default = "d_generate_max_new_tokens")]
     pub generate_max_new_tokens: usize,
+
+    /// Which command the config is for (set by the loader, not a key): the KL checks are KTO's alone.
+    #[serde(skip_serializing, skip_deserializing)]
+    pub purpose: Purpose,
+}
+
+/// What a config is loaded for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Purpose {
+    /// `kto train`: the KTO objective and its batch rules.
+    #[default]
+    Kto,
+    /// `kto sft`: next-token loss; no reference, no KL pairs, SFTConfig's learning rate by default.
+    Sft,
 }
 
 fn d_generate_eval_prompts() -> usize {
@@ -283,26 +301,34 @@ fn parse_override_value(raw: &str) -> toml::Value {
 impl TrainConfig {
     /// Reads a TOML file and applies `KEY=VALUE` overrides.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        Self::load_with_defaults(path, overrides, &[])
+        Self::load_for(Purpose::Kto, path, overrides)
     }
 
-    /// `load`, where `defaults` replace KTOConfig's default of keys the file and overrides leave unset (`kto sft`
-    /// takes SFTConfig's `learning_rate = 2e-5`).
-    pub fn load_with_defaults(path: &Path, overrides: &[String], defaults: &[(&str, toml::Value)]) -> Result<Self> {
+    /// `load` for `kto sft`: SFTConfig's `learning_rate = 2e-5` unless the file or an override sets it, and no
+    /// KTO-only checks.
+    pub fn load_sft(path: &Path, overrides: &[String]) -> Result<Self> {
+        Self::load_for(Purpose::Sft, path, overrides)
+    }
+
+    pub fn load_for(purpose: Purpose, path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
-        Self::from_toml_with_defaults(&text, overrides, defaults).map_err(|e| match e {
+        Self::from_toml_for(purpose, &text, overrides).map_err(|e| match e {
             Error::Config(msg) => Error::file(path, msg),
             other => other,
         })
     }
 
     pub fn from_toml(text: &str, overrides: &[String]) -> Result<Self> {
-        Self::from_toml_with_defaults(text, overrides, &[])
+        Self::from_toml_for(Purpose::Kto, text, overrides)
     }
 
-    pub fn from_toml_with_defaults(text: &str, overrides: &[String], defaults: &[(&str, toml::Value)]) -> Result<Self> {
+    pub fn from_toml_for(purpose: Purpose, text: &str, overrides: &[String]) -> Result<Self> {
+        let defaults = match purpose {
+            Purpose::Kto => vec![],
+            Purpose::Sft => vec![("learning_rate", toml::Value::Float(2e-5))],
+        };
         let mut table: toml::Table = toml::from_str(text).map_err(|e| Error::Config(one_line(&e.to_string())))?;
-        for (key, value) in defaults {
+        for (key, value) in &defaults {
             table.entry(key.to_string()).or_insert_with(|| value.clone());
         }
         for item in overrides {
@@ -311,8 +337,9 @@ impl TrainConfig {
                 .ok_or_else(|| Error::Config(format!("--set {item:?}: expected KEY=VALUE")))?;
             table.insert(key.trim().to_string(), parse_override_value(value.trim()));
         }
-        let cfg: TrainConfig =
+        let mut cfg: TrainConfig =
             TrainConfig::deserialize(table).map_err(|e| Error::Config(one_line(&e.to_string())))?;
+        cfg.purpose = purpose;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -334,10 +361,10 @@ impl TrainConfig {
         if self.per_device_train_batch_size == 0 {
             return bad("per_device_train_batch_size must be at least 1".into());
         }
-        if self.loss_type() == Some(LossType::Kto) && self.per_device_train_batch_size < 2 {
+        if self.purpose == Purpose::Kto && self.loss_type() == Some(LossType::Kto) && self.per_device_train_batch_size < 2 {
             return bad("per_device_train_batch_size must be > 1 for loss_type \"kto\": with one row the KL term equals the implied reward (TRL refuses it too)".into());
         }
-        if self.loss_type() == Some(LossType::Kto) && self.train_sampling_strategy != "sequential" {
+        if self.purpose == Purpose::Kto && self.loss_type() == Some(LossType::Kto) && self.train_sampling_strategy != "sequential" {
             return bad(format!(
                 "train_sampling_strategy {:?}: loss_type \"kto\" needs \"sequential\" (the KL pairs are chunks of consecutive rows)",
                 self.train_sampling_strategy
@@ -349,8 +376,28 @@ impl TrainConfig {
         if self.logging_steps == 0 {
             return bad("logging_steps must be at least 1".into());
         }
-        if !(self.beta > 0.0) {
-            return bad(format!("beta must be positive, got {}", self.beta));
+        let finite = |key: &str, v: f64, ok: bool, range: &str| -> Result<()> {
+            if v.is_finite() && ok {
+                Ok(())
+            } else {
+                Err(Error::Config(format!("{key} must be {range}, got {v}")))
+            }
+        };
+        finite("beta", self.beta, self.beta > 0.0, "positive")?;
+        finite("learning_rate", self.learning_rate, self.learning_rate >= 0.0, "at least 0")?;
+        finite("warmup_steps", self.warmup_steps, self.warmup_steps >= 0.0, "at least 0")?;
+        finite("warmup_ratio", self.warmup_ratio, (0.0..=1.0).contains(&self.warmup_ratio), "in [0, 1]")?;
+        finite("weight_decay", self.weight_decay, self.weight_decay >= 0.0, "at least 0")?;
+        finite("adam_beta1", self.adam_beta1, (0.0..1.0).contains(&self.adam_beta1), "in [0, 1)")?;
+        finite("adam_beta2", self.adam_beta2, (0.0..1.0).contains(&self.adam_beta2), "in [0, 1)")?;
+        finite("adam_epsilon", self.adam_epsilon, self.adam_epsilon > 0.0, "positive")?;
+        finite("max_grad_norm", self.max_grad_norm, self.max_grad_norm >= 0.0, "at least 0 (0 disables clipping)")?;
+        finite("desirable_weight", self.desirable_weight, self.desirable_weight >= 0.0, "at least 0")?;
+        finite("undesirable_weight", self.undesirable_weight, self.undesirable_weight >= 0.0, "at least 0")?;
+        finite("num_train_epochs", self.num_train_epochs, self.num_train_epochs >= 0.0, "at least 0")?;
+        if self.use_peft {
+            finite("lora_alpha", self.lora_alpha, self.lora_alpha > 0.0, "positive")?;
+            finite("lora_dropout", self.lora_dropout, (0.0..1.0).contains(&self.lora_dropout), "in [0, 1)")?;
         }
         if self.max_steps == 0 || self.max_steps < -1 {
             return bad(format!("max_steps must be positive or -1, got {}", self.max_steps));

@@ -188,7 +188,7 @@ fn path_str(p: &Path) -> String {
 /// SFT settings shared by the base model and the desirable-only baseline.
 fn sft_toml(model: &Path, data: &Path, out: &Path, seed: u64, epochs: f64) -> String {
     format!(
-        "model = \"{}\"\ntrain_dataset = \"{}\"\noutput_dir = \"{}\"\nper_device_train_batch_size = 32\n\
+        "model = \"{}\"\ntrain_dataset = \"{}\"\noutput_dir = \"{}\"\noverwrite_output_dir = true\nper_device_train_batch_size = 32\n\
          learning_rate = 3e-3\nlr_scheduler_type = \"cosine\"\nwarmup_ratio = 0.05\nnum_train_epochs = {epochs}\n\
          max_length = 32\nlogging_steps = 10\nsave_strategy = \"no\"\nseed = {seed}\ngradient_checkpointing = false\n\
          disable_tqdm = true\n",
@@ -200,7 +200,7 @@ fn sft_toml(model: &Path, data: &Path, out: &Path, seed: u64, epochs: f64) -> St
 
 fn kto_toml(model: &Path, data: &Path, eval: &Path, out: &Path, seed: u64, desirable_weight: f64) -> String {
     format!(
-        "model = \"{m}\"\nref_model = \"{m}\"\ntrain_dataset = \"{}\"\neval_dataset = \"{}\"\noutput_dir = \"{}\"\n\
+        "model = \"{m}\"\nref_model = \"{m}\"\ntrain_dataset = \"{}\"\neval_dataset = \"{}\"\noutput_dir = \"{}\"\noverwrite_output_dir = true\n\
          beta = 0.1\ndesirable_weight = {desirable_weight}\nundesirable_weight = 1.0\nper_device_train_batch_size = 32\n\
          learning_rate = 1e-3\nlr_scheduler_type = \"linear\"\nwarmup_ratio = 0.1\nnum_train_epochs = 5\n\
          max_length = 32\nlogging_steps = 5\neval_strategy = \"steps\"\neval_steps = 20\nsave_strategy = \"no\"\n\

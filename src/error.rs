@@ -22,6 +22,17 @@ pub enum Error {
     /// Stopped by SIGINT or SIGTERM after a checkpoint was written.
     #[error("interrupted after step {step}; checkpoint in {}; resume with --set resume_from_checkpoint=true", checkpoint.display())]
     Interrupted { step: usize, checkpoint: PathBuf },
+    /// Stopped by SIGINT or SIGTERM where there is no checkpoint to write (before the first optimizer step, or
+    /// in a command that does not train); the text says during what and what was kept.
+    #[error("interrupted {0}")]
+    StoppedEarly(String),
+}
+
+impl Error {
+    /// Whether the user stopped the run (exit code 130), rather than it failing.
+    pub fn is_interruption(&self) -> bool {
+        matches!(self, Error::Interrupted { .. } | Error::StoppedEarly(_))
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

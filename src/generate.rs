@@ -98,7 +98,14 @@ pub fn generate_ids(model: &Model, prompts: &[Vec<u32>], eos_id: u32, opts: &Sam
 pub fn generate_ids_with(model: &Model, adapters: bool, prompts: &[Vec<u32>], eos_id: u32, opts: &SamplingOptions) -> Vec<Vec<u32>> {
     let mut out = Vec::with_capacity(prompts.len());
     for (chunk_index, chunk) in prompts.chunks(GENERATION_BATCH).enumerate() {
-        let first = chunk_index * GENERATION_BATCH;
+        out.extend(generate_batch(model, adapters, chunk, chunk_index * GENERATION_BATCH, eos_id, opts));
+    }
+    out
+}
+
+/// One batch of prompts through the KV cache; `first` is the index of its first prompt (its random stream).
+fn generate_batch(model: &Model, adapters: bool, chunk: &[Vec<u32>], first: usize, eos_id: u32, opts: &SamplingOptions) -> Vec<Vec<u32>> {
+    {
         let capacity = chunk.iter().map(|p| p.len()).max().unwrap_or(0) + opts.max_new_tokens;
         let mut cache = KvCache::new(model, chunk.len(), capacity.max(1));
         cache.adapters = adapters;
@@ -127,9 +134,8 @@ pub fn generate_ids_with(model: &Model, adapters: bool, prompts: &[Vec<u32>], eo
                 }
             }
         }
-        out.extend(generated);
+        generated
     }
-    out
 }
 
 /// Token ids of a prompt exactly as training tokenizes prompts: text through the tokenizer (with its special
@@ -154,8 +160,39 @@ pub fn generate_texts(
     chat: bool,
     opts: &SamplingOptions,
 ) -> Result<Vec<String>, String> {
+    let mut texts = Vec::with_capacity(prompts.len());
+    generate_texts_streaming(model, tok, prompts, chat, opts, &mut |_, batch| {
+        texts.extend_from_slice(batch);
+        true
+    })?;
+    Ok(texts)
+}
+
+/// `generate_texts` a batch at a time: `sink` gets each batch's completions (the index of its first prompt,
+/// the texts) as soon as they are sampled, and returns false to stop before the next batch. Returns how many
+/// completions were made.
+pub fn generate_texts_streaming(
+    model: &Model,
+    tok: &TextTokenizer,
+    prompts: &[Content],
+    chat: bool,
+    opts: &SamplingOptions,
+    sink: &mut dyn FnMut(usize, &[String]) -> bool,
+) -> Result<usize, String> {
     let ids = prompts.iter().map(|p| prompt_ids(tok, p, chat)).collect::<Result<Vec<_>, _>>()?;
-    generate_ids(model, &ids, tok.eos_id, opts).iter().map(|g| tok.decode(g)).collect()
+    let mut made = 0;
+    for (chunk_index, chunk) in ids.chunks(GENERATION_BATCH).enumerate() {
+        let first = chunk_index * GENERATION_BATCH;
+        let texts = generate_batch(model, true, chunk, first, tok.eos_id, opts)
+            .iter()
+            .map(|g| tok.decode(g))
+            .collect::<Result<Vec<_>, _>>()?;
+        made += texts.len();
+        if !sink(first, &texts) {
+            break;
+        }
+    }
+    Ok(made)
 }
 
 #[cfg(test)]

@@ -12,12 +12,16 @@ pub mod demo;
 pub mod dist;
 pub mod engine;
 pub mod error;
+pub mod fault;
 pub mod files;
+pub mod fingerprint;
 pub mod generate;
 pub mod model;
 pub mod objective;
 pub mod optim;
+pub mod output;
 pub mod plot;
+pub mod run_identity;
 pub mod tensorboard;
 pub mod train;
 

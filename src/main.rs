@@ -3,7 +3,7 @@ use clap::Parser;
 fn main() {
     let cli = kto::cli::Cli::parse();
     if let Err(e) = kto::cli::run(cli) {
-        if let Some(kto::Error::Interrupted { .. }) = e.downcast_ref::<kto::Error>() {
+        if e.downcast_ref::<kto::Error>().is_some_and(|e| e.is_interruption()) {
             eprintln!("kto: {e}");
             std::process::exit(130);
         }

@@ -35,7 +35,8 @@ fn read_series(path: &Path) -> Result<Vec<(String, Vec<(f64, f64)>)>> {
         }
         let Some(step) = entry.get("step").and_then(|s| s.as_f64()) else { continue };
         for (k, v) in &entry {
-            let Some(v) = v.as_f64().filter(|v| v.is_finite()) else { continue };
+            // Values beyond ±1e300 would make a range wider than f64 holds (and the axis ticks never end).
+            let Some(v) = v.as_f64().filter(|v| v.is_finite()).map(|v| v.clamp(-1e300, 1e300)) else { continue };
             match series.iter_mut().find(|(name, _)| name == k) {
                 Some((_, points)) => points.push((step, v)),
                 None => series.push((k.clone(), vec![(step, v)])),

@@ -78,6 +78,28 @@ impl EventWriter {
         Ok(w)
     }
 
+    /// `create` for a run that continues from a checkpoint: its earlier event files go, and the log entries
+    /// `metrics.jsonl` kept up to the checkpoint are written again, so no step appears twice. (Their wall times
+    /// are the time of the replay.)
+    pub fn create_replaying(output_dir: &Path, kept: &[serde_json::Map<String, serde_json::Value>]) -> Result<Self> {
+        if !kept.is_empty() {
+            let dir = output_dir.join("runs");
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().to_string();
+                if name.starts_with("events.out.tfevents.") && name.ends_with(".kto") {
+                    std::fs::remove_file(entry.path()).map_err(|e| Error::file(entry.path(), format!("cannot replace: {e}")))?;
+                }
+            }
+        }
+        let mut w = Self::create(output_dir)?;
+        for entry in kept {
+            if let Some(step) = entry.get("step").and_then(|s| s.as_u64()) {
+                w.scalars(step as usize, entry)?;
+            }
+        }
+        Ok(w)
+    }
+
     /// One event with every numeric entry of a log line as a scalar (`step` is the event's step).
     pub fn scalars(&mut self, step: usize, entry: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
         let scalars: Vec<(String, f32)> = entry

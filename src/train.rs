@@ -7,7 +7,10 @@ use crate::data::{self, Batch, PrepareOptions, Prepared, TextTokenizer};
 use crate::dist::Ranks;
 use crate::engine::{backward, forward_continuation, forward_with_cache, ContinuationBatch, ScoredOutput, SeqBatch};
 use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
 use crate::model::Model;
+use crate::output::OutputDir;
+use crate::run_identity::RunIdentity;
 use crate::objective::{KtoObjective, MicroBatchLogps};
 use crate::optim::{clip_coefficient, grad_norm, Optimizer, Schedule};
 use rayon::prelude::*;
@@ -28,6 +31,11 @@ pub trait Observer: Sync {
     /// After each log entry is written.
     fn log(&self, _entry: &Map<String, Value>) {}
     fn finish(&self) {}
+    /// Whether the user asked to stop (SIGINT/SIGTERM): long passes check it between batches, training after
+    /// each optimizer step.
+    fn stop_requested(&self) -> bool {
+        false
+    }
 }
 
 fn packed(seqs: &[(Vec<u32>, Vec<bool>)]) -> SeqBatch {
@@ -70,30 +78,20 @@ fn sequence_logps(
     (out, tape, kl)
 }
 
-/// A 64-bit FNV-1a hash of everything the precomputed reference log-probs depend on.
+/// A fingerprint of everything the precomputed reference log-probs depend on.
 fn reference_cache_key(model: &Model, data: &Prepared, max_length: Option<usize>, with_kl: bool) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    let mut eat = |bytes: &[u8]| {
-        for &b in bytes {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x100000001b3);
-        }
-    };
-    for v in &model.params {
-        eat(&v.to_le_bytes());
-    }
-    eat(format!("{:?}", model.spec).as_bytes());
-    eat(&(max_length.unwrap_or(0) as u64).to_le_bytes());
-    eat(&[with_kl as u8]);
+    let mut h = Fingerprint::default();
+    h.f32s(&model.params).bytes(format!("{:?}", model.spec).as_bytes());
+    h.u64(max_length.unwrap_or(0) as u64).u64(with_kl as u64);
+    data_fingerprint(&mut h, data);
+    h.finish()
+}
+
+/// The tokenized rows in order: ids of prompt, completion and KL completion, and the label.
+fn data_fingerprint(h: &mut Fingerprint, data: &Prepared) {
     for r in &data.rows {
-        for ids in [&r.prompt_ids, &r.completion_ids, &r.kl_completion_ids] {
-            eat(&(ids.len() as u64).to_le_bytes());
-            for t in ids.iter() {
-                eat(&t.to_le_bytes());
-            }
-        }
+        h.u32s(&r.prompt_ids).u32s(&r.completion_ids).u32s(&r.kl_completion_ids).u64(r.label as u64);
     }
-    h
 }
 
 fn f32_view(v: &[f32]) -> Result<safetensors::tensor::TensorView<'_>> {
@@ -102,22 +100,21 @@ fn f32_view(v: &[f32]) -> Result<safetensors::tensor::TensorView<'_>> {
 }
 
 /// Opens `metrics.jsonl`: a fresh run starts it empty; a resumed one keeps the entries up to the checkpoint's
-/// step (later ones are logged again) and appends.
-fn open_metrics(path: &std::path::Path, resume_step: Option<usize>) -> Result<std::fs::File> {
+/// step (later ones are logged again) and appends. Returns the file and the entries kept.
+fn open_metrics(path: &std::path::Path, resume_step: Option<usize>) -> Result<(std::fs::File, Vec<Map<String, Value>>)> {
     if let Some(step) = resume_step {
-        let kept: String = std::fs::read_to_string(path)
+        let kept: Vec<Map<String, Value>> = std::fs::read_to_string(path)
             .unwrap_or_default()
             .lines()
-            .filter(|line| {
-                let v: Value = serde_json::from_str(line).unwrap_or(Value::Null);
-                !v.get("train_runtime").is_some() && v.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s as usize <= step)
-            })
-            .map(|l| format!("{l}\n"))
+            .filter_map(|line| serde_json::from_str::<Map<String, Value>>(line).ok())
+            .filter(|v| !v.contains_key("train_runtime") && v.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s as usize <= step))
             .collect();
-        crate::files::write_atomic(path, kept.as_bytes())?;
-        return std::fs::OpenOptions::new().append(true).open(path).map_err(|e| Error::file(path, e));
+        let text: String = kept.iter().map(|v| format!("{}\n", Value::Object(v.clone()))).collect();
+        crate::files::write_atomic(path, text.as_bytes())?;
+        let file = std::fs::OpenOptions::new().append(true).open(path).map_err(|e| Error::file(path, e))?;
+        return Ok((file, kept));
     }
-    std::fs::File::create(path).map_err(|e| Error::file(path, e))
+    Ok((std::fs::File::create(path).map_err(|e| Error::file(path, e))?, Vec::new()))
 }
 
 /// Reads, maps, validates and prepares one data set as the config says.
@@ -130,12 +127,15 @@ fn load_data(
     ranks: &Ranks,
 ) -> Result<Prepared> {
     let (mut rows, mut skipped) = data::read_dataset(path, cfg.skip_invalid_rows)?;
-    let mapping = [
-        (cfg.prompt_column.as_str(), "prompt"),
-        (cfg.completion_column.as_str(), "completion"),
-        (cfg.label_column.as_str(), "label"),
+    use data::read::ColumnMapping;
+    let mut mapping = vec![
+        ColumnMapping { from: &cfg.prompt_column, to: "prompt", key: "prompt_column" },
+        ColumnMapping { from: &cfg.completion_column, to: "completion", key: "completion_column" },
     ];
-    data::rename_columns(&mut rows, &mapping);
+    if task == Task::Kto {
+        mapping.push(ColumnMapping { from: &cfg.label_column, to: "label", key: "label_column" });
+    }
+    data::rename_columns(&mut rows, &mapping)?;
     if task == Task::Sft {
         // SFT learns every {prompt, completion} row; a label, if present, is not a filter.
         if let Some(first) = rows.first() {
@@ -162,7 +162,10 @@ fn load_data(
     };
     obs.preparing(path, 0, examples.len());
     if ranks.size() == 1 {
-        return data::prepare::prepare_with_progress(&examples, tokenizer, opts, path, &|n| obs.preparing(path, n, examples.len()));
+        return data::prepare::prepare_with_progress(&examples, tokenizer, opts, path, &|n| {
+            obs.preparing(path, n, examples.len());
+            !obs.stop_requested()
+        });
     }
     let tokenized = tokenize_over_ranks(&examples, tokenizer, path, ranks)?;
     obs.info(&format!("{}: {} rows tokenized over {} ranks", path.display(), examples.len(), ranks.size()));
@@ -179,7 +182,7 @@ fn tokenize_over_ranks(
 ) -> Result<Vec<data::prepare::Tokenized>> {
     let n = examples.len();
     let mine: Vec<usize> = (ranks.rank()..n).step_by(ranks.size()).collect();
-    let local = data::prepare::tokenize_rows(examples, &mine, tokenizer, path, &|_| {});
+    let local = data::prepare::tokenize_rows(examples, &mine, tokenizer, path, &|_| true);
     // [prompt length, completion length, prompt cut] per example, then a failure count.
     let mut meta = vec![0f64; 3 * n + 1];
     match &local {
@@ -299,8 +302,12 @@ pub struct Trainer {
     warmup: usize,
     /// Wall time of each phase, summed over the run (reported at the end, and by `kto bench`).
     pub phases: PhaseTimes,
-    /// Set (by a signal handler) to stop after the current optimizer step with a checkpoint.
-    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// The output folder, claimed (locked) before anything is written to it; rank 0 alone holds it.
+    output: Option<OutputDir>,
+    /// What makes this run this run (written into every checkpoint, checked on resume).
+    identity: Option<RunIdentity>,
+    /// The checkpoint `resume_from_checkpoint` resolved to when the output folder was claimed.
+    resume_from: Option<PathBuf>,
 }
 
 /// Seconds spent in each phase of training.
@@ -386,6 +393,7 @@ impl Trainer {
         if cfg.bf16 == Some(true) {
             obs.warn("bf16 = true: kto computes in fp32 on the CPU (like TRL with bf16 = false)");
         }
+        check_inputs_exist(&cfg)?;
         let tokenizer = TextTokenizer::load(cfg.tokenizer_dir())?;
         let mut policy = Model::load(&cfg.model)?;
         if cfg.use_peft {
@@ -415,12 +423,7 @@ impl Trainer {
             None if cfg.use_peft || task == Task::Sft => None,
             None => Some(Model { lora: None, ..policy.clone() }),
         };
-        if tokenizer.vocab_size() > policy.spec.vocab_size {
-            return Err(Error::model(
-                &cfg.model,
-                format!("the tokenizer has {} tokens but vocab_size is {}", tokenizer.vocab_size(), policy.spec.vocab_size),
-            ));
-        }
+        tokenizer.check_fits(policy.spec.vocab_size, &cfg.model)?;
         let prepared = load_data(&cfg, task, &cfg.train_dataset, &tokenizer, obs, ranks)?;
         let eval_data = match &cfg.eval_dataset {
             Some(path) => Some(load_data(&cfg, task, path, &tokenizer, obs, ranks)?),
@@ -502,7 +505,9 @@ impl Trainer {
             optimizer,
             max_steps,
             phases: PhaseTimes::default(),
-            stop: None,
+            output: None,
+            identity: None,
+            resume_from: None,
         }
     }
 
@@ -571,13 +576,21 @@ impl Trainer {
     /// Runs the eval set in batches of `per_device_eval_batch_size` without gradients: TRL's eval metrics with an
     /// `eval_` prefix (unweighted means over eval batches) and `eval_loss`.
     pub fn evaluate(&self) -> Map<String, Value> {
+        self.evaluate_unless_stopped(&Silent).unwrap_or_default()
+    }
+
+    /// `evaluate`, checking between eval batches whether the user asked to stop (then `None`).
+    pub fn evaluate_unless_stopped(&self, obs: &dyn Observer) -> Option<Map<String, Value>> {
         let mut entry = Map::new();
-        let Some(eval) = &self.eval_data else { return entry };
+        let Some(eval) = &self.eval_data else { return Some(entry) };
         let t = Instant::now();
         let mut acc = MetricAccumulator::default();
         let mut losses = Vec::new();
         let rows: Vec<usize> = (0..eval.rows.len()).collect();
         for chunk in rows.chunks(self.cfg.per_device_eval_batch_size) {
+            if obs.stop_requested() {
+                return None;
+            }
             let rec = self.micro_batch(&self.collate_eval(chunk), 0, None, &mut PhaseTimes::default());
             losses.push(rec.loss);
             for (k, v) in &rec.metrics {
@@ -594,7 +607,7 @@ impl Trainer {
         entry.insert("eval_runtime".into(), secs.into());
         entry.insert("eval_samples_per_second".into(), (eval.rows.len() as f64 / secs).into());
         entry.insert("eval_steps_per_second".into(), (losses.len() as f64 / secs).into());
-        entry
+        Some(entry)
     }
 
     /// Reference log-probs of a micro-batch's main and KL sequences: precomputed ones when the run has them,
@@ -639,6 +652,8 @@ impl Trainer {
     /// `precompute_reference` split over the ranks of a data-parallel run: each computes every `ranks`-th
     /// batch, the tables are summed over the ranks, and rank 0 writes the cache.
     pub fn precompute_reference_on(&mut self, obs: &dyn Observer, ranks: &Ranks) -> Result<()> {
+        // Before the long pass: a folder that cannot be written, is in use or holds another run fails now.
+        self.claim_output(obs, ranks)?;
         if self.precomputed_reference.is_none() {
             self.precomputed_reference = Some(self.precompute_split(false, obs, ranks)?);
         }
@@ -669,6 +684,9 @@ impl Trainer {
         let mut flat = vec![0f64; 2 * data.rows.len()];
         let rows: Vec<usize> = (0..data.rows.len()).collect();
         for chunk in rows.chunks(bs).skip(ranks.rank()).step_by(ranks.size()) {
+            if obs.stop_requested() {
+                return Err(Error::StoppedEarly("during the reference precomputation, before the first step; no checkpoint was written".into()));
+            }
             let batch = if eval { self.collate_eval(chunk) } else { self.collate(chunk) };
             let main = packed(&batch.main);
             let (model, adapters) = self.reference_model();
@@ -813,22 +831,30 @@ impl Trainer {
             self.warmup = self.cfg.warmup_for(self.max_steps);
         }
         let root = ranks.is_root();
+        self.claim_output(obs, ranks)?;
         let out_dir = self.cfg.output_dir.clone();
-        std::fs::create_dir_all(&out_dir).map_err(|e| Error::file(&out_dir, format!("cannot create: {e}")))?;
         let metrics_path = out_dir.join("metrics.jsonl");
-        let resume = match &self.cfg.resume_from_checkpoint {
-            Some(setting) => checkpoint::resolve(setting, &out_dir)?,
-            None => None,
-        };
+        let resume = self.resume_from.clone();
         let mut state = RunState::default();
         if let Some(dir) = &resume {
             state = self.load_checkpoint(dir)?;
+            if state.global_step > self.max_steps {
+                return Err(Error::file(
+                    dir,
+                    format!("is at step {}, past this run's {} steps (max_steps)", state.global_step, self.max_steps),
+                ));
+            }
             obs.info(&format!("resuming from {} (step {})", dir.display(), state.global_step));
         }
-        let mut metrics_file =
-            if root { Some(open_metrics(&metrics_path, resume.as_ref().map(|_| state.global_step))?) } else { None };
+        let (mut metrics_file, kept_entries) = if root {
+            let (file, kept) = open_metrics(&metrics_path, resume.as_ref().map(|_| state.global_step))?;
+            (Some(file), kept)
+        } else {
+            (None, Vec::new())
+        };
         let mut events = match self.cfg.report_to.as_str() {
-            "tensorboard" | "all" if root => Some(crate::tensorboard::EventWriter::create(&out_dir)?),
+            // A resumed run's events are those metrics.jsonl keeps, replayed: none past the checkpoint repeat.
+            "tensorboard" | "all" if root => Some(crate::tensorboard::EventWriter::create_replaying(&out_dir, &kept_entries)?),
             _ => None,
         };
         let mut write_entry = |entry: &Map<String, Value>| -> Result<()> {
@@ -892,20 +918,20 @@ impl Trainer {
                     ranks.sum_f64(&mut l);
                     step_loss = l[0];
                 }
+                let diverged = |what: &str| {
+                    let kept = match checkpoint::list(&out_dir).last() {
+                        Some((_, dir)) => format!("the last checkpoint, {}, is kept", dir.display()),
+                        None => "no checkpoint was written yet".into(),
+                    };
+                    let rows = group.iter().flatten().collect::<Vec<_>>();
+                    Error::Train(format!("non-finite {what} at step {} (rows {rows:?}); {kept}", step + 1))
+                };
                 if !step_loss.is_finite() {
-                    return Err(Error::Train(format!(
-                        "non-finite loss at step {} (rows {:?}); the last good checkpoint is kept",
-                        step + 1,
-                        group.iter().flatten().collect::<Vec<_>>()
-                    )));
+                    return Err(diverged("loss"));
                 }
                 let (grad_norm, lr) = self.apply_update(&grads, step);
                 if !grad_norm.is_finite() {
-                    return Err(Error::Train(format!(
-                        "non-finite gradient norm at step {} (rows {:?}); the last good checkpoint is kept",
-                        step + 1,
-                        group.iter().flatten().collect::<Vec<_>>()
-                    )));
+                    return Err(diverged("gradient norm"));
                 }
                 step += 1;
                 state.loss_since_log += step_loss;
@@ -929,18 +955,24 @@ impl Trainer {
                     state.steps_since_log = 0;
                 }
                 let eval_every = self.cfg.eval_steps.unwrap_or(self.cfg.logging_steps);
+                // A stop during evaluation drops that evaluation; the step itself is done and checkpointed.
+                let mut stopped_in_eval = false;
                 if self.cfg.eval_strategy == "steps" && step % eval_every == 0 {
-                    let mut entry = self.evaluate();
-                    entry.insert("epoch".into(), state.epoch_progress.into());
-                    entry.insert("step".into(), step.into());
-                    write_entry(&entry)?;
-                    obs.log(&entry);
-                    log_history.push(entry);
-                    if self.cfg.generate_during_eval && root {
-                        self.write_eval_generations(step)?;
+                    match self.evaluate_unless_stopped(obs) {
+                        Some(mut entry) => {
+                            entry.insert("epoch".into(), state.epoch_progress.into());
+                            entry.insert("step".into(), step.into());
+                            write_entry(&entry)?;
+                            obs.log(&entry);
+                            log_history.push(entry);
+                            if self.cfg.generate_during_eval && root {
+                                self.write_eval_generations(step)?;
+                            }
+                        }
+                        None => stopped_in_eval = true,
                     }
                 }
-                let stop_requested = self.stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
+                let stop_requested = stopped_in_eval || obs.stop_requested();
                 let interrupted = if world > 1 { ranks.any(stop_requested) } else { stop_requested };
                 let periodic = self.cfg.save_strategy == "steps" && step % self.cfg.save_steps == 0;
                 if periodic || interrupted || (step == self.max_steps && self.cfg.save_strategy == "steps") {
@@ -972,11 +1004,12 @@ impl Trainer {
         summary.insert("train_loss".into(), train_loss.into());
         summary.insert("epoch".into(), state.epoch_progress.into());
         summary.insert("step".into(), step.into());
+        // The model first: a summary line in metrics.jsonl means the final model is in place.
+        if let Some(output) = &self.output {
+            output.publish_final(|dir| self.save(dir).map(|_| ()))?;
+        }
         write_entry(&summary)?;
         log_history.push(summary);
-        if root {
-            self.save(&out_dir)?;
-        }
         ranks.barrier();
         obs.finish();
         Ok(TrainSummary { log_history, steps: step, train_loss, runtime_s: runtime })
@@ -1032,6 +1065,9 @@ impl Trainer {
         let keep = self.cfg.save_total_limit;
         checkpoint::save(&out, &state, keep, |dir| {
             self.save(dir)?;
+            if let Some(identity) = &self.identity {
+                identity.write(dir)?;
+            }
             if !self.optimizer.exp_avg.is_empty() {
                 let views = vec![
                     ("exp_avg".to_string(), f32_view(&self.optimizer.exp_avg)?),
@@ -1042,6 +1078,76 @@ impl Trainer {
             }
             Ok(())
         })
+    }
+
+    /// Claims the output folder before anything is written there (rank 0 takes its lock), fixes this run's
+    /// identity (before any checkpoint's weights are loaded: it fingerprints the initial ones), and decides what
+    /// the run continues: the checkpoint `resume_from_checkpoint` names, which must be of the same run; or
+    /// nothing, in a folder that holds no other run (`overwrite_output_dir = true` clears one). Idempotent.
+    pub fn claim_output(&mut self, obs: &dyn Observer, ranks: &Ranks) -> Result<()> {
+        if self.identity.is_some() {
+            return Ok(());
+        }
+        let out = self.cfg.output_dir.clone();
+        let inputs = [Some(&self.cfg.model), self.cfg.ref_model.as_ref(), self.cfg.tokenizer.as_ref()];
+        if let Some(input) = inputs.into_iter().flatten().find(|d| crate::output::same_folder(d, &out)) {
+            return Err(Error::file(&out, format!("output_dir is an input folder ({}); choose another", input.display())));
+        }
+        let identity = self.run_identity(ranks.size());
+        let output = if ranks.is_root() { Some(OutputDir::claim(&out)?) } else { None };
+        let resume = match &self.cfg.resume_from_checkpoint {
+            Some(setting) => checkpoint::resolve(setting, &out, &identity)?,
+            None => None,
+        };
+        if let (Some(output), None) = (&output, &resume) {
+            let earlier = output.earlier_run();
+            if !earlier.is_empty() && !self.cfg.overwrite_output_dir {
+                return Err(Error::file(
+                    &out,
+                    format!(
+                        "holds another run ({}); set resume_from_checkpoint = true to continue it, overwrite_output_dir = true to replace it, or choose another output_dir",
+                        earlier.join(", ")
+                    ),
+                ));
+            }
+            if !earlier.is_empty() {
+                obs.warn(&format!("overwrite_output_dir = true: removing the earlier run in {} ({})", out.display(), earlier.join(", ")));
+                output.clear_earlier_run()?;
+            }
+        }
+        if let Some(dir) = &resume {
+            let theirs = crate::run_identity::RunIdentity::read(dir)?;
+            let decays = !matches!(self.schedule, Schedule::Constant | Schedule::ConstantWithWarmup);
+            if theirs.planned_steps != identity.planned_steps && decays {
+                obs.warn(&format!(
+                    "the run now has {} steps instead of {}: the {} schedule is recomputed over the new length",
+                    identity.planned_steps, theirs.planned_steps, self.cfg.lr_scheduler_type
+                ));
+            }
+        }
+        self.output = output;
+        self.resume_from = resume;
+        self.identity = Some(identity);
+        Ok(())
+    }
+
+    /// This run's identity: defining settings, and fingerprints of the training data and the initial weights.
+    fn run_identity(&self, world: usize) -> RunIdentity {
+        let mut data = Fingerprint::default();
+        data_fingerprint(&mut data, &self.data);
+        let weights = |m: &Model| Fingerprint::default().f32s(&m.params).hex();
+        let policy = weights(&self.policy);
+        let reference = match (&self.reference, self.task) {
+            (_, Task::Sft) => "none".to_string(),
+            (Some(r), _) => weights(r),
+            // LoRA without ref_model: the frozen base, which is the policy's base.
+            (None, _) => policy.clone(),
+        };
+        let task = match self.task {
+            Task::Kto => "kto train",
+            Task::Sft => "kto sft",
+        };
+        RunIdentity::new(task, &self.cfg, world, [data.hex(), policy, reference], self.max_steps)
     }
 
     /// Restores weights (or adapters), optimizer moments and run state from a checkpoint folder.
@@ -1093,6 +1199,22 @@ impl Trainer {
         }
         Ok(dir.to_path_buf())
     }
+}
+
+/// Names the first input that is not there, before anything slow is loaded.
+fn check_inputs_exist(cfg: &TrainConfig) -> Result<()> {
+    let folders = [("model", Some(&cfg.model)), ("ref_model", cfg.ref_model.as_ref()), ("tokenizer", cfg.tokenizer.as_ref())];
+    for (key, dir) in folders {
+        if let Some(dir) = dir.filter(|d| !d.is_dir()) {
+            return Err(Error::file(dir, format!("no such folder ({key})")));
+        }
+    }
+    for (key, path) in [("train_dataset", Some(&cfg.train_dataset)), ("eval_dataset", cfg.eval_dataset.as_ref())] {
+        if let Some(path) = path.filter(|p| !p.exists()) {
+            return Err(Error::file(path, format!("no such file or folder ({key})")));
+        }
+    }
+    Ok(())
 }
 
 /// Optimizer steps of a run: `max_steps`, else `num_train_epochs` of steps of `gradient_accumulation_steps ×

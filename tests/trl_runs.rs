@@ -107,7 +107,9 @@ fn precomputed_reference_gives_the_same_run_and_is_cached() {
     let mut values: Vec<(f64, f64)> = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     values.iter_mut().for_each(|v| v.0 -= 10.0);
     std::fs::write(&path, serde_json::to_string(&values).unwrap()).unwrap();
-    let cfg = fixture_config(dir.path(), &["optim=sgd", "precompute_ref_log_probs=true", "max_steps=1"]);
+    // The first trainer releases the folder; the second replaces its run, and keeps the cache (keyed by content).
+    drop(t);
+    let cfg = fixture_config(dir.path(), &["optim=sgd", "precompute_ref_log_probs=true", "max_steps=1", "overwrite_output_dir=true"]);
     let mut again = Trainer::new(cfg, &Silent).unwrap();
     let logs2 = again.train(&Silent).unwrap().log_history;
     let first = json("expected_trl_sgd.json")["log_history"][0]["rewards/chosen"].as_f64().unwrap();

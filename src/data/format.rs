@@ -55,7 +55,11 @@ pub fn detect_layout(first: &RawRow) -> Result<Layout> {
 }
 
 fn field<'a>(row: &'a RawRow, key: &str) -> Result<&'a Value> {
-    row.fields.get(key).filter(|v| !v.is_null()).ok_or_else(|| row.error(format!("missing key \"{key}\"")))
+    match row.fields.get(key) {
+        Some(Value::Null) => Err(row.error(format!("key \"{key}\" is null"))),
+        Some(v) => Ok(v),
+        None => Err(row.error(format!("missing key \"{key}\""))),
+    }
 }
 
 fn content(row: &RawRow, key: &str, conversational: bool) -> Result<Content> {
@@ -165,6 +169,13 @@ pub fn examples_from_rows_skipping(rows: &[RawRow], skip_invalid: bool) -> Resul
     } else {
         rows.to_vec()
     };
+    if rows.is_empty() && !skipped.is_empty() {
+        return Err(Error::Train(format!(
+            "all {} rows are invalid (skip_invalid_rows = true); first: {}",
+            skipped.len(),
+            skipped[0]
+        )));
+    }
     let (examples, conversational) = examples_from_valid_rows(&rows)?;
     Ok((examples, conversational, skipped))
 }

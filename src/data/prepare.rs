@@ -68,16 +68,17 @@ pub fn tokenize_example(tok: &TextTokenizer, ex: &Example) -> std::result::Resul
 
 /// Runs TRL's preprocessing over all examples. `path` names the data file in errors.
 pub fn prepare(examples: &[Example], tok: &TextTokenizer, opts: PrepareOptions, path: &Path) -> Result<Prepared> {
-    prepare_with_progress(examples, tok, opts, path, &|_| {})
+    prepare_with_progress(examples, tok, opts, path, &|_| true)
 }
 
-/// `prepare`, calling `progress(rows tokenized so far)` every 1,024 rows (from worker threads).
+/// `prepare`, calling `progress(rows tokenized so far)` every 1,024 rows (from worker threads); when it returns
+/// false (the user asked to stop) tokenization ends with `Error::StoppedEarly`.
 pub fn prepare_with_progress(
     examples: &[Example],
     tok: &TextTokenizer,
     opts: PrepareOptions,
     path: &Path,
-    progress: &(dyn Fn(usize) + Sync),
+    progress: &(dyn Fn(usize) -> bool + Sync),
 ) -> Result<Prepared> {
     let all: Vec<usize> = (0..examples.len()).collect();
     let tokenized = tokenize_rows(examples, &all, tok, path, progress)?;
@@ -93,7 +94,7 @@ pub fn tokenize_rows(
     indices: &[usize],
     tok: &TextTokenizer,
     path: &Path,
-    progress: &(dyn Fn(usize) + Sync),
+    progress: &(dyn Fn(usize) -> bool + Sync),
 ) -> Result<Vec<Tokenized>> {
     let done = std::sync::atomic::AtomicUsize::new(0);
     let tokenized = indices
@@ -101,8 +102,8 @@ pub fn tokenize_rows(
         .map(|&i| {
             let ex = &examples[i];
             let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            if n % 1024 == 0 {
-                progress(n);
+            if n % 1024 == 0 && !progress(n) {
+                return Err(Error::StoppedEarly(format!("while tokenizing {}, before the first step; no checkpoint was written", path.display())));
             }
             tokenize_example(tok, ex).map_err(|msg| Error::Row { path: path.to_path_buf(), row: ex.line, msg })
         })

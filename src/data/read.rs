@@ -50,7 +50,7 @@ fn read_file(path: &Path, skip_invalid: bool) -> Result<(Vec<RawRow>, Vec<Error>
     if !skip_invalid {
         return read_rows(path).map(|r| (r, Vec::new()));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let text = read_text(path)?;
     if text.trim_start().starts_with('[') {
         return read_rows(path).map(|r| (r, Vec::new()));
     }
@@ -99,22 +99,46 @@ fn read_parquet(path: &Path, skip_invalid: bool) -> Result<(Vec<RawRow>, Vec<Err
     Ok((rows, skipped))
 }
 
-/// Renames mapped columns (`prompt_column = "question"`, ...) to the names TRL expects.
-pub fn rename_columns(rows: &mut [RawRow], mapping: &[(&str, &str)]) {
+/// One configured column: its name in the files, the name TRL expects, and the config key that set it.
+pub struct ColumnMapping<'a> {
+    pub from: &'a str,
+    pub to: &'a str,
+    pub key: &'a str,
+}
+
+/// Renames mapped columns (`prompt_column = "question"`, ...) to the names TRL expects. A column the config
+/// names must be in every row: falling back to a column of TRL's name would train on the wrong data.
+pub fn rename_columns(rows: &mut [RawRow], mapping: &[ColumnMapping]) -> Result<()> {
     for row in rows {
-        for (from, to) in mapping {
-            if from != to {
-                if let Some(v) = row.fields.remove(*from) {
-                    row.fields.insert(to.to_string(), v);
+        for m in mapping.iter().filter(|m| m.from != m.to) {
+            match row.fields.remove(m.from) {
+                Some(v) => {
+                    row.fields.insert(m.to.to_string(), v);
                 }
+                None => return Err(row.error(format!("no column \"{}\" ({} = \"{}\")", m.from, m.key, m.from))),
             }
+        }
+    }
+    Ok(())
+}
+
+/// A data file's text: a UTF-8 byte-order mark is dropped (editors on Windows write one); invalid UTF-8 is an
+/// error that names the line.
+fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let body = bytes.strip_prefix(b"\xEF\xBB\xBF".as_slice()).unwrap_or(&bytes);
+    match std::str::from_utf8(body) {
+        Ok(text) => Ok(text.to_string()),
+        Err(e) => {
+            let line = 1 + body[..e.valid_up_to()].iter().filter(|b| **b == b'\n').count();
+            Err(Error::Row { path: path.to_path_buf(), row: line, msg: "invalid UTF-8".into() })
         }
     }
 }
 
 /// Reads a `.jsonl` file (one object a line, blank lines skipped) or a `.json` file holding an array of objects.
 pub fn read_rows(path: &Path) -> Result<Vec<RawRow>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let text = read_text(path)?;
     let first = text.trim_start().chars().next();
     if first == Some('[') {
         let values: Vec<Value> =

@@ -27,6 +27,9 @@ impl TextTokenizer {
     /// Loads `tokenizer.json`, the special tokens of `tokenizer_config.json` and the chat template
     /// (`chat_template.jinja`, else `tokenizer_config.json`'s `chat_template`) from `dir`.
     pub fn load(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::file(dir, "no such folder (the tokenizer's, by default the model's)"));
+        }
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.is_file() {
             return Err(Error::file(&tok_path, "not found (a Hugging Face fast tokenizer file is required)"));
@@ -54,9 +57,10 @@ impl TextTokenizer {
             }
         }
         let jinja_path = dir.join("chat_template.jinja");
-        let template = if jinja_path.is_file() {
-            Some(std::fs::read_to_string(&jinja_path).map_err(|e| Error::file(&jinja_path, e))?)
+        let (template, template_path) = if jinja_path.is_file() {
+            (Some(std::fs::read_to_string(&jinja_path).map_err(|e| Error::file(&jinja_path, e))?), &jinja_path)
         } else {
+            let t = 
             match cfg.get("chat_template") {
                 Some(Value::String(s)) => Some(s.clone()),
                 // A list of named templates: use "default".
@@ -65,10 +69,11 @@ impl TextTokenizer {
                     .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
                     .and_then(|t| t.get("template").and_then(|s| s.as_str()).map(String::from)),
                 _ => None,
-            }
+            };
+            (t, &cfg_path)
         };
         let chat = match template {
-            Some(src) => Some(chat_environment(src).map_err(|e| Error::file(&cfg_path, format!("chat template: {e}")))?),
+            Some(src) => Some(chat_environment(src).map_err(|e| Error::file(template_path, format!("chat template: {e}")))?),
             None => None,
         };
         Ok(TextTokenizer { inner, bos_token, eos_token, eos_id, pad_id, chat, special_tokens })
@@ -85,6 +90,18 @@ impl TextTokenizer {
 
     pub fn has_chat_template(&self) -> bool {
         self.chat.is_some()
+    }
+
+    /// Refuses a model whose embedding has fewer rows than this tokenizer has ids (an id past `vocab_size`
+    /// would read another tensor's weights).
+    pub fn check_fits(&self, vocab_size: usize, model_dir: &Path) -> Result<()> {
+        if self.vocab_size() > vocab_size {
+            return Err(Error::model(
+                model_dir,
+                format!("the tokenizer has {} tokens but vocab_size is {vocab_size}", self.vocab_size()),
+            ));
+        }
+        Ok(())
     }
 
     pub fn vocab_size(&self) -> usize {

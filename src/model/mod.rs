@@ -172,21 +172,40 @@ impl ModelSpec {
         };
         let heads = c.num_attention_heads;
         let kv_heads = c.num_key_value_heads.unwrap_or(heads);
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
-            return Err(format!("num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"));
+        if heads == 0 {
+            return Err("num_attention_heads must be at least 1".into());
         }
         let head_dim = c.head_dim.unwrap_or(c.hidden_size / heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(format!("head_dim {head_dim} must be even and positive"));
+        let layers = c.num_hidden_layers;
+        let mut spec = ModelSpec {
+            vocab_size: c.vocab_size,
+            hidden: c.hidden_size,
+            intermediate: c.intermediate_size,
+            layers,
+            heads,
+            kv_heads,
+            head_dim,
+            rms_eps: c.rms_norm_eps as f32,
+            rope: RopeSpec { theta, scaling },
+            tied_embeddings: c.tie_word_embeddings,
+            qkv_bias: model_type == "qwen2" || c.attention_bias == Some(true),
+            qk_norm: model_type == "qwen3",
+            layer_windows: Vec::new(),
+        };
+        if !(spec.rope.theta > 0.0 && spec.rope.theta.is_finite()) {
+            return Err(format!("rope_theta must be positive, got {}", spec.rope.theta));
         }
+        if !(c.rms_norm_eps >= 0.0 && c.rms_norm_eps.is_finite()) {
+            return Err(format!("rms_norm_eps must be a non-negative number, got {}", c.rms_norm_eps));
+        }
+        spec.check_dims()?;
         // Sliding windows: explicit layer_types win; Mistral slides everywhere when sliding_window is set; Qwen
         // slides only with use_sliding_window, from max_window_layers on (transformers' defaults).
-        let layers = c.num_hidden_layers;
         let window = match model_type.as_str() {
             "qwen2" | "qwen3" if c.use_sliding_window != Some(true) => None,
             _ => c.sliding_window,
         };
-        let layer_windows: Vec<Option<usize>> = match (&c.layer_types, window) {
+        spec.layer_windows = match (&c.layer_types, window) {
             (_, None) => vec![None; layers],
             (Some(types), Some(w)) => {
                 if types.len() != layers {
@@ -200,21 +219,59 @@ impl ModelSpec {
                 (0..layers).map(|i| (i >= from).then_some(w)).collect()
             }
         };
-        Ok(ModelSpec {
-            vocab_size: c.vocab_size,
-            hidden: c.hidden_size,
-            intermediate: c.intermediate_size,
-            layers,
-            heads,
-            kv_heads,
-            head_dim,
-            rms_eps: c.rms_norm_eps as f32,
-            rope: RopeSpec { theta, scaling },
-            tied_embeddings: c.tie_word_embeddings,
-            qkv_bias: model_type == "qwen2" || c.attention_bias == Some(true),
-            qk_norm: model_type == "qwen3",
-            layer_windows,
-        })
+        Ok(spec)
+    }
+
+    /// Checks the shape before anything is allocated for it (see `check_dims`) and that every layer has its
+    /// attention window.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        self.check_dims()?;
+        if self.layer_windows.len() != self.layers {
+            return Err(format!("{} sliding-window entries for {} layers", self.layer_windows.len(), self.layers));
+        }
+        Ok(())
+    }
+
+    /// Every dimension at least 1, heads that group, and a parameter count that fits in memory arithmetic.
+    pub fn check_dims(&self) -> std::result::Result<(), String> {
+        let dims = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden),
+            ("intermediate_size", self.intermediate),
+            ("num_hidden_layers", self.layers),
+            ("num_attention_heads", self.heads),
+            ("num_key_value_heads", self.kv_heads),
+            ("head_dim", self.head_dim),
+        ];
+        if let Some((name, _)) = dims.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} must be at least 1"));
+        }
+        if self.heads % self.kv_heads != 0 {
+            return Err(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.heads, self.kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(format!("head_dim {} must be even (rotary embeddings rotate pairs)", self.head_dim));
+        }
+        if self.parameter_count().is_none() {
+            return Err("the shape implies more parameters than this machine can address".into());
+        }
+        Ok(())
+    }
+
+    /// Parameters of a model of this shape (what `ParamLayout::new` lays out), or `None` on overflow: computed
+    /// without building the layout, so an absurd `num_hidden_layers` costs nothing.
+    pub fn parameter_count(&self) -> Option<usize> {
+        let (h, i, q, kv) = (self.hidden, self.intermediate, self.q_dim(), self.kv_dim());
+        let matrices = h.checked_mul(q.checked_mul(2)?.checked_add(kv.checked_mul(2)?)?)?.checked_add(h.checked_mul(i)?.checked_mul(3)?)?;
+        let bias = if self.qkv_bias { q + 2 * kv } else { 0 };
+        let norms = 2 * h + if self.qk_norm { 2 * self.head_dim } else { 0 };
+        let layer = matrices.checked_add(bias)?.checked_add(norms)?;
+        let embed = self.vocab_size.checked_mul(h)?;
+        let heads = if self.tied_embeddings { embed } else { embed.checked_mul(2)? };
+        layer.checked_mul(self.layers)?.checked_add(heads)?.checked_add(h)?.checked_mul(4).map(|bytes| bytes / 4)
     }
 
     /// A plain Llama block (no biases, no q/k norms, no sliding window, default RoPE).

@@ -34,6 +34,30 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Err(Error::model(dir, "no model.safetensors or model.safetensors.index.json in the folder"))
 }
 
+/// How many values the tensors of a safetensors file hold, from its header alone (8 bytes of length, then JSON).
+fn stored_elements(file: &Path) -> Result<usize> {
+    use std::io::Read;
+    let bad = |msg: String| Error::model(file, format!("invalid safetensors file: {msg}"));
+    let mut f = std::fs::File::open(file).map_err(|e| Error::file(file, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| bad(format!("no header ({e})")))?;
+    let len = u64::from_le_bytes(len);
+    let size = f.metadata().map_err(|e| Error::file(file, e))?.len();
+    if len > size.saturating_sub(8) || len > 100 << 20 {
+        return Err(bad(format!("header of {len} bytes in a file of {size}")));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
+    let header: HashMap<String, serde_json::Value> = serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
+    let mut total = 0usize;
+    for (name, info) in header.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
+        let shape = info.get("shape").and_then(|s| s.as_array()).ok_or_else(|| bad(format!("tensor {name} has no shape")))?;
+        let n = shape.iter().try_fold(1usize, |acc, d| d.as_u64().and_then(|d| acc.checked_mul(d as usize)));
+        total = total.saturating_add(n.ok_or_else(|| bad(format!("tensor {name} has an invalid shape")))?);
+    }
+    Ok(total)
+}
+
 /// Converts one stored tensor to f32 into `dst`.
 pub(crate) fn convert_to_f32(file: &Path, name: &str, dtype: Dtype, data: &[u8], dst: &mut [f32]) -> Result<()> {
     let width = match dtype {
@@ -61,12 +85,25 @@ impl Model {
             return Err(Error::model(dir, "not a folder"));
         }
         let spec = ModelSpec::from_folder(dir)?;
+        let files = weight_files(dir)?;
+        // Before anything of the config's size is allocated: the files must hold at least that many values.
+        let mut stored = 0usize;
+        for file in &files {
+            stored = stored.saturating_add(stored_elements(file)?);
+        }
+        let wanted = spec.parameter_count().unwrap_or(usize::MAX);
+        if wanted > stored {
+            return Err(Error::model(
+                dir,
+                format!("config.json implies {wanted} parameters but the safetensors files hold {stored} values"),
+            ));
+        }
         let layout = ParamLayout::new(&spec);
         let mut params = vec![0f32; layout.total];
         let mut found = vec![false; layout.tensors.len()];
         let by_name: HashMap<&str, usize> =
             layout.tensors.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
-        for file in weight_files(dir)? {
+        for file in files {
             let bytes = std::fs::read(&file).map_err(|e| Error::file(&file, e))?;
             let st = SafeTensors::deserialize(&bytes)
                 .map_err(|e| Error::model(&file, format!("invalid safetensors file: {e}")))?;
@@ -88,7 +125,11 @@ impl Model {
                         format!("tensor {name} has shape {:?}, config.json implies {:?}", view.shape(), slot.shape),
                     ));
                 }
-                convert_to_f32(&file, &name, view.dtype(), view.data(), &mut params[slot.range()])?;
+                let dst = &mut params[slot.range()];
+                convert_to_f32(&file, &name, view.dtype(), view.data(), dst)?;
+                if let Some(bad) = dst.iter().find(|v| !v.is_finite()) {
+                    return Err(Error::model(&file, format!("tensor {name} holds a non-finite value ({bad})")));
+                }
                 found[i] = true;
             }
         }
