@@ -180,7 +180,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
     }
     opts.check()?;
-    let spec = ModelSpec {
+    let mut spec = ModelSpec {
         vocab_size: opts.vocab,
         hidden: opts.hidden,
         intermediate: opts.intermediate,
@@ -192,10 +192,11 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         rope: crate::model::RopeSpec::plain(10000.0),
         qkv_bias: false,
         qk_norm: false,
-        layer_windows: vec![None; opts.layers],
+        layer_windows: Vec::new(),
         tied_embeddings: false,
     };
-    spec.check().map_err(|e| anyhow::anyhow!("kto bench: {e}"))?;
+    spec.check_dims().map_err(|e| anyhow::anyhow!("kto bench: {e}"))?;
+    spec.layer_windows = vec![None; opts.layers];
     // Policy, reference (or LoRA base), gradients and two AdamW moments, in f32.
     let needed = spec.parameter_count().and_then(|n| n.checked_mul(5 * 4)).unwrap_or(usize::MAX);
     if let Some(total) = physical_memory_bytes().filter(|&t| needed > t) {

@@ -150,8 +150,21 @@ fn load_data(
             row.fields.insert("label".into(), Value::Bool(true));
         }
     }
-    let (examples, _, bad) = data::examples_from_rows_skipping(&rows, cfg.skip_invalid_rows)?;
-    skipped.extend(bad);
+    let examples = if rows.is_empty() && !skipped.is_empty() {
+        Vec::new()
+    } else {
+        let (examples, _, bad) = data::examples_from_rows_skipping(&rows, cfg.skip_invalid_rows)?;
+        skipped.extend(bad);
+        examples
+    };
+    if examples.is_empty() && !skipped.is_empty() {
+        return Err(Error::Train(format!(
+            "{}: all {} rows are invalid (skip_invalid_rows = true); first: {}",
+            path.display(),
+            skipped.len(),
+            skipped[0]
+        )));
+    }
     if !skipped.is_empty() {
         obs.warn(&format!("{}: skipped {} invalid rows (skip_invalid_rows = true); first: {}", path.display(), skipped.len(), skipped[0]));
     }

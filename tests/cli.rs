@@ -1,17 +1,9 @@
 //! The `kto` binary end to end: fixture runs through the command line match TRL's log_history, the saved
 //! model reloads, and bad input gives one line naming the culprit and a non-zero exit, never a panic.
 mod common;
-use common::{assert_logs_match, fixture, fixture_toml, json};
+use common::{assert_logs_match, assert_one_line_error, fixture, fixture_toml, json, kto};
 use serde_json::{Map, Value};
 use std::path::Path;
-use std::process::Command;
-
-fn kto(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kto")).args(args).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!stderr.contains("panicked"), "kto panicked: {stderr}");
-    (out.status.success(), stderr)
-}
 
 fn read_metrics(dir: &Path) -> Vec<Map<String, Value>> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
@@ -60,16 +52,6 @@ fn train_on_data(data: &str) -> (bool, String) {
     let r = kto(&["train", cfg.to_str().unwrap(), "--set", &set]);
     assert!(!dir.path().join("out/model.safetensors").exists(), "no model may be written on bad input");
     r
-}
-
-fn assert_one_line_error(result: (bool, String), must_contain: &[&str]) {
-    let (ok, stderr) = result;
-    assert!(!ok, "expected failure, got success: {stderr}");
-    let last = stderr.lines().last().unwrap_or("");
-    assert!(last.starts_with("kto: error: "), "{stderr}");
-    for m in must_contain {
-        assert!(last.contains(m), "error line {last:?} should mention {m:?}");
-    }
 }
 
 const GOOD: &str = "{\"prompt\": \"Hi\", \"completion\": \" there\", \"label\": true}\n";

@@ -170,11 +170,8 @@ pub fn examples_from_rows_skipping(rows: &[RawRow], skip_invalid: bool) -> Resul
         rows.to_vec()
     };
     if rows.is_empty() && !skipped.is_empty() {
-        return Err(Error::Train(format!(
-            "all {} rows are invalid (skip_invalid_rows = true); first: {}",
-            skipped.len(),
-            skipped[0]
-        )));
+        // Every row was invalid: the caller, who knows of rows skipped earlier too, reports it.
+        return Ok((Vec::new(), false, skipped));
     }
     let (examples, conversational) = examples_from_valid_rows(&rows)?;
     Ok((examples, conversational, skipped))

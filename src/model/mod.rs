@@ -9,6 +9,10 @@ use crate::error::{Error, Result};
 use serde::Deserialize;
 use std::path::Path;
 
+/// The most parameters a model may have (4 TiB in f32): a bound that refuses absurd shapes (a `num_hidden_layers`
+/// of 10^12) before anything of their size is allocated, far above any model a CPU trains.
+pub const MAX_PARAMETERS: usize = 1 << 40;
+
 /// The model families the engine runs. Each difference between families is a named field of `ModelSpec`.
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
 
@@ -255,8 +259,12 @@ impl ModelSpec {
         if self.head_dim % 2 != 0 {
             return Err(format!("head_dim {} must be even (rotary embeddings rotate pairs)", self.head_dim));
         }
-        if self.parameter_count().is_none() {
-            return Err("the shape implies more parameters than this machine can address".into());
+        match self.parameter_count() {
+            Some(n) if n <= MAX_PARAMETERS => {}
+            n => {
+                let n = n.map_or("more".to_string(), |n| n.to_string());
+                return Err(format!("the shape implies {n} parameters, beyond what kto holds (2^40)"));
+            }
         }
         Ok(())
     }

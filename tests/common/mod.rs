@@ -114,3 +114,26 @@ impl LoggedChild {
         }
     }
 }
+
+/// Runs the `kto` binary: (success, stderr). A panic is never an answer to any input.
+pub fn kto(args: &[&str]) -> (bool, String) {
+    kto_with_env(args, &[])
+}
+
+pub fn kto_with_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kto")).args(args).envs(env.iter().copied()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!stderr.contains("panicked"), "kto panicked: {stderr}");
+    (out.status.success(), stderr)
+}
+
+/// A failure whose last line is `kto: error: ...` mentioning each of `must_contain`.
+pub fn assert_one_line_error(result: (bool, String), must_contain: &[&str]) {
+    let (ok, stderr) = result;
+    assert!(!ok, "expected failure, got success: {stderr}");
+    let last = stderr.lines().last().unwrap_or("");
+    assert!(last.starts_with("kto: error: "), "{stderr}");
+    for m in must_contain {
+        assert!(last.contains(m), "error line {last:?} should mention {m:?}");
+    }
+}
