@@ -207,6 +207,10 @@ fn data_mistakes_are_named_as_the_user_wrote_them() {
     std::fs::write(&file_out, "").unwrap();
     let out = format!("output_dir=\"{}\"", file_out.display());
     assert_one_line_error(train_with(d, &[&out]), &["a-file", "is a file"]);
+    // A folder that cannot be made is reported before the reference pass, not after it.
+    let unwritable = format!("output_dir=\"{}\"", file_out.join("sub").display());
+    let (ok, stderr) = train_with(d, &[&unwritable, "precompute_ref_log_probs=true"]);
+    assert!(!ok && stderr.contains("cannot create output_dir") && !stderr.contains("precomputed"), "{stderr}");
     let bad_template = policy_copy(d, "bad-template", |_| {});
     std::fs::write(bad_template.join("chat_template.jinja"), "{% for %}").unwrap();
     let m = format!("model=\"{}\"", bad_template.display());

@@ -1,0 +1,205 @@
+//! The training loop: optimizer steps over the epochs, logging, evaluation, checkpoints, stops, the summary.
+use super::*;
+
+impl Trainer {
+    /// Trains for `max_steps` optimizer steps, writing `metrics.jsonl` and finally the model to `output_dir`.
+    pub fn train(&mut self, obs: &dyn Observer) -> Result<TrainSummary> {
+        self.train_on(obs, &Ranks::single())
+    }
+
+    /// `train` as one rank of a data-parallel run. An optimizer step takes `gradient_accumulation_steps ×
+    /// ranks` consecutive micro-batches; rank r runs those at places r, r + ranks, ...; gradients and losses are
+    /// summed over the ranks before the update, so every rank keeps the same weights, and the run equals one
+    /// process with `gradient_accumulation_steps × ranks` (up to the KL point and metrics, which TRL gathers per
+    /// micro-batch across ranks). Rank 0 alone writes logs, checkpoints and the model.
+    pub fn train_on(&mut self, obs: &dyn Observer, ranks: &Ranks) -> Result<TrainSummary> {
+        let world = ranks.size();
+        if world > 1 {
+            self.max_steps = planned_steps(&self.cfg, self.data.rows.len(), world);
+            self.warmup = self.cfg.warmup_for(self.max_steps);
+        }
+        let root = ranks.is_root();
+        self.claim_output(obs, ranks)?;
+        let out_dir = self.cfg.output_dir.clone();
+        let metrics_path = out_dir.join("metrics.jsonl");
+        let resume = self.resume_from.clone();
+        let mut state = RunState::default();
+        if let Some(dir) = &resume {
+            state = self.load_checkpoint(dir)?;
+            if state.global_step > self.max_steps {
+                return Err(Error::file(
+                    dir,
+                    format!("is at step {}, past this run's {} steps (max_steps)", state.global_step, self.max_steps),
+                ));
+            }
+            obs.info(&format!("resuming from {} (step {})", dir.display(), state.global_step));
+        }
+        let (mut metrics_file, kept_entries) = if root {
+            let (file, kept) = open_metrics(&metrics_path, resume.as_ref().map(|_| state.global_step))?;
+            (Some(file), kept)
+        } else {
+            (None, Vec::new())
+        };
+        let mut events = match self.cfg.report_to.as_str() {
+            // A resumed run's events are those metrics.jsonl keeps, replayed: none past the checkpoint repeat.
+            "tensorboard" | "all" if root => Some(crate::tensorboard::EventWriter::create_replaying(&out_dir, &kept_entries)?),
+            _ => None,
+        };
+        let mut write_entry = |entry: &Map<String, Value>| -> Result<()> {
+            let Some(metrics_file) = metrics_file.as_mut() else { return Ok(()) };
+            let line = serde_json::to_string(entry).map_err(|e| Error::Train(e.to_string()))?;
+            writeln!(metrics_file, "{line}").and_then(|_| metrics_file.flush()).map_err(|e| Error::file(&metrics_path, e))?;
+            if let (Some(ev), Some(step)) = (events.as_mut(), entry.get("step").and_then(|s| s.as_u64())) {
+                ev.scalars(step as usize, entry)?;
+            }
+            Ok(())
+        };
+
+        let start = Instant::now();
+        let epoch_batches = self.epoch_batches();
+        let batches_per_epoch = epoch_batches.len();
+        let ga = self.cfg.gradient_accumulation_steps;
+        // Micro-batches of one optimizer step, over all ranks.
+        let per_step = ga * world;
+        let updates_per_epoch = batches_per_epoch.div_ceil(per_step);
+        let mut grads = vec![0f32; self.trainable_params().len()];
+        let mut acc = MetricAccumulator { values: std::mem::take(&mut state.pending_metrics) };
+        let mut log_history = Vec::new();
+        let mut step = state.global_step;
+        let mut epoch = step / updates_per_epoch;
+        let mut skip_groups = step % updates_per_epoch;
+        obs.start(self.max_steps);
+        'run: while step < self.max_steps {
+            for (g, group) in epoch_batches.chunks(per_step).enumerate().skip(skip_groups) {
+                grads.par_iter_mut().for_each(|v| *v = 0.0);
+                let mut step_loss = 0.0;
+                // This rank's micro-batches: places rank, rank + world, ... of the step (None past a short end).
+                let batches: Vec<Option<Batch>> = (0..group.len().div_ceil(world))
+                    .map(|k| group.get(k * world + ranks.rank()).map(|rows| self.collate(rows)))
+                    .collect();
+                // KTO averages the micro-batch losses of a step; SFT averages over all the step's tokens.
+                let scored = |b: &Option<Batch>| {
+                    b.as_ref().map_or(0, |b| b.main.iter().map(|(_, m)| m.iter().skip(1).filter(|c| **c).count()).sum::<usize>())
+                };
+                let mut step_tokens = [batches.iter().map(scored).sum::<usize>() as f64];
+                ranks.sum_f64(&mut step_tokens);
+                for batch in &batches {
+                    let divisor = match self.task {
+                        Task::Kto => group.len() as f64,
+                        Task::Sft => step_tokens[0].max(1.0) / scored(batch).max(1) as f64,
+                    };
+                    let mut times = std::mem::take(&mut self.phases);
+                    let rec = self.micro_batch_across(batch.as_ref(), state.num_tokens, Some((&mut grads, divisor)), &mut times, ranks);
+                    self.phases = times;
+                    state.num_tokens += rec.num_tokens;
+                    if batch.is_some() {
+                        step_loss += rec.loss / divisor;
+                    }
+                    for (k, v) in &rec.metrics {
+                        acc.add(k, *v);
+                    }
+                }
+                state.epoch_progress = epoch as f64 + (g * per_step + group.len()) as f64 / batches_per_epoch as f64;
+                if world > 1 {
+                    ranks.sum_f32(&mut grads);
+                    let mut l = [step_loss];
+                    ranks.sum_f64(&mut l);
+                    step_loss = l[0];
+                }
+                let diverged = |what: &str| {
+                    let kept = match checkpoint::list(&out_dir).last() {
+                        Some((_, dir)) => format!("the last checkpoint, {}, is kept", dir.display()),
+                        None => "no checkpoint was written yet".into(),
+                    };
+                    let rows = group.iter().flatten().collect::<Vec<_>>();
+                    Error::Train(format!("non-finite {what} at step {} (rows {rows:?}); {kept}", step + 1))
+                };
+                if !step_loss.is_finite() {
+                    return Err(diverged("loss"));
+                }
+                let (grad_norm, lr) = self.apply_update(&grads, step);
+                if !grad_norm.is_finite() {
+                    return Err(diverged("gradient norm"));
+                }
+                step += 1;
+                state.loss_since_log += step_loss;
+                state.steps_since_log += 1;
+                state.total_loss += step_loss;
+                obs.step(step, step_loss);
+                if step % self.cfg.logging_steps == 0 {
+                    let mut entry = Map::new();
+                    entry.insert("loss".into(), (state.loss_since_log / state.steps_since_log as f64).into());
+                    entry.insert("grad_norm".into(), grad_norm.into());
+                    entry.insert("learning_rate".into(), lr.into());
+                    for (k, v) in acc.drain_means() {
+                        entry.insert(k, v.into());
+                    }
+                    entry.insert("epoch".into(), state.epoch_progress.into());
+                    entry.insert("step".into(), step.into());
+                    write_entry(&entry)?;
+                    obs.log(&entry);
+                    log_history.push(entry);
+                    state.loss_since_log = 0.0;
+                    state.steps_since_log = 0;
+                }
+                let eval_every = self.cfg.eval_steps.unwrap_or(self.cfg.logging_steps);
+                // A stop during evaluation drops that evaluation; the step itself is done and checkpointed.
+                let mut stopped_in_eval = false;
+                if self.cfg.eval_strategy == "steps" && step % eval_every == 0 {
+                    match self.evaluate_unless_stopped(obs) {
+                        Some(mut entry) => {
+                            entry.insert("epoch".into(), state.epoch_progress.into());
+                            entry.insert("step".into(), step.into());
+                            write_entry(&entry)?;
+                            obs.log(&entry);
+                            log_history.push(entry);
+                            if self.cfg.generate_during_eval && root {
+                                self.write_eval_generations(step)?;
+                            }
+                        }
+                        None => stopped_in_eval = true,
+                    }
+                }
+                let stop_requested = stopped_in_eval || obs.stop_requested();
+                let interrupted = if world > 1 { ranks.any(stop_requested) } else { stop_requested };
+                let periodic = self.cfg.save_strategy == "steps" && step % self.cfg.save_steps == 0;
+                if periodic || interrupted || (step == self.max_steps && self.cfg.save_strategy == "steps") {
+                    state.global_step = step;
+                    state.pending_metrics = acc.values.clone();
+                    let dir = if root { self.write_checkpoint(&state)? } else { checkpoint::checkpoint_dir(&out_dir, step) };
+                    // No rank runs ahead of a checkpoint that is not written yet (a resume must find it).
+                    ranks.barrier();
+                    if interrupted {
+                        obs.finish();
+                        return Err(Error::Interrupted { step, checkpoint: dir });
+                    }
+                }
+                if step == self.max_steps {
+                    break 'run;
+                }
+            }
+            skip_groups = 0;
+            epoch += 1;
+        }
+        let runtime = start.elapsed().as_secs_f64();
+        let train_loss = state.total_loss / step.max(1) as f64;
+        let samples = step * per_step * self.cfg.per_device_train_batch_size;
+        let mut summary = Map::new();
+        summary.insert("train_runtime".into(), runtime.into());
+        summary.insert("train_samples_per_second".into(), (samples as f64 / runtime).into());
+        summary.insert("train_steps_per_second".into(), (step as f64 / runtime).into());
+        summary.insert("train_tokens".into(), state.num_tokens.into());
+        summary.insert("train_loss".into(), train_loss.into());
+        summary.insert("epoch".into(), state.epoch_progress.into());
+        summary.insert("step".into(), step.into());
+        // The model first: a summary line in metrics.jsonl means the final model is in place.
+        if let Some(output) = &self.output {
+            output.publish_final(|dir| self.save(dir).map(|_| ()))?;
+        }
+        write_entry(&summary)?;
+        log_history.push(summary);
+        ranks.barrier();
+        obs.finish();
+        Ok(TrainSummary { log_history, steps: step, train_loss, runtime_s: runtime })
+    }
+}
