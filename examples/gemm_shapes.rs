@@ -1,5 +1,5 @@
 // Measurement aid: GFLOP/s of the engine's `gemm` on the training shapes of `kto bench` (best of 30).
-// cargo run --release --example gemm_shapes; KTO_GEMM=matrixmultiply for the fallback kernel.
+// cargo run --release --example gemm_shapes; KTO_ISA=portable for the fallback kernel.
 use kto::engine::gemm::gemm;
 use std::time::Instant;
 fn main() {
@@ -13,7 +13,7 @@ fn main() {
         ("dW lm", 8192, 512, 256, true, false),
         ("square", 1024, 1024, 1024, false, false),
     ];
-    println!("avx2 kernel: {}", kto::engine::gemm::uses_avx2_kernel());
+    println!("kernel set: {}", kto::engine::isa::active().name());
     for (name, m, k, n, at, bt) in shapes {
         let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect();
         let b: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 * 0.1).collect();

@@ -86,6 +86,14 @@ impl BenchOptions {
     }
 }
 
+/// The CPU's model name, where the system says (Linux).
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
 /// Total physical memory, where the system says (Linux).
 fn physical_memory_bytes() -> Option<usize> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -296,6 +304,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     let mode = if opts.lora_r > 0 { format!("LoRA r={} all-linear", opts.lora_r) } else { "full fine-tuning".into() };
     println!("kto bench: Llama vocab {} hidden {} intermediate {} layers {} heads {}/{} ({} parameters, {} trainable), batch {} x {} tokens, kto, AdamW, {mode}, {} reference, gradient checkpointing {}, {} rank(s) x {threads} threads",
         spec.vocab_size, spec.hidden, spec.intermediate, spec.layers, spec.heads, spec.kv_heads, trainer.policy.num_parameters(), trainer.trainable_params().len(), opts.batch, len, opts.reference, if opts.gradient_checkpointing { "on" } else { "off" }, ranks.size());
+    println!("cpu: {}; kernel set {} (KTO_ISA; this CPU runs {})", cpu_model(), crate::engine::isa::active().name(),
+        crate::engine::isa::Isa::available().iter().map(|i| i.name()).collect::<Vec<_>>().join(", "));
     println!("{:<28} {:>10}", "phase (mean over steps)", "ms");
     for (name, t) in [
         ("policy KL forward", phases.policy_kl_forward),

@@ -2,6 +2,10 @@ use clap::Parser;
 
 fn main() {
     let cli = kto::cli::Cli::parse();
+    if let Err(e) = kto::engine::isa::from_env() {
+        eprintln!("kto: error: {e}");
+        std::process::exit(1);
+    }
     if let Err(e) = kto::cli::run(cli) {
         if e.downcast_ref::<kto::Error>().is_some_and(|e| e.is_interruption()) {
             eprintln!("kto: {e}");

@@ -1,9 +1,10 @@
 //! Row-major single-precision matrix products, split over rayon threads by output rows (or columns). Each
-//! thread's block runs our AVX2/FMA kernel (`sgemm_avx2`) where the CPU has it, else `matrixmultiply`;
-//! `KTO_GEMM=matrixmultiply` forces the latter (for measuring one against the other).
+//! thread's block runs the kernel of the active instruction set (`isa`): our AVX2/FMA kernel (`sgemm_avx2`),
+//! or `matrixmultiply` for `portable` (`KTO_ISA=portable` forces it, for measuring one against the other).
 //!
 //! We parallelise ourselves (rather than with the GEMM crate's own threads) so that one rayon pool owns the
 //! cores and kernels that already run in parallel never oversubscribe them.
+use super::isa::{self, Isa};
 use super::kernels::SharedMut;
 use rayon::prelude::*;
 
@@ -14,6 +15,13 @@ const PARALLEL_MIN_FLOPS: usize = 1 << 18;
 /// `b_t`: `b` is stored as `[n,k]`. All buffers are dense row-major.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: bool, c: &mut [f32], accumulate: bool) {
+    gemm_with(isa::active(), m, k, n, a, a_t, b, b_t, c, accumulate)
+}
+
+/// `gemm` with the kernels of `isa` (which this CPU must support), for testing each set.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_with(isa: Isa, m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: bool, c: &mut [f32], accumulate: bool) {
+    assert!(isa.supported(), "gemm_with: this CPU cannot run {}", isa.name());
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm: buffer too small");
     if m == 0 || n == 0 {
         return;
@@ -28,16 +36,16 @@ pub fn gemm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: 
     let (rsb, csb) = if b_t { (1, k) } else { (n, 1) };
     let threads = rayon::current_num_threads();
     #[cfg(target_arch = "x86_64")]
-    if uses_avx2_kernel() {
+    if isa == Isa::Avx2 {
         let parallel = m * n * k >= PARALLEL_MIN_FLOPS && threads > 1;
-        // SAFETY: the strides describe exactly the buffers checked above; `uses_avx2_kernel` checked the CPU.
+        // SAFETY: the strides describe exactly the buffers checked above; the CPU runs AVX2 (asserted above).
         unsafe { super::sgemm_avx2::sgemm(m, k, n, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, 1.0, accumulate, c.as_mut_ptr(), n, parallel) };
         return;
     }
     let beta = if accumulate { 1.0 } else { 0.0 };
     if m * n * k < PARALLEL_MIN_FLOPS || threads == 1 {
         // SAFETY: the strides describe exactly the buffers checked above.
-        unsafe { sgemm_strided(m, k, n, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n, 1) };
+        unsafe { sgemm_strided_with(isa, m, k, n, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n, 1) };
         return;
     }
     if n > m {
@@ -53,7 +61,7 @@ pub fn gemm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: 
             let cols = cols_per_block.min(n - c0);
             // SAFETY: block bi writes only columns c0..c0+cols of c; b's columns c0.. lie inside b.
             unsafe {
-                sgemm_strided(m, k, cols, 1.0, a.as_ptr(), rsa, csa, b.as_ptr().add(c0 * csb), rsb, csb, beta, c_ptr.ptr().add(c0), n, 1)
+                sgemm_strided_with(isa, m, k, cols, 1.0, a.as_ptr(), rsa, csa, b.as_ptr().add(c0 * csb), rsb, csb, beta, c_ptr.ptr().add(c0), n, 1)
             };
         });
         return;
@@ -65,24 +73,9 @@ pub fn gemm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: 
         let rows = c_block.len() / n;
         // SAFETY: the strides describe exactly the buffers checked above; row0 + rows <= m.
         unsafe {
-            sgemm_strided(rows, k, n, 1.0, a.as_ptr().add(row0 * rsa), rsa, csa, b.as_ptr(), rsb, csb, beta, c_block.as_mut_ptr(), n, 1)
+            sgemm_strided_with(isa, rows, k, n, 1.0, a.as_ptr().add(row0 * rsa), rsa, csa, b.as_ptr(), rsb, csb, beta, c_block.as_mut_ptr(), n, 1)
         };
     });
-}
-
-/// Whether `gemm` uses our AVX2 kernel (decided once per process).
-pub fn uses_avx2_kernel() -> bool {
-    static CHOICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *CHOICE.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::env::var("KTO_GEMM").map_or(true, |v| v != "matrixmultiply") && super::sgemm_avx2::available()
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
 }
 
 #[cfg(test)]
@@ -123,14 +116,16 @@ mod tests {
         for a_t in [false, true] {
             for b_t in [false, true] {
                 let want = naive(m, k, n, &a, a_t, &b, b_t);
-                let mut got = vec![1f32; m * n];
-                gemm(m, k, n, &a, a_t, &b, b_t, &mut got, false);
-                for (g, w) in got.iter().zip(&want) {
-                    assert!((g - w).abs() < 1e-4 * (k as f32 / 45.0), "a_t={a_t} b_t={b_t}: {g} vs {w}");
-                }
-                gemm(m, k, n, &a, a_t, &b, b_t, &mut got, true);
-                for (g, w) in got.iter().zip(&want) {
-                    assert!((g - 2.0 * w).abs() < 2e-4 * (k as f32 / 45.0), "accumulate a_t={a_t} b_t={b_t}");
+                for isa in Isa::available() {
+                    let mut got = vec![1f32; m * n];
+                    gemm_with(isa, m, k, n, &a, a_t, &b, b_t, &mut got, false);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!((g - w).abs() < 1e-4 * (k as f32 / 45.0), "{isa:?} a_t={a_t} b_t={b_t}: {g} vs {w}");
+                    }
+                    gemm_with(isa, m, k, n, &a, a_t, &b, b_t, &mut got, true);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!((g - 2.0 * w).abs() < 2e-4 * (k as f32 / 45.0), "{isa:?} accumulate a_t={a_t} b_t={b_t}");
+                    }
                 }
             }
         }
@@ -159,8 +154,33 @@ pub unsafe fn sgemm_strided(
     rsc: usize,
     csc: usize,
 ) {
+    sgemm_strided_with(isa::active(), m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+}
+
+/// `sgemm_strided` with the kernels of `isa`.
+///
+/// # Safety
+/// As `sgemm_strided`, and the CPU must run `isa`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_strided_with(
+    isa: Isa,
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: usize,
+    csa: usize,
+    b: *const f32,
+    rsb: usize,
+    csb: usize,
+    beta: f32,
+    c: *mut f32,
+    rsc: usize,
+    csc: usize,
+) {
     #[cfg(target_arch = "x86_64")]
-    if uses_avx2_kernel() && csc == 1 && (beta == 0.0 || beta == 1.0) && m > 0 && n > 0 && k > 0 {
+    if isa == Isa::Avx2 && csc == 1 && (beta == 0.0 || beta == 1.0) && m > 0 && n > 0 && k > 0 {
         return super::sgemm_avx2::sgemm(m, k, n, a, rsa, csa, b, rsb, csb, alpha, beta == 1.0, c, rsc, false);
     }
     matrixmultiply::sgemm(

@@ -2,6 +2,7 @@
 pub mod buffers;
 pub mod decoder;
 pub mod gemm;
+pub mod isa;
 pub mod kernels;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]

@@ -31,11 +31,6 @@ thread_local! {
 /// tasks may run another product's task).
 static PACK_B_POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 
-/// Whether this CPU can run the kernel.
-pub fn available() -> bool {
-    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-}
-
 /// Read-only pointer that tasks may share.
 #[derive(Clone, Copy)]
 struct SharedConst(*const f32);
@@ -53,7 +48,7 @@ impl SharedConst {
 /// share it, each packing and multiplying its own rows of A.
 ///
 /// # Safety
-/// `available()` must be true; the pointers with their strides must address valid memory for the shapes, and
+/// The CPU must run AVX2 and FMA (`Isa::Avx2.supported()`); the pointers with their strides must address valid memory for the shapes, and
 /// no other thread may touch the elements of `c` meanwhile.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn sgemm(

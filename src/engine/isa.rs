@@ -1,0 +1,69 @@
+//! The instruction set the CPU kernels use, picked once at start-up: the fastest this CPU runs, or the one
+//! `KTO_ISA` names (`portable`, `avx2`). Every kernel with a choice dispatches on `active()`, and each variant
+//! can also be called directly (`gemm_with`), so tests check every set the machine supports against the naive
+//! kernels in one process, and CI runs the whole suite once more with `KTO_ISA=portable`.
+//!
+//! `portable` is the code without kto's own SIMD: the compiler's auto-vectorised loops and matrixmultiply
+//! (which picks its own kernels at run time). It is what aarch64 runs.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Portable,
+    /// x86-64 with AVX2 and FMA: our 6×16 SGEMM micro-kernel.
+    Avx2,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 2] = [Isa::Portable, Isa::Avx2];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Isa> {
+        Isa::ALL.into_iter().find(|i| i.name() == s.trim().to_ascii_lowercase())
+    }
+
+    /// Whether this CPU runs the set.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"),
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 => false,
+        }
+    }
+
+    /// The sets this CPU runs, slowest first.
+    pub fn available() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|i| i.supported()).collect()
+    }
+}
+
+/// The set `KTO_ISA` asks for (unset: the fastest available), or why it cannot be had. The command line calls
+/// this first, so a bad value is a one-line error before any work.
+pub fn from_env() -> Result<Isa, String> {
+    let fastest = *Isa::available().last().expect("portable is always available");
+    match std::env::var("KTO_ISA") {
+        Err(_) => Ok(fastest),
+        Ok(v) => {
+            let names: Vec<&str> = Isa::available().iter().map(|i| i.name()).collect();
+            match Isa::parse(&v) {
+                Some(isa) if isa.supported() => Ok(isa),
+                Some(isa) => Err(format!("KTO_ISA={v}: this CPU has no {}; it runs {}", isa.name(), names.join(", "))),
+                None => Err(format!("KTO_ISA={v}: unknown; this CPU runs {}", names.join(", "))),
+            }
+        }
+    }
+}
+
+/// The set in use, fixed at the first call (an unusable `KTO_ISA` falls back to the fastest available; the
+/// command line has refused it before this runs).
+pub fn active() -> Isa {
+    static ACTIVE: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ACTIVE.get_or_init(|| from_env().unwrap_or_else(|_| *Isa::available().last().expect("portable")))
+}
