@@ -2,7 +2,7 @@
 //! defaults (compute is always fp32 on the CPU). Unknown keys and wrong types are errors that name the key.
 use crate::error::{Error, Result};
 use crate::objective::LossType;
-use crate::optim::{OptimKind, Schedule};
+use crate::optim::{OptimKind, OptimName, Schedule};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -25,8 +25,8 @@ pub struct TrainConfig {
     #[serde(default)]
     pub eval_dataset: Option<PathBuf>,
     /// `"no"` (transformers' default) or `"steps"`.
-    #[serde(default = "d_eval_strategy")]
-    pub eval_strategy: String,
+    #[serde(default)]
+    pub eval_strategy: Strategy,
     /// Default: `logging_steps`.
     #[serde(default)]
     pub eval_steps: Option<usize>,
@@ -56,7 +56,7 @@ pub struct TrainConfig {
     pub beta: f64,
     /// `"kto"` or `"apo_zero_unpaired"`.
     #[serde(default = "d_loss_type")]
-    pub loss_type: String,
+    pub loss_type: LossType,
     /// λD, the weight of desirable rows' losses.
     #[serde(default = "d_one")]
     pub desirable_weight: f64,
@@ -77,10 +77,10 @@ pub struct TrainConfig {
     pub learning_rate: f64,
     /// `"adamw_torch_fused"` (default), `"adamw_torch"` or `"sgd"`.
     #[serde(default = "d_optim")]
-    pub optim: String,
+    pub optim: OptimName,
     /// `"linear"` (default), `"constant"`, `"constant_with_warmup"` or `"cosine"`.
     #[serde(default = "d_sched")]
-    pub lr_scheduler_type: String,
+    pub lr_scheduler_type: Schedule,
     /// Warm-up in optimizer steps; a value below 1 is a fraction of the total steps (transformers 5).
     #[serde(default)]
     pub warmup_steps: f64,
@@ -114,7 +114,7 @@ pub struct TrainConfig {
     // ---- checkpoints ----
     /// `"steps"`: a checkpoint every `save_steps` optimizer steps and at the end; `"no"`: only the final model.
     #[serde(default = "d_save_strategy")]
-    pub save_strategy: String,
+    pub save_strategy: Strategy,
     #[serde(default = "d_save_steps")]
     pub save_steps: usize,
     /// Keep at most this many checkpoints (the oldest go first).
@@ -164,8 +164,8 @@ pub struct TrainConfig {
     #[serde(default)]
     pub dataset_num_proc: Option<usize>,
     /// `"none"` (default here) or `"tensorboard"` (event file in `OUTPUT_DIR/runs/`); `"all"` means tensorboard.
-    #[serde(default = "d_report_to")]
-    pub report_to: String,
+    #[serde(default)]
+    pub report_to: ReportTo,
     /// No progress bar even on a terminal.
     #[serde(default)]
     pub disable_tqdm: bool,
@@ -182,6 +182,32 @@ pub struct TrainConfig {
     /// Which command the config is for (set by the loader, not a key): the KL checks are KTO's alone.
     #[serde(skip_serializing, skip_deserializing)]
     pub purpose: Purpose,
+}
+
+/// `eval_strategy` / `save_strategy`: transformers' `IntervalStrategy` (`"epoch"` is not supported).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    #[default]
+    No,
+    Steps,
+}
+
+/// `report_to`: where metrics go besides `metrics.jsonl`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportTo {
+    #[default]
+    None,
+    Tensorboard,
+    /// Every integration kto has: TensorBoard.
+    All,
+}
+
+impl ReportTo {
+    pub fn tensorboard(self) -> bool {
+        self != ReportTo::None
+    }
 }
 
 /// What a config is loaded for.
@@ -207,8 +233,8 @@ fn d_output_dir() -> PathBuf {
 fn d_beta() -> f64 {
     0.1
 }
-fn d_loss_type() -> String {
-    "kto".into()
+fn d_loss_type() -> LossType {
+    LossType::Kto
 }
 fn d_one() -> f64 {
     1.0
@@ -225,11 +251,11 @@ fn d_batch() -> usize {
 fn d_lr() -> f64 {
     1e-6
 }
-fn d_optim() -> String {
-    "adamw_torch_fused".into()
+fn d_optim() -> OptimName {
+    OptimName::AdamwTorchFused
 }
-fn d_sched() -> String {
-    "linear".into()
+fn d_sched() -> Schedule {
+    Schedule::Linear
 }
 fn d_beta1() -> f64 {
     0.9
@@ -255,12 +281,7 @@ fn d_logging_steps() -> usize {
 fn d_sampling() -> String {
     "sequential".into()
 }
-fn d_report_to() -> String {
-    "none".into()
-}
-fn d_eval_strategy() -> String {
-    "no".into()
-}
+
 fn d_prompt_col() -> String {
     "prompt".into()
 }
@@ -270,8 +291,8 @@ fn d_completion_col() -> String {
 fn d_label_col() -> String {
     "label".into()
 }
-fn d_save_strategy() -> String {
-    "steps".into()
+fn d_save_strategy() -> Strategy {
+    Strategy::Steps
 }
 fn d_save_steps() -> usize {
     500
@@ -346,25 +367,13 @@ impl TrainConfig {
 
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        if self.loss_type().is_none() {
-            return bad(format!("loss_type {:?}: expected \"kto\" or \"apo_zero_unpaired\"", self.loss_type));
-        }
-        if self.optim_kind().is_none() {
-            return bad(format!("optim {:?}: expected \"adamw_torch_fused\", \"adamw_torch\" or \"sgd\"", self.optim));
-        }
-        if self.schedule().is_none() {
-            return bad(format!(
-                "lr_scheduler_type {:?}: expected \"linear\", \"constant\", \"constant_with_warmup\" or \"cosine\"",
-                self.lr_scheduler_type
-            ));
-        }
         if self.per_device_train_batch_size == 0 {
             return bad("per_device_train_batch_size must be at least 1".into());
         }
-        if self.purpose == Purpose::Kto && self.loss_type() == Some(LossType::Kto) && self.per_device_train_batch_size < 2 {
+        if self.purpose == Purpose::Kto && self.loss_type == LossType::Kto && self.per_device_train_batch_size < 2 {
             return bad("per_device_train_batch_size must be > 1 for loss_type \"kto\": with one row the KL term equals the implied reward (TRL refuses it too)".into());
         }
-        if self.purpose == Purpose::Kto && self.loss_type() == Some(LossType::Kto) && self.train_sampling_strategy != "sequential" {
+        if self.purpose == Purpose::Kto && self.loss_type == LossType::Kto && self.train_sampling_strategy != "sequential" {
             return bad(format!(
                 "train_sampling_strategy {:?}: loss_type \"kto\" needs \"sequential\" (the KL pairs are chunks of consecutive rows)",
                 self.train_sampling_strategy
@@ -411,20 +420,11 @@ impl TrainConfig {
         if self.generate_during_eval && self.eval_dataset.is_none() {
             return bad("generate_during_eval = true needs an eval_dataset".into());
         }
-        if !["none", "tensorboard", "all"].contains(&self.report_to.as_str()) {
-            return bad(format!("report_to {:?}: expected \"none\", \"tensorboard\" or \"all\"", self.report_to));
-        }
-        if self.eval_strategy != "steps" && self.eval_strategy != "no" {
-            return bad(format!("eval_strategy {:?}: expected \"steps\" or \"no\"", self.eval_strategy));
-        }
-        if self.eval_strategy == "steps" && self.eval_dataset.is_none() {
+        if self.eval_strategy == Strategy::Steps && self.eval_dataset.is_none() {
             return bad("eval_strategy = \"steps\" needs an eval_dataset".into());
         }
         if self.eval_steps == Some(0) || self.per_device_eval_batch_size == 0 {
             return bad("eval_steps and per_device_eval_batch_size must be at least 1".into());
-        }
-        if self.save_strategy != "steps" && self.save_strategy != "no" {
-            return bad(format!("save_strategy {:?}: expected \"steps\" or \"no\"", self.save_strategy));
         }
         if self.save_steps == 0 {
             return bad("save_steps must be at least 1".into());
@@ -446,14 +446,8 @@ impl TrainConfig {
         Ok(())
     }
 
-    pub fn loss_type(&self) -> Option<LossType> {
-        LossType::parse(&self.loss_type)
-    }
-    pub fn optim_kind(&self) -> Option<OptimKind> {
-        OptimKind::parse(&self.optim)
-    }
-    pub fn schedule(&self) -> Option<Schedule> {
-        Schedule::parse(&self.lr_scheduler_type)
+    pub fn optim_kind(&self) -> OptimKind {
+        self.optim.kind()
     }
     /// The LoRA targets this config asks for.
     pub fn lora_targets(&self) -> Vec<crate::model::lora::Target> {
@@ -497,7 +491,7 @@ mod tests {
         assert_eq!(c.learning_rate, 1e-6);
         assert_eq!(c.logging_steps, 10);
         assert_eq!(c.max_length(), Some(1024));
-        assert_eq!(c.lr_scheduler_type, "linear");
+        assert_eq!(c.lr_scheduler_type, Schedule::Linear);
         assert_eq!(c.max_grad_norm, 1.0);
     }
 
@@ -514,7 +508,7 @@ mod tests {
     #[test]
     fn overrides_parse_as_toml_or_bare_strings() {
         let c = TrainConfig::from_toml(MIN, &["optim=sgd".into(), "beta=0.5".into(), "max_steps=3".into()]).unwrap();
-        assert_eq!(c.optim, "sgd");
+        assert_eq!(c.optim, OptimName::Sgd);
         assert_eq!(c.beta, 0.5);
         assert_eq!(c.max_steps, 3);
     }

@@ -2,7 +2,8 @@
 //! with respect to each policy log-prob, and the metrics TRL logs. Knows nothing of files or kernels.
 use crate::engine::ScoredOutput;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum LossType {
     /// `1 − σ(β(r − kl))` for desirable rows, `1 − σ(β(kl − r))` for undesirable ones.
     Kto,
@@ -11,13 +12,6 @@ pub enum LossType {
 }
 
 impl LossType {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "kto" => Some(LossType::Kto),
-            "apo_zero_unpaired" => Some(LossType::ApoZeroUnpaired),
-            _ => None,
-        }
-    }
     pub fn uses_kl(self) -> bool {
         self == LossType::Kto
     }

@@ -11,12 +11,20 @@ pub enum OptimKind {
     Sgd,
 }
 
-impl OptimKind {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "adamw_torch" | "adamw_torch_fused" => Some(OptimKind::AdamW),
-            "sgd" => Some(OptimKind::Sgd),
-            _ => None,
+/// `optim`, with transformers' names; both AdamW names make the same update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimName {
+    AdamwTorchFused,
+    AdamwTorch,
+    Sgd,
+}
+
+impl OptimName {
+    pub fn kind(self) -> OptimKind {
+        match self {
+            OptimName::AdamwTorchFused | OptimName::AdamwTorch => OptimKind::AdamW,
+            OptimName::Sgd => OptimKind::Sgd,
         }
     }
 }
@@ -109,7 +117,9 @@ pub fn clip_coefficient(norm: f64, max_norm: f64) -> f32 {
     1.0
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `lr_scheduler_type`, with transformers' names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Schedule {
     Constant,
     ConstantWithWarmup,
@@ -118,16 +128,6 @@ pub enum Schedule {
 }
 
 impl Schedule {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "constant" => Some(Schedule::Constant),
-            "constant_with_warmup" => Some(Schedule::ConstantWithWarmup),
-            "linear" => Some(Schedule::Linear),
-            "cosine" => Some(Schedule::Cosine),
-            _ => None,
-        }
-    }
-
     /// The factor on the base learning rate for the update after `step` completed updates (transformers'
     /// `LambdaLR` lambdas; `Constant` ignores warm-up, as transformers' `constant` does).
     pub fn factor(self, step: usize, warmup: usize, total: usize) -> f64 {

@@ -6,7 +6,7 @@
 //! `reference` (reference log-probs, precomputed and cached), `eval` (evaluation and samples), `run` (the
 //! training loop), `outputs` (the output folder, checkpoints, the saved model), `memory` (the memory plan).
 use crate::checkpoint::{self, RunState};
-use crate::config::TrainConfig;
+use crate::config::{Strategy, TrainConfig};
 use crate::data::{self, Batch, PrepareOptions, Prepared, TextTokenizer};
 use crate::dist::Ranks;
 use crate::engine::{backward, forward_continuation, forward_with_cache, ContinuationBatch, ScoredOutput, SeqBatch};

@@ -90,7 +90,7 @@ impl Trainer {
             if theirs.planned_steps != identity.planned_steps && decays {
                 obs.warn(&format!(
                     "the run now has {} steps instead of {}: the {} schedule is recomputed over the new length",
-                    identity.planned_steps, theirs.planned_steps, self.cfg.lr_scheduler_type
+                    identity.planned_steps, theirs.planned_steps, serde_json::to_value(self.cfg.lr_scheduler_type).unwrap_or_default()
                 ));
             }
         }

@@ -40,10 +40,10 @@ impl Trainer {
         } else {
             (None, Vec::new())
         };
-        let mut events = match self.cfg.report_to.as_str() {
-            // A resumed run's events are those metrics.jsonl keeps, replayed: none past the checkpoint repeat.
-            "tensorboard" | "all" if root => Some(crate::tensorboard::EventWriter::create_replaying(&out_dir, &kept_entries)?),
-            _ => None,
+        // A resumed run's events are those metrics.jsonl keeps, replayed: none past the checkpoint repeat.
+        let mut events = match self.cfg.report_to.tensorboard() && root {
+            true => Some(crate::tensorboard::EventWriter::create_replaying(&out_dir, &kept_entries)?),
+            false => None,
         };
         let mut write_entry = |entry: &Map<String, Value>| -> Result<()> {
             let Some(metrics_file) = metrics_file.as_mut() else { return Ok(()) };
@@ -145,7 +145,7 @@ impl Trainer {
                 let eval_every = self.cfg.eval_steps.unwrap_or(self.cfg.logging_steps);
                 // A stop during evaluation drops that evaluation; the step itself is done and checkpointed.
                 let mut stopped_in_eval = false;
-                if self.cfg.eval_strategy == "steps" && step % eval_every == 0 {
+                if self.cfg.eval_strategy == Strategy::Steps && step % eval_every == 0 {
                     match self.evaluate_unless_stopped(obs) {
                         Some(mut entry) => {
                             entry.insert("epoch".into(), state.epoch_progress.into());
@@ -162,8 +162,9 @@ impl Trainer {
                 }
                 let stop_requested = stopped_in_eval || obs.stop_requested();
                 let interrupted = if world > 1 { ranks.any(stop_requested) } else { stop_requested };
-                let periodic = self.cfg.save_strategy == "steps" && step % self.cfg.save_steps == 0;
-                if periodic || interrupted || (step == self.max_steps && self.cfg.save_strategy == "steps") {
+                let saving = self.cfg.save_strategy == Strategy::Steps;
+                let periodic = saving && step % self.cfg.save_steps == 0;
+                if periodic || interrupted || (step == self.max_steps && saving) {
                     state.global_step = step;
                     state.pending_metrics = acc.values.clone();
                     let dir = if root { self.write_checkpoint(&state)? } else { checkpoint::checkpoint_dir(&out_dir, step) };

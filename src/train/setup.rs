@@ -96,14 +96,14 @@ impl Trainer {
     /// A trainer over models and prepared data already in memory (`cfg` must have passed validation).
     /// `reference: None` requires LoRA adapters on the policy (the reference is then its base).
     pub fn from_parts(cfg: TrainConfig, policy: Model, reference: Option<Model>, prepared: Prepared) -> Self {
-        let loss_type = cfg.loss_type().expect("validated");
+        let loss_type = cfg.loss_type;
         let max_steps = planned_steps(&cfg, prepared.rows.len(), 1);
         let trainable = match &policy.lora {
             Some(l) => &l.tensors,
             None => &policy.layout.tensors,
         };
         let optimizer = Optimizer::new(
-            cfg.optim_kind().expect("validated"),
+            cfg.optim_kind(),
             trainable,
             cfg.adam_beta1,
             cfg.adam_beta2,
@@ -119,7 +119,7 @@ impl Trainer {
         Trainer {
             task: Task::Kto,
             tokenizer: None,
-            schedule: cfg.schedule().expect("validated"),
+            schedule: cfg.lr_scheduler_type,
             warmup: cfg.warmup_for(max_steps),
             cfg,
             objective,
@@ -193,7 +193,7 @@ pub(super) fn load_data(
     let opts = PrepareOptions {
         max_length: cfg.max_length(),
         batch_size: cfg.per_device_train_batch_size,
-        with_kl: task == Task::Kto && cfg.loss_type().expect("validated").uses_kl(),
+        with_kl: task == Task::Kto && cfg.loss_type.uses_kl(),
     };
     obs.preparing(path, 0, examples.len());
     if ranks.size() == 1 {
