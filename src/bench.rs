@@ -4,7 +4,9 @@
 use crate::config::TrainConfig;
 use crate::data::{PrepareOptions, Prepared, TokenizedRow};
 use crate::engine::gemm::gemm;
-use crate::model::{Model, ModelSpec, ParamLayout};
+use crate::model::random::random_model;
+use crate::model::ModelSpec;
+use crate::rng::Rng;
 use crate::train::{PhaseTimes, Trainer};
 use rayon::prelude::*;
 use serde_json::json;
@@ -101,38 +103,6 @@ fn physical_memory_bytes() -> Option<usize> {
     Some(kb * 1024)
 }
 
-/// A small deterministic generator (xorshift64*) for weights and tokens.
-struct Rng(u64);
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545F4914F6CDD1D)
-    }
-    fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f64 {
-        let (u1, u2) = (self.uniform().max(1e-300), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-}
-
-/// A Llama initialised as transformers does (normal(0, 0.02) matrices, unit norm weights).
-pub fn random_model(spec: &ModelSpec, seed: u64) -> Model {
-    let layout = ParamLayout::new(spec);
-    let mut rng = Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
-    let mut params = vec![0f32; layout.total];
-    for t in &layout.tensors {
-        let norm = t.shape.len() == 1;
-        for v in &mut params[t.range()] {
-            *v = if norm { 1.0 } else { (0.02 * rng.normal()) as f32 };
-        }
-    }
-    Model { spec: spec.clone(), layout, params, lora: None }
-}
-
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -217,7 +187,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     let policy = random_model(&spec, 0);
     let reference = if opts.lora_r > 0 { None } else { Some(random_model(&spec, 1)) };
     let len = opts.prompt_len + opts.completion_len;
-    let mut rng = Rng(7);
+    let mut rng = Rng::from_state(7);
     let rows: Vec<TokenizedRow> = (0..opts.batch)
         .map(|i| {
             let mut tok = |n: usize| (0..n).map(|_| 3 + (rng.next_u64() % (opts.vocab as u64 - 3)) as u32).collect::<Vec<_>>();

@@ -10,6 +10,7 @@
 //!    desirable answers (the paper's imbalance setting, `desirable_weight` raised to compensate); `kto sft` on
 //!    the desirable answers alone.
 //! 4. Each model answers held-out prompts (words never seen in training); the desirable rate is measured.
+use crate::rng::Rng;
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::generate::{generate_ids, SamplingOptions};
@@ -49,30 +50,9 @@ const SAMPLES_PER_HELD_OUT: usize = 4;
 const MIN_WORD: usize = 3;
 const MAX_WORD: usize = 6;
 
-/// xorshift64*: the demo's only source of randomness.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03 | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i + 1));
-        }
-    }
+/// The demo's only source of randomness, from its seed.
+fn demo_rng(seed: u64) -> Rng {
+    Rng::from_state(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03)
 }
 
 /// The rule: the answer is the prompt's word in capitals.
@@ -169,7 +149,7 @@ fn write_random_model(dir: &Path, vocab: usize, seed: u64) -> Result<()> {
     });
     write_json(&dir.join("config.json"), &config)?;
     let spec = ModelSpec::from_config_json(&config.to_string()).map_err(|e| Error::model(dir, e))?;
-    let model = crate::bench::random_model(&spec, seed);
+    let model = crate::model::random::random_model(&spec, seed);
     crate::files::write_atomic(&dir.join("model.safetensors"), &model.to_safetensors()?)
 }
 
@@ -246,7 +226,7 @@ fn rates(pairs: &[(String, String)]) -> (f64, f64) {
 /// Runs the whole demonstration for one seed in `dir`.
 pub fn run_seed(dir: &Path, seed: u64, obs: &dyn Observer) -> Result<SeedResult> {
     let t0 = Instant::now();
-    let mut rng = Rng::new(seed);
+    let mut rng = demo_rng(seed);
     std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
     let init = dir.join("init");
     std::fs::create_dir_all(&init).map_err(|e| Error::file(&init, e))?;

@@ -4,6 +4,7 @@
 use crate::data::{Content, TextTokenizer};
 use crate::engine::{extend_kv, KvCache};
 use crate::model::Model;
+use crate::rng::SplitMix;
 
 #[derive(Debug, Clone, Copy)]
 pub struct SamplingOptions {
@@ -27,30 +28,8 @@ impl Default for SamplingOptions {
 /// Prompts run through the model together (bounds the KV cache's memory).
 const GENERATION_BATCH: usize = 64;
 
-/// SplitMix64: a small, well-mixed stream per prompt.
-struct Stream(u64);
-
-impl Stream {
-    fn new(seed: u64, index: u64) -> Self {
-        let mut s = Stream(seed ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03));
-        s.next_u64();
-        s
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// Picks the next token from `logits` as `opts` says.
-fn sample(logits: &[f32], opts: &SamplingOptions, stream: &mut Stream) -> u32 {
+fn sample(logits: &[f32], opts: &SamplingOptions, stream: &mut SplitMix) -> u32 {
     let argmax = || logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
     if opts.temperature <= 0.0 {
         return argmax() as u32;
@@ -109,7 +88,7 @@ fn generate_batch(model: &Model, adapters: bool, chunk: &[Vec<u32>], first: usiz
         let capacity = chunk.iter().map(|p| p.len()).max().unwrap_or(0) + opts.max_new_tokens;
         let mut cache = KvCache::new(model, chunk.len(), capacity.max(1));
         cache.adapters = adapters;
-        let mut streams: Vec<Stream> = (0..chunk.len()).map(|i| Stream::new(opts.seed, (first + i) as u64)).collect();
+        let mut streams: Vec<SplitMix> = (0..chunk.len()).map(|i| SplitMix::new(opts.seed, (first + i) as u64)).collect();
         let mut generated: Vec<Vec<u32>> = vec![Vec::new(); chunk.len()];
         let mut done: Vec<bool> = chunk.iter().map(|p| p.is_empty() || opts.max_new_tokens == 0).collect();
         let mut feed: Vec<Vec<u32>> = chunk.iter().map(|p| if p.is_empty() { Vec::new() } else { p.clone() }).collect();
@@ -202,7 +181,7 @@ mod tests {
     #[test]
     fn greedy_picks_the_maximum_and_top_k_one_is_greedy() {
         let logits = [0.1f32, 2.0, -1.0, 1.9];
-        let mut s = Stream::new(1, 0);
+        let mut s = SplitMix::new(1, 0);
         let greedy = SamplingOptions { temperature: 0.0, ..Default::default() };
         assert_eq!(sample(&logits, &greedy, &mut s), 1);
         let top1 = SamplingOptions { top_k: 1, ..Default::default() };
@@ -216,7 +195,7 @@ mod tests {
         // Probabilities ~ [0.64, 0.24, 0.09, 0.03]: top_p 0.7 keeps the first two.
         let logits = [3.0f32, 2.0, 1.0, 0.0];
         let opts = SamplingOptions { top_p: 0.7, top_k: 0, ..Default::default() };
-        let mut s = Stream::new(7, 3);
+        let mut s = SplitMix::new(7, 3);
         let mut seen = [0usize; 4];
         for _ in 0..2000 {
             seen[sample(&logits, &opts, &mut s) as usize] += 1;
@@ -230,7 +209,7 @@ mod tests {
     fn sampling_follows_the_softmax() {
         let logits = [0.0f32, (3.0f32).ln()];
         let opts = SamplingOptions { top_k: 0, ..Default::default() };
-        let mut s = Stream::new(11, 0);
+        let mut s = SplitMix::new(11, 0);
         let ones = (0..4000).filter(|_| sample(&logits, &opts, &mut s) == 1).count();
         assert!((ones as f64 / 4000.0 - 0.75).abs() < 0.03, "{ones}");
         // Temperature 0.5 squares the odds: 9:1.

@@ -21,6 +21,7 @@ pub mod objective;
 pub mod optim;
 pub mod output;
 pub mod plot;
+pub mod rng;
 pub mod run_identity;
 pub mod tensorboard;
 pub mod train;

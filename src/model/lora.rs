@@ -124,16 +124,12 @@ impl Lora {
             layers.push(modules);
         }
         let mut params = vec![0f32; total];
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        // Deterministic and dependency-free; PEFT's exact draws would need torch's generator.
+        let mut rng = crate::rng::Rng::from_state(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         for m in layers.iter().flatten() {
             let bound = 1.0 / (m.in_dim as f64).sqrt();
             for v in &mut params[m.a..m.a + r * m.in_dim] {
-                // xorshift64*: deterministic and dependency-free; PEFT's exact draws need torch's generator.
-                state ^= state >> 12;
-                state ^= state << 25;
-                state ^= state >> 27;
-                let u = (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64;
-                *v = ((2.0 * u - 1.0) * bound) as f32;
+                *v = ((2.0 * rng.uniform() - 1.0) * bound) as f32;
             }
         }
         Lora { r, alpha, targets: targets.to_vec(), layers, tensors, params }

@@ -3,6 +3,7 @@
 //! Parameters live in a single `Vec<f32>` (llm.c style) so that gradients, optimizer state, clipping and saving
 //! are loops over one slice. `ParamLayout` maps each Hugging Face tensor name to its range in that buffer.
 pub mod lora;
+pub mod random;
 pub mod weights;
 
 use crate::error::{Error, Result};

@@ -1,0 +1,17 @@
+//! Randomly initialised models, for `kto bench` and the demo (transformers' initialisation, from a seed).
+use super::{Model, ModelSpec, ParamLayout};
+use crate::rng::Rng;
+
+/// A Llama initialised as transformers does (normal(0, 0.02) matrices, unit norm weights).
+pub fn random_model(spec: &ModelSpec, seed: u64) -> Model {
+    let layout = ParamLayout::new(spec);
+    let mut rng = Rng::from_state(seed.wrapping_mul(0x9E3779B97F4A7C15));
+    let mut params = vec![0f32; layout.total];
+    for t in &layout.tensors {
+        let norm = t.shape.len() == 1;
+        for v in &mut params[t.range()] {
+            *v = if norm { 1.0 } else { (0.02 * rng.normal()) as f32 };
+        }
+    }
+    Model { spec: spec.clone(), layout, params, lora: None }
+}
