@@ -3,12 +3,12 @@
 //! The flow, one module a stage: `config` → `data` (rows → formatted → tokenized → KL pairs → batches) →
 //! `model` (Hugging Face folder ↔ flat parameters) → `engine` (forward/backward kernels) → `objective`
 //! (sequence log-probs → KTO loss and metrics) → `optim` → `train` (the only place that knows the order).
-pub mod bench;
+//! Around the run: `output` (the output folder's lock and whole-unit writes), `checkpoint` and `run_identity`
+//! (what a resume may continue), `tensorboard`, `dist` (MPI ranks), `generate` (sampling). The `kto` binary's
+//! commands live outside the library, in `src/app`.
 pub mod checkpoint;
-pub mod cli;
 pub mod config;
 pub mod data;
-pub mod demo;
 pub mod dist;
 pub mod engine;
 pub mod error;
@@ -20,7 +20,6 @@ pub mod model;
 pub mod objective;
 pub mod optim;
 pub mod output;
-pub mod plot;
 pub mod rng;
 pub mod run_identity;
 pub mod tensorboard;

@@ -12,6 +12,11 @@ fn kto(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), stderr)
 }
 
+/// The demo's rule, stated independently of its code: the answer is the prompt's word (before "=") in capitals.
+fn follows_the_rule(prompt: &str, answer: &str) -> bool {
+    answer == prompt.strip_suffix('=').unwrap_or(prompt).to_uppercase()
+}
+
 #[test]
 fn demo_seed_shows_kto_raising_the_desirable_rate() {
     let dir = tempfile::tempdir().unwrap();
@@ -31,7 +36,7 @@ fn demo_seed_shows_kto_raising_the_desirable_rate() {
     for line in kto_rows.lines() {
         let row: serde_json::Value = serde_json::from_str(line).unwrap();
         let (p, c) = (row["prompt"].as_str().unwrap(), row["completion"].as_str().unwrap());
-        assert_eq!(row["label"].as_bool().unwrap(), kto::demo::is_desirable(p, c), "{line}");
+        assert_eq!(row["label"].as_bool().unwrap(), follows_the_rule(p, c), "{line}");
     }
     for file in ["results.md", "desirable_rates.svg", "seed-0/kto/metrics.svg", "seed-0/kto/eval_generations/step-20.jsonl"] {
         assert!(out.join(file).is_file(), "{file} written");

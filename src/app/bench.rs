@@ -1,13 +1,13 @@
 //! `kto bench`: KTO training steps on a randomly initialised Llama of the shape `shared/peer/bench_trl.py`
 //! times, through the same trainer code path as `kto train`, with a per-phase split, achieved GFLOP/s against a
 //! measured single-GEMM rate, and peak RSS.
-use crate::config::TrainConfig;
-use crate::data::{PrepareOptions, Prepared, TokenizedRow};
-use crate::engine::gemm::gemm;
-use crate::model::random::random_model;
-use crate::model::ModelSpec;
-use crate::rng::Rng;
-use crate::train::{PhaseTimes, Trainer};
+use kto::config::TrainConfig;
+use kto::data::{PrepareOptions, Prepared, TokenizedRow};
+use kto::engine::gemm::gemm;
+use kto::model::random::random_model;
+use kto::model::ModelSpec;
+use kto::rng::Rng;
+use kto::train::{PhaseTimes, Trainer};
 use rayon::prelude::*;
 use serde_json::json;
 use std::time::Instant;
@@ -150,7 +150,7 @@ fn median(v: &mut [f64]) -> f64 {
 pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     // Under `mpirun` (with the `mpi` feature) each rank takes an equal share of the batch and the gradients are
     // summed over the ranks every step: data-parallel scaling of the same global batch.
-    let ranks = crate::dist::Ranks::from_launcher()?;
+    let ranks = kto::dist::Ranks::from_launcher()?;
     if opts.batch % ranks.size() != 0 {
         anyhow::bail!("--batch {} does not split evenly over {} ranks", opts.batch, ranks.size());
     }
@@ -167,7 +167,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         kv_heads: opts.kv_heads,
         head_dim: opts.hidden / opts.heads,
         rms_eps: 1e-6,
-        rope: crate::model::RopeSpec::plain(10000.0),
+        rope: kto::model::RopeSpec::plain(10000.0),
         qkv_bias: false,
         qk_norm: false,
         layer_windows: Vec::new(),
@@ -198,7 +198,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         .collect();
     let mut prepared = Prepared { rows, dropped_source_rows: vec![], prefix_mismatches: 0 };
     let popts = PrepareOptions { max_length: Some(len), batch_size: opts.batch, with_kl: true };
-    crate::data::prepare::rotate_kl_completions(&mut prepared.rows, popts.batch_size);
+    kto::data::prepare::rotate_kl_completions(&mut prepared.rows, popts.batch_size);
     let scratch = std::env::temp_dir().join(format!("kto-bench-{}", std::process::id()));
     let cfg = TrainConfig::from_toml(
         &format!(
@@ -212,15 +212,15 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     )?;
     let mut policy = policy;
     if opts.lora_r > 0 {
-        let all = crate::model::lora::Target::ALL;
-        policy.lora = Some(crate::model::lora::Lora::new(&spec, opts.lora_r, 2.0 * opts.lora_r as f64, &all, 0));
+        let all = kto::model::lora::Target::ALL;
+        policy.lora = Some(kto::model::lora::Lora::new(&spec, opts.lora_r, 2.0 * opts.lora_r as f64, &all, 0));
     }
     // Under LoRA the reference is the frozen base inside the policy (no second model), as `kto train` does
     // without `ref_model`.
     let mut trainer = Trainer::from_parts(cfg, policy, reference, prepared);
     let precomputed = opts.reference == "precomputed";
     if precomputed {
-        let result = trainer.precompute_reference(&crate::train::Silent);
+        let result = trainer.precompute_reference(&kto::train::Silent);
         let _ = std::fs::remove_dir_all(&scratch);
         result?;
     }
@@ -258,7 +258,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     let (b, pl, cl) = (opts.batch, opts.prompt_len, opts.completion_len);
     let main = forward_flops(&spec, b * len, b * len * (len + 1) / 2, b * cl);
     let kl = forward_flops(&spec, b * cl, b * (cl * pl + cl * (cl + 1) / 2), b * cl);
-    let kept_softmax = b * cl * spec.vocab_size * 4 <= crate::engine::decoder::softmax_cache_bytes();
+    let kept_softmax = b * cl * spec.vocab_size * 4 <= kto::engine::decoder::softmax_cache_bytes();
     let lm_recompute =
         if kept_softmax { 0.0 } else { 2.0 * (b * cl) as f64 * spec.hidden as f64 * spec.vocab_size as f64 };
     let reference_flops = if precomputed { 0.0 } else { main + kl };
@@ -274,8 +274,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     let mode = if opts.lora_r > 0 { format!("LoRA r={} all-linear", opts.lora_r) } else { "full fine-tuning".into() };
     println!("kto bench: Llama vocab {} hidden {} intermediate {} layers {} heads {}/{} ({} parameters, {} trainable), batch {} x {} tokens, kto, AdamW, {mode}, {} reference, gradient checkpointing {}, {} rank(s) x {threads} threads",
         spec.vocab_size, spec.hidden, spec.intermediate, spec.layers, spec.heads, spec.kv_heads, trainer.policy.num_parameters(), trainer.trainable_params().len(), opts.batch, len, opts.reference, if opts.gradient_checkpointing { "on" } else { "off" }, ranks.size());
-    println!("cpu: {}; kernel set {} (KTO_ISA; this CPU runs {})", cpu_model(), crate::engine::isa::active().name(),
-        crate::engine::isa::Isa::available().iter().map(|i| i.name()).collect::<Vec<_>>().join(", "));
+    println!("cpu: {}; kernel set {} (KTO_ISA; this CPU runs {})", cpu_model(), kto::engine::isa::active().name(),
+        kto::engine::isa::Isa::available().iter().map(|i| i.name()).collect::<Vec<_>>().join(", "));
     println!("{:<28} {:>10}", "phase (mean over steps)", "ms");
     for (name, t) in [
         ("policy KL forward", phases.policy_kl_forward),

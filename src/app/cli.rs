@@ -1,6 +1,6 @@
 //! The command line: a thin shell over the library. Errors come back as one line and a non-zero exit.
-use crate::config::TrainConfig;
-use crate::train::{Observer, Task, Trainer};
+use kto::config::TrainConfig;
+use kto::train::{Observer, Task, Trainer};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value};
@@ -54,7 +54,7 @@ pub enum Command {
         seeds: Vec<u64>,
     },
     /// Time KTO training steps on a random Llama of the shape shared/peer/bench_trl.py uses.
-    Bench(crate::bench::BenchOptions),
+    Bench(crate::app::bench::BenchOptions),
     /// Fold a LoRA adapter (a PEFT folder, as `kto train` with `use_peft` writes) into its base model and write
     /// a full Hugging Face model folder.
     Merge {
@@ -107,23 +107,23 @@ pub struct GenerateArgs {
 }
 
 fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
-    use crate::generate::{content_json, generate_texts, generate_texts_streaming, read_prompts, SamplingOptions};
+    use kto::generate::{content_json, generate_texts, generate_texts_streaming, read_prompts, SamplingOptions};
     use std::io::Write;
     if !(args.temperature >= 0.0 && args.top_p > 0.0 && args.top_p <= 1.0) {
         anyhow::bail!("--temperature must be >= 0 and --top-p in (0, 1]");
     }
-    let mut model = crate::model::Model::load(&args.model)?;
+    let mut model = kto::model::Model::load(&args.model)?;
     if let Some(adapter) = &args.adapter {
-        model.lora = Some(crate::model::lora::Lora::load_peft(adapter, &model.spec)?);
+        model.lora = Some(kto::model::lora::Lora::load_peft(adapter, &model.spec)?);
     }
     let tok_dir = match &args.adapter {
         Some(a) if a.join("tokenizer.json").is_file() => a,
         _ => &args.model,
     };
-    let tok = crate::data::TextTokenizer::load(tok_dir)?;
+    let tok = kto::data::TextTokenizer::load(tok_dir)?;
     tok.check_fits(model.spec.vocab_size, &args.model)?;
     let prompts = match (&args.prompt, &args.prompts) {
-        (Some(p), _) => vec![crate::data::Content::Text(p.clone())],
+        (Some(p), _) => vec![kto::data::Content::Text(p.clone())],
         (None, Some(path)) => read_prompts(path, &args.prompt_column)?,
         (None, None) => anyhow::bail!("give --prompt TEXT or --prompts FILE"),
     };
@@ -149,7 +149,7 @@ fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
         p.with_file_name(name)
     });
     let mut file = match &partial {
-        Some(p) => Some(std::fs::File::create(p).map_err(|e| crate::Error::file(p, format!("cannot write: {e}")))?),
+        Some(p) => Some(std::fs::File::create(p).map_err(|e| kto::Error::file(p, format!("cannot write: {e}")))?),
         None => None,
     };
     let mut write_error = None;
@@ -176,10 +176,10 @@ fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
         anyhow::bail!("{}: cannot write: {e}", shown(&partial));
     }
     if made < prompts.len() {
-        return Err(crate::Error::StoppedEarly(format!("after {made} of {} completions; they are in {}", prompts.len(), shown(&partial))).into());
+        return Err(kto::Error::StoppedEarly(format!("after {made} of {} completions; they are in {}", prompts.len(), shown(&partial))).into());
     }
     if let (Some(partial), Some(out)) = (&partial, &args.out) {
-        std::fs::rename(partial, out).map_err(|e| crate::Error::file(out, format!("cannot move into place: {e}")))?;
+        std::fs::rename(partial, out).map_err(|e| kto::Error::file(out, format!("cannot move into place: {e}")))?;
         eprintln!("kto: {made} completions written to {}", out.display());
     }
     Ok(())
@@ -302,10 +302,10 @@ impl Observer for Console {
 /// `kto train` and `kto sft`: load, train with a progress bar, stop cleanly on SIGINT/SIGTERM. Under `mpirun`
 /// (with the `mpi` feature) every rank runs this; rank 0 alone reports and writes.
 fn run_training(task: Task, cfg: TrainConfig) -> anyhow::Result<()> {
-    let ranks = crate::dist::Ranks::from_launcher()?;
+    let ranks = kto::dist::Ranks::from_launcher()?;
     let result = train_on_ranks(task, cfg, &ranks);
     // Only a stop the ranks agreed on (after the same step) ends them all cleanly; any other stops them all.
-    let interrupted = |e: &anyhow::Error| matches!(e.downcast_ref::<crate::Error>(), Some(crate::Error::Interrupted { .. }));
+    let interrupted = |e: &anyhow::Error| matches!(e.downcast_ref::<kto::Error>(), Some(kto::Error::Interrupted { .. }));
     if let (Err(e), true) = (&result, ranks.size() > 1) {
         if interrupted(e) {
             // Every rank stopped after the same step (they agree on it); nothing to abort.
@@ -318,7 +318,7 @@ fn run_training(task: Task, cfg: TrainConfig) -> anyhow::Result<()> {
     result
 }
 
-fn train_on_ranks(task: Task, cfg: TrainConfig, ranks: &crate::dist::Ranks) -> anyhow::Result<()> {
+fn train_on_ranks(task: Task, cfg: TrainConfig, ranks: &kto::dist::Ranks) -> anyhow::Result<()> {
     // Every rank watches the signals (mpirun forwards SIGTERM to all); the ranks agree on the stop each step.
     let stop = stop_on_signals()?;
     let console = Console::with_stop(!cfg.disable_tqdm && ranks.is_root(), stop.clone());
@@ -354,8 +354,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo { out, seeds } => {
             let console = Console::new(false);
             let t = std::time::Instant::now();
-            let results = crate::demo::run(&crate::demo::DemoOptions { out: out.clone(), seeds }, &console)?;
-            println!("{}", crate::demo::table(&results));
+            let results = crate::app::demo::run(&crate::app::demo::DemoOptions { out: out.clone(), seeds }, &console)?;
+            println!("{}", crate::app::demo::table(&results));
             eprintln!(
                 "kto: demo finished in {:.0} s; results.md, results.json, desirable_rates.svg and each seed's runs (seed-N/kto/metrics.svg) in {}",
                 t.elapsed().as_secs_f64(),
@@ -364,18 +364,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Plot { output_dir } => {
-            let path = crate::plot::plot_run(&output_dir)?;
+            let path = crate::app::plot::plot_run(&output_dir)?;
             eprintln!("kto: wrote {}", path.display());
             Ok(())
         }
-        Command::Bench(opts) => crate::bench::run(&opts),
+        Command::Bench(opts) => crate::app::bench::run(&opts),
         Command::Merge { base, adapter, out } => {
             for (flag, input) in [("--base", &base), ("--adapter", &adapter)] {
-                if crate::output::same_folder(&out, input) {
+                if kto::output::same_folder(&out, input) {
                     anyhow::bail!("{}: --out is the {flag} folder; write the merged model elsewhere", out.display());
                 }
             }
-            if let Some(named) = adapter_base(&adapter).filter(|named| !crate::output::same_folder(named, &base)) {
+            if let Some(named) = adapter_base(&adapter).filter(|named| !kto::output::same_folder(named, &base)) {
                 eprintln!(
                     "kto: warning: {} was trained on {}, not {} (adapter_config.json's base_model_name_or_path); the merge is only right on the same base",
                     adapter.display(),
@@ -383,8 +383,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     base.display()
                 );
             }
-            let mut model = crate::model::Model::load(&base)?;
-            model.lora = Some(crate::model::lora::Lora::load_peft(&adapter, &model.spec)?);
+            let mut model = kto::model::Model::load(&base)?;
+            model.lora = Some(kto::model::lora::Lora::load_peft(&adapter, &model.spec)?);
             model.merge_lora();
             // Tokenizer files: the adapter folder's if it has them, else the base model's.
             let tok_dir = if adapter.join("tokenizer.json").is_file() { &adapter } else { &base };

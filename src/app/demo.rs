@@ -10,12 +10,12 @@
 //!    desirable answers (the paper's imbalance setting, `desirable_weight` raised to compensate); `kto sft` on
 //!    the desirable answers alone.
 //! 4. Each model answers held-out prompts (words never seen in training); the desirable rate is measured.
-use crate::rng::Rng;
-use crate::config::TrainConfig;
-use crate::error::{Error, Result};
-use crate::generate::{generate_ids, SamplingOptions};
-use crate::model::{Model, ModelSpec};
-use crate::train::{Observer, Silent, Task, Trainer};
+use kto::rng::Rng;
+use kto::config::TrainConfig;
+use kto::error::{Error, Result};
+use kto::generate::{generate_ids, SamplingOptions};
+use kto::model::{Model, ModelSpec};
+use kto::train::{Observer, Silent, Task, Trainer};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -129,12 +129,12 @@ fn write_tokenizer(dir: &Path) -> Result<usize> {
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v).map_err(|e| Error::Train(e.to_string()))? + "\n";
-    crate::files::write_atomic(path, text.as_bytes())
+    kto::files::write_atomic(path, text.as_bytes())
 }
 
 fn write_jsonl(path: &Path, rows: &[Value]) -> Result<()> {
     let text: String = rows.iter().map(|r| r.to_string() + "\n").collect();
-    crate::files::write_atomic(path, text.as_bytes())
+    kto::files::write_atomic(path, text.as_bytes())
 }
 
 /// A random 2-layer Llama with the demo tokenizer, saved as a Hugging Face folder.
@@ -149,8 +149,8 @@ fn write_random_model(dir: &Path, vocab: usize, seed: u64) -> Result<()> {
     });
     write_json(&dir.join("config.json"), &config)?;
     let spec = ModelSpec::from_config_json(&config.to_string()).map_err(|e| Error::model(dir, e))?;
-    let model = crate::model::random::random_model(&spec, seed);
-    crate::files::write_atomic(&dir.join("model.safetensors"), &model.to_safetensors()?)
+    let model = kto::model::random::random_model(&spec, seed);
+    kto::files::write_atomic(&dir.join("model.safetensors"), &model.to_safetensors()?)
 }
 
 fn train(task: Task, toml: &str) -> Result<PathBuf> {
@@ -196,7 +196,7 @@ fn kto_toml(model: &Path, data: &Path, eval: &Path, out: &Path, seed: u64, desir
 /// Samples answers for `prompts` from the model in `dir` (temperature 1, full distribution).
 fn answers(dir: &Path, prompts: &[String], samples: usize, seed: u64) -> Result<Vec<(String, String)>> {
     let model = Model::load(dir)?;
-    let tok = crate::data::TextTokenizer::load(dir)?;
+    let tok = kto::data::TextTokenizer::load(dir)?;
     let mut ids = Vec::with_capacity(prompts.len() * samples);
     let mut texts = Vec::with_capacity(prompts.len() * samples);
     for p in prompts {
@@ -269,7 +269,7 @@ pub fn run_seed(dir: &Path, seed: u64, obs: &dyn Observer) -> Result<SeedResult>
 
     obs.info(&format!("seed {seed}: KTO on {} labelled answers ({n_desirable} desirable)", kto_rows.len()));
     let kto = train(Task::Kto, &kto_toml(&base, &kto_path, &eval_path, &dir.join("kto"), seed, 1.0))?;
-    crate::plot::plot_run(&kto)?;
+    crate::app::plot::plot_run(&kto)?;
     let kto_rate = rates(&answers(&kto, &held_prompts, SAMPLES_PER_HELD_OUT, seed ^ 0xE7A1)?);
 
     // Imbalance: keep every undesirable answer and one desirable in ten; weight desirable rows so that
@@ -362,12 +362,12 @@ pub fn run(opts: &DemoOptions, obs: &dyn Observer) -> Result<Vec<SeedResult>> {
         })
         .collect();
     write_json(&opts.out.join("results.json"), &Value::Array(json_rows))?;
-    crate::files::write_atomic(&opts.out.join("results.md"), table(&results).as_bytes())?;
+    kto::files::write_atomic(&opts.out.join("results.md"), table(&results).as_bytes())?;
     let groups: Vec<(String, Vec<f64>)> = ["base", "KTO", "KTO 10% desirable", "SFT desirable"]
         .iter()
         .enumerate()
         .map(|(i, l)| (l.to_string(), results.iter().map(|r| r.rates[i]).collect()))
         .collect();
-    crate::plot::plot_rates(&opts.out.join("desirable_rates.svg"), "capitalise the word: desirable answers on held-out prompts", &groups)?;
+    crate::app::plot::plot_rates(&opts.out.join("desirable_rates.svg"), "capitalise the word: desirable answers on held-out prompts", &groups)?;
     Ok(results)
 }

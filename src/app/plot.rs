@@ -1,7 +1,7 @@
 //! `kto plot`: the curves of a run's `metrics.jsonl` (loss, KL, rewards, margins, and their eval counterparts)
 //! drawn to one SVG with `plotters`, and the bar chart of the demo. SVG only: it needs no font files or system
 //! libraries (the viewer renders the text).
-use crate::error::{Error, Result};
+use kto::error::{Error, Result};
 use plotters::prelude::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -108,7 +108,7 @@ pub fn plot_run(dir: &Path) -> Result<PathBuf> {
         }
         root.present().map_err(|e| draw_error(&out, e))?;
     }
-    crate::files::write_atomic(&out, svg.as_bytes())?;
+    kto::files::write_atomic(&out, svg.as_bytes())?;
     Ok(out)
 }
 
@@ -159,5 +159,5 @@ pub fn plot_rates(out: &Path, title: &str, groups: &[(String, Vec<f64>)]) -> Res
         }
         root.present().map_err(|e| draw_error(out, e))?;
     }
-    crate::files::write_atomic(out, svg.as_bytes())
+    kto::files::write_atomic(out, svg.as_bytes())
 }
