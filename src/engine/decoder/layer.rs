@@ -1,0 +1,296 @@
+//! One decoder layer: its forward (saving a tape) beside its backward, and the layer stack.
+use super::*;
+use crate::engine::buffers::Buf;
+use crate::engine::gemm::gemm;
+use crate::engine::kernels::{self, AttnShape, Rope};
+use crate::model::lora::{LoraModule, Target};
+use crate::model::Model;
+use rayon::prelude::*;
+
+pub(super) struct LayerTape {
+    pub(super) x_in: Buf,
+    pub(super) xn1: Buf,
+    pub(super) rstd1: Buf,
+    /// Fused `[q | k | v]` rows after RoPE, and the log-sum-exp of every (row, head) attention score row.
+    pub(super) qkv: Buf,
+    pub(super) attn_lse: Buf,
+    /// With per-head q/k norms: the rows before the norm, and each (row, head)'s inverse RMS.
+    pub(super) qk_pre: Buf,
+    pub(super) qk_rstd: Buf,
+    pub(super) att: Buf,
+    pub(super) x_mid: Buf,
+    pub(super) xn2: Buf,
+    pub(super) rstd2: Buf,
+    /// Fused `[gate | up]` rows.
+    pub(super) gate_up: Buf,
+    /// Per adapter of the layer (in `Lora::layers` order): its input times Aᵀ, `[N, r]` (`[M, r]` after attention
+    /// when the layer keeps only `out_rows`).
+    pub(super) lora_u: Vec<Buf>,
+    pub(super) h: Buf,
+    /// The last layer computes its output only at the rows that are scored (nothing reads the others): those
+    /// rows, and the attention output gathered at them. From `x_mid` on, such a tape holds only these rows.
+    pub(super) out_rows: Option<Vec<usize>>,
+    pub(super) att_out: Buf,
+}
+
+/// What the forward kept of one layer: everything, or (gradient checkpointing) only its input.
+pub(super) enum LayerRecord {
+    Full(LayerTape),
+    Checkpoint(Buf),
+}
+
+pub(super) fn linear(x: &[f32], rows: usize, w: &[f32], in_dim: usize, out_dim: usize) -> Buf {
+    let mut y = Buf::scratch(rows * out_dim);
+    gemm(rows, in_dim, out_dim, x, false, w, true, &mut y, false);
+    y
+}
+
+/// The decoder layers over `tokens` (embedding in, pre-norm hidden states out). Keeps the backward tape and/or
+/// each layer's q|k|v rows when asked.
+/// The decoder layers over `tokens` (embedding in, pre-norm hidden states out). Keeps the backward tape
+/// (with `checkpoint`, only each layer's input, recomputed in backward) and/or each layer's q|k|v rows.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn run_layers(
+    model: &Model,
+    tokens: &[u32],
+    positions: &[u32],
+    keys: Keys,
+    keep_tape: bool,
+    keep_qkv: bool,
+    adapters: bool,
+    checkpoint: bool,
+    last_layer_rows: Option<&[usize]>,
+) -> (Buf, Vec<LayerRecord>, Vec<Buf>) {
+    let (p, lay, hd) = (&model.params, &model.layout, model.spec.hidden);
+    let mut x = Buf::scratch(tokens.len() * hd);
+    x.par_chunks_mut(hd).zip(tokens.par_iter()).for_each(|(row, &t)| {
+        row.copy_from_slice(&p[lay.embed + t as usize * hd..][..hd]);
+    });
+    let (mut records, mut kept_qkv) = (Vec::new(), Vec::new());
+    let last = lay.layers.len().saturating_sub(1);
+    for l in 0..lay.layers.len() {
+        let x_in = (keep_tape && checkpoint).then(|| Buf::copy_of(&x));
+        let rows = if l == last { last_layer_rows } else { None };
+        let (tape, qkv) = layer_forward(model, l, &mut x, positions, &keys, keep_tape && !checkpoint, keep_qkv, adapters, rows);
+        if let Some(q) = qkv {
+            kept_qkv.push(q);
+        }
+        match (tape, x_in) {
+            (Some(t), _) => records.push(LayerRecord::Full(t)),
+            (None, Some(x_in)) => records.push(LayerRecord::Checkpoint(x_in)),
+            (None, None) => {}
+        }
+    }
+    (x, records, kept_qkv)
+}
+
+/// One decoder layer, updating the residual stream `x` in place; returns its tape when asked (and its q|k|v
+/// rows with `keep_qkv`). With `out_rows`, everything after attention runs only at those rows and `x` comes
+/// back with just them (the last layer, whose other rows nothing reads).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn layer_forward(
+    model: &Model,
+    l: usize,
+    x: &mut Buf,
+    positions: &[u32],
+    keys: &Keys,
+    keep_tape: bool,
+    keep_qkv: bool,
+    adapters: bool,
+    out_rows: Option<&[usize]>,
+) -> (Option<LayerTape>, Option<Buf>) {
+    let lora = if adapters { model.lora.as_ref() } else { None };
+    let spec = &model.spec;
+    let p = &model.params;
+    let lo = &model.layout.layers[l];
+    let (n, hd) = (positions.len(), spec.hidden);
+    let (qd, kvd, inter) = (spec.q_dim(), spec.kv_dim(), spec.intermediate);
+    let max_pos = positions.iter().max().map_or(1, |&m| m as usize + 1);
+    let rope = Rope::cached(spec.head_dim, &spec.rope, max_pos);
+    let seq_starts = match keys {
+        Keys::Causal { seq_starts } | Keys::Continuation { seq_starts, .. } => *seq_starts,
+    };
+    let qkv_w = (spec.heads + 2 * spec.kv_heads) * spec.head_dim;
+    let shape =
+        AttnShape { seq_starts, heads: spec.heads, kv_heads: spec.kv_heads, head_dim: spec.head_dim, window: spec.layer_windows[l] };
+    let mut xn1 = Buf::scratch(n * hd);
+    let mut rstd1 = Buf::scratch(n);
+    kernels::rmsnorm_forward(x, &p[lo.input_norm..][..hd], spec.rms_eps, &mut xn1, &mut rstd1);
+    // q, k and v weights are consecutive in the layout: one GEMM against the [q|k|v] stack.
+    let mut qkv = linear(&xn1, n, &p[lo.q..], hd, qkv_w);
+    let mut lora_u = Vec::new();
+    let adapters_of = |targets: &[Target]| -> Vec<&LoraModule> {
+        lora.map(|lr| lr.layers[l].iter().filter(|m| targets.contains(&m.target)).collect()).unwrap_or_default()
+    };
+    for m in adapters_of(&[Target::Q, Target::K, Target::V]) {
+        lora_u.push(lora_forward(lora.unwrap(), m, &xn1, n, &mut qkv, qkv_w));
+    }
+    if let Some(b) = lo.qkv_bias {
+        kernels::add_bias(&mut qkv, qkv_w, &p[b..][..qkv_w]);
+    }
+    let (mut qk_pre, mut qk_rstd) = (Buf::default(), Buf::default());
+    if let (Some(qn), Some(kn)) = (lo.q_norm, lo.k_norm) {
+        if keep_tape {
+            qk_pre = Buf::copy_of(&qkv);
+        }
+        qk_rstd = Buf::zeros(n * (spec.heads + spec.kv_heads));
+        let (wq, wk) = (&p[qn..][..spec.head_dim], &p[kn..][..spec.head_dim]);
+        kernels::head_rmsnorm_forward(&mut qkv, qkv_w, spec.heads, spec.kv_heads, wq, wk, spec.rms_eps, &mut qk_rstd);
+    }
+    rope.apply(&mut qkv, qkv_w, qd + kvd, positions, false);
+    let mut att = Buf::zeros(n * qd);
+    let mut attn_lse = Buf::default();
+    match keys {
+        Keys::Causal { .. } => {
+            attn_lse = Buf::zeros(n * spec.heads);
+            kernels::attention_forward(&shape, &qkv, &mut att, &mut attn_lse);
+        }
+        Keys::Continuation { cache, prefix, .. } => {
+            kernels::attention_continuation(&shape, &qkv, &cache.qkv[l], prefix, &mut att);
+        }
+    }
+    let x_in = if keep_tape { Buf::copy_of(x) } else { Buf::default() };
+    let att_out = match out_rows {
+        Some(rows) => {
+            *x = gather_rows(x, rows, hd);
+            gather_rows(&att, rows, qd)
+        }
+        None => Buf::default(),
+    };
+    let (n, att_in) = match out_rows {
+        Some(rows) => (rows.len(), &att_out),
+        None => (n, &att),
+    };
+    gemm(n, qd, hd, att_in, false, &p[lo.o..], true, x, true);
+    for m in adapters_of(&[Target::O]) {
+        lora_u.push(lora_forward(lora.unwrap(), m, att_in, n, x, hd));
+    }
+    let mut xn2 = Buf::scratch(n * hd);
+    let mut rstd2 = Buf::scratch(n);
+    kernels::rmsnorm_forward(x, &p[lo.post_norm..][..hd], spec.rms_eps, &mut xn2, &mut rstd2);
+    // gate and up weights are consecutive too: one GEMM against the [gate|up] stack.
+    let mut gate_up = linear(&xn2, n, &p[lo.gate..], hd, 2 * inter);
+    for m in adapters_of(&[Target::Gate, Target::Up]) {
+        lora_u.push(lora_forward(lora.unwrap(), m, &xn2, n, &mut gate_up, 2 * inter));
+    }
+    let mut h = Buf::scratch(n * inter);
+    kernels::swiglu_forward(&gate_up, inter, &mut h);
+    let x_mid = if keep_tape { Buf::copy_of(x) } else { Buf::default() };
+    gemm(n, inter, hd, &h, false, &p[lo.down..], true, x, true);
+    for m in adapters_of(&[Target::Down]) {
+        lora_u.push(lora_forward(lora.unwrap(), m, &h, n, x, hd));
+    }
+    let kept_qkv = keep_qkv.then(|| Buf::copy_of(&qkv));
+    let out_rows = out_rows.map(|r| r.to_vec());
+    let tape = keep_tape.then(|| LayerTape {
+        x_in,
+        xn1,
+        rstd1,
+        qkv,
+        attn_lse,
+        qk_pre,
+        qk_rstd,
+        att,
+        x_mid,
+        xn2,
+        rstd2,
+        gate_up,
+        h,
+        lora_u,
+        out_rows,
+        att_out,
+    });
+    (tape, kept_qkv)
+}
+
+/// Backward through decoder layer `l` from its tape: `dx` is the gradient at the layer's output (only at
+/// `t.out_rows` when the layer kept just those), and the gradient at its input comes back. Weight gradients go
+/// to `sink`.
+pub(super) fn layer_backward(model: &Model, batch: &SeqBatch, l: usize, t: &LayerTape, rope: &Rope, mut dx: Buf, sink: &mut GradSink) -> Buf {
+    let (spec, p, lo) = (&model.spec, &model.params, &model.layout.layers[l]);
+    let lora = model.lora.as_ref();
+    let (n, hd, inter) = (batch.n_tokens(), spec.hidden, spec.intermediate);
+    let (qd, kvd) = (spec.q_dim(), spec.kv_dim());
+    let qkv_w = (spec.heads + 2 * spec.kv_heads) * spec.head_dim;
+    let shape = AttnShape {
+        seq_starts: &batch.seq_starts,
+        heads: spec.heads,
+        kv_heads: spec.kv_heads,
+        head_dim: spec.head_dim,
+        window: spec.layer_windows[l],
+    };
+    // MLP block: x_out = x_mid + down(swiglu(gate(xn2), up(xn2))). A layer that kept only `out_rows` past
+    // attention runs this block and the output projection on those rows (`dx` has just them).
+    let nr = t.out_rows.as_ref().map_or(n, |r| r.len());
+    let att_in = if t.out_rows.is_some() { &t.att_out } else { &t.att };
+    let mut dh = Buf::scratch(nr * inter);
+    let adapters_of = |targets: &[Target]| -> Vec<(usize, &LoraModule)> {
+        lora.map(|lr| lr.layers[l].iter().enumerate().filter(|(_, m)| targets.contains(&m.target)).collect())
+            .unwrap_or_default()
+    };
+    gemm(nr, hd, inter, &dx, false, &p[lo.down..], false, &mut dh, false);
+    if let Some(g) = sink.base.as_deref_mut() {
+        gemm(hd, nr, inter, &dx, true, &t.h, false, &mut g[lo.down..][..hd * inter], true);
+    }
+    for (i, m) in adapters_of(&[Target::Down]) {
+        let ag = sink.adapters.as_deref_mut().expect("adapter gradients");
+        lora_backward(lora.unwrap(), m, &dx, hd, &t.h, &t.lora_u[i], nr, ag, &mut dh);
+    }
+    let mut dgate_up = Buf::scratch(nr * 2 * inter);
+    kernels::swiglu_backward(&dh, &t.gate_up, inter, &mut dgate_up);
+    let mut dxn2 = Buf::scratch(nr * hd);
+    gemm(nr, 2 * inter, hd, &dgate_up, false, &p[lo.gate..], false, &mut dxn2, false);
+    if let Some(g) = sink.base.as_deref_mut() {
+        gemm(2 * inter, nr, hd, &dgate_up, true, &t.xn2, false, &mut g[lo.gate..][..2 * inter * hd], true);
+    }
+    for (i, m) in adapters_of(&[Target::Gate, Target::Up]) {
+        let ag = sink.adapters.as_deref_mut().expect("adapter gradients");
+        lora_backward(lora.unwrap(), m, &dgate_up, 2 * inter, &t.xn2, &t.lora_u[i], nr, ag, &mut dxn2);
+    }
+    kernels::rmsnorm_backward(&dxn2, &t.x_mid, &p[lo.post_norm..][..hd], &t.rstd2, &mut dx, sink.norm_weights(lo.post_norm, hd));
+
+    // Attention block: x_mid = x_in + o(attention(rope(q(xn1)), rope(k(xn1)), v(xn1))).
+    let mut datt = Buf::scratch(nr * qd);
+    gemm(nr, hd, qd, &dx, false, &p[lo.o..], false, &mut datt, false);
+    if let Some(g) = sink.base.as_deref_mut() {
+        gemm(hd, nr, qd, &dx, true, att_in, false, &mut g[lo.o..][..hd * qd], true);
+    }
+    for (i, m) in adapters_of(&[Target::O]) {
+        let ag = sink.adapters.as_deref_mut().expect("adapter gradients");
+        lora_backward(lora.unwrap(), m, &dx, hd, att_in, &t.lora_u[i], nr, ag, &mut datt);
+    }
+    if let Some(rows) = &t.out_rows {
+        // Back to every row: the rows past attention carried no gradient.
+        datt = scatter_rows(&datt, rows, qd, n);
+        dx = scatter_rows(&dx, rows, hd, n);
+    }
+    let mut dqkv = Buf::zeros(n * qkv_w);
+    kernels::attention_backward(&shape, &datt, &t.qkv, &t.att, &t.attn_lse, &mut dqkv);
+    rope.apply(&mut dqkv, qkv_w, qd + kvd, &batch.positions, true);
+    if let (Some(qn), Some(kn)) = (lo.q_norm, lo.k_norm) {
+        let d = spec.head_dim;
+        let (mut dwq, mut dwk) = (vec![0f32; d], vec![0f32; d]);
+        let (wq, wk) = (&p[qn..][..d], &p[kn..][..d]);
+        kernels::head_rmsnorm_backward(
+            &mut dqkv, &t.qk_pre, qkv_w, spec.heads, spec.kv_heads, wq, wk, &t.qk_rstd, &mut dwq, &mut dwk,
+        );
+        if let Some(g) = sink.base.as_deref_mut() {
+            g[qn..qn + d].iter_mut().zip(&dwq).for_each(|(a, b)| *a += b);
+            g[kn..kn + d].iter_mut().zip(&dwk).for_each(|(a, b)| *a += b);
+        }
+    }
+    if let (Some(b), Some(g)) = (lo.qkv_bias, sink.base.as_deref_mut()) {
+        kernels::bias_backward(&dqkv, qkv_w, &mut g[b..b + qkv_w]);
+    }
+    let mut dxn1 = Buf::scratch(n * hd);
+    gemm(n, qkv_w, hd, &dqkv, false, &p[lo.q..], false, &mut dxn1, false);
+    if let Some(g) = sink.base.as_deref_mut() {
+        gemm(qkv_w, n, hd, &dqkv, true, &t.xn1, false, &mut g[lo.q..][..qkv_w * hd], true);
+    }
+    for (i, m) in adapters_of(&[Target::Q, Target::K, Target::V]) {
+        let ag = sink.adapters.as_deref_mut().expect("adapter gradients");
+        lora_backward(lora.unwrap(), m, &dqkv, qkv_w, &t.xn1, &t.lora_u[i], n, ag, &mut dxn1);
+    }
+    kernels::rmsnorm_backward(&dxn1, &t.x_in, &p[lo.input_norm..][..hd], &t.rstd1, &mut dx, sink.norm_weights(lo.input_norm, hd));
+    dx
+}

@@ -1,0 +1,253 @@
+//! Forward and backward of the Llama-family decoder over a packed batch, llm.c style: every layer's forward
+//! saves what its backward needs on a `Tape`, and the backward walks the layers in reverse.
+//!
+//! Sequences are packed without padding: each token row knows its position, and attention never crosses a
+//! sequence. That equals Hugging Face's right-padded forward at every real token (padding never changes a real
+//! token's output), and the padding positions are never scored.
+use super::buffers::Buf;
+use super::gemm::gemm;
+use super::kernels::{self, Rope};
+use crate::model::Model;
+
+mod adapters;
+mod continuation;
+mod head;
+mod layer;
+
+pub use continuation::{extend_kv, forward_continuation, ContinuationBatch, KvCache};
+use adapters::{lora_backward, lora_forward};
+use head::{final_norm, gather_rows, lm_head_backward, scatter_rows, score};
+use layer::{layer_backward, layer_forward, run_layers, LayerRecord};
+
+/// Rows of the vocabulary projection computed at once: bounds the logits buffer to `LM_HEAD_ROWS × vocab`.
+const LM_HEAD_ROWS: usize = 256;
+
+/// A training forward keeps the softmax of its scored rows for the backward pass when it fits in this many
+/// bytes (saving the backward a second vocabulary projection); larger ones are recomputed block by block.
+static SOFTMAX_CACHE_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(64 << 20);
+
+/// The budget for keeping the softmax between forward and backward, in bytes.
+pub fn softmax_cache_bytes() -> usize {
+    SOFTMAX_CACHE_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Sets the budget for keeping the softmax between forward and backward (0: always recompute).
+pub fn set_softmax_cache_bytes(bytes: usize) {
+    SOFTMAX_CACHE_BYTES.store(bytes, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Sequences packed end to end, with the positions whose next token is scored.
+#[derive(Debug, Clone, Default)]
+pub struct SeqBatch {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<u32>,
+    /// `seq_starts[s]..seq_starts[s+1]` are the rows of sequence `s`.
+    pub seq_starts: Vec<usize>,
+    /// Rows whose next token is a completion token, the token they predict, and their sequence.
+    pub scored_rows: Vec<usize>,
+    pub scored_targets: Vec<u32>,
+    pub scored_seq: Vec<usize>,
+}
+
+impl SeqBatch {
+    /// `seqs[s] = (input ids, completion mask)`. Position t is scored when token t+1 is a completion token,
+    /// exactly TRL's `labels[:, 1:] != -100`.
+    pub fn new(seqs: &[(&[u32], &[bool])]) -> Self {
+        let mut b = SeqBatch { seq_starts: vec![0], ..Default::default() };
+        for (s, (ids, mask)) in seqs.iter().enumerate() {
+            assert_eq!(ids.len(), mask.len(), "ids and completion mask differ in length");
+            let start = b.tokens.len();
+            b.tokens.extend_from_slice(ids);
+            b.positions.extend(0..ids.len() as u32);
+            for t in 0..ids.len().saturating_sub(1) {
+                if mask[t + 1] {
+                    b.scored_rows.push(start + t);
+                    b.scored_targets.push(ids[t + 1]);
+                    b.scored_seq.push(s);
+                }
+            }
+            b.seq_starts.push(b.tokens.len());
+        }
+        b
+    }
+    pub fn n_seqs(&self) -> usize {
+        self.seq_starts.len() - 1
+    }
+    pub fn n_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+    fn max_len(&self) -> usize {
+        self.seq_starts.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
+    }
+}
+
+/// What a forward pass yields at the scored positions.
+#[derive(Debug, Clone, Default)]
+pub struct ScoredOutput {
+    /// Per sequence: sum of the log-probabilities of its completion tokens.
+    pub seq_logps: Vec<f64>,
+    /// Per scored position: log p(target), entropy of the next-token distribution, mean logit over the vocabulary.
+    pub token_logps: Vec<f32>,
+    pub entropy: Vec<f32>,
+    pub mean_logit: Vec<f32>,
+    /// Per scored position: whether the target is the most likely token (SFT's token accuracy).
+    pub target_is_argmax: Vec<bool>,
+}
+
+/// Activations a backward pass needs.
+pub struct Tape {
+    layers: Vec<LayerRecord>,
+    x_final: Buf,
+    rstd_final: Buf,
+    /// Final-normed hidden states at the scored rows, `[M, hidden]`, and the log-sum-exp of their logits.
+    scored_hidden: Buf,
+    lse: Buf,
+    /// The softmax of the scored rows, `[M, vocab]`, when it fits `SOFTMAX_CACHE_BYTES`.
+    softmax: Option<Buf>,
+}
+
+/// Hidden states and keys/values of a finished pass that later passes may continue from (see
+/// `forward_continuation`): per layer the fused q|k|v rows, and the final-normed hidden state of every row.
+pub struct PrefixCache {
+    seq_starts: Vec<usize>,
+    tokens: Vec<u32>,
+    qkv: Vec<Buf>,
+    /// Final-normed hidden states of the pass's scored rows (`hidden_rows`, ascending), the only ones it computes.
+    final_hidden: Buf,
+    hidden_rows: Vec<usize>,
+}
+
+/// Which keys the tokens of a pass attend to.
+enum Keys<'a> {
+    /// Causal, inside each sequence of the pass.
+    Causal { seq_starts: &'a [usize] },
+    /// Each sequence of the pass continues `prefix[s] = (base row start, length)` rows of a cached pass.
+    Continuation { seq_starts: &'a [usize], cache: &'a PrefixCache, prefix: &'a [(usize, usize)] },
+}
+
+/// Full logits `[len, vocab]` of every position of each sequence (for checks against other implementations and
+/// for sampling; training never builds them).
+pub fn forward_logits(model: &Model, seqs: &[&[u32]]) -> Vec<Vec<f32>> {
+    let masks: Vec<Vec<bool>> = seqs.iter().map(|s| vec![false; s.len()]).collect();
+    let pairs: Vec<(&[u32], &[bool])> = seqs.iter().zip(&masks).map(|(s, m)| (*s, m.as_slice())).collect();
+    let batch = SeqBatch::new(&pairs);
+    let keys = Keys::Causal { seq_starts: &batch.seq_starts };
+    let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, false, false, true, false, None);
+    let (xf, _) = final_norm(model, &x);
+    let (hd, vocab) = (model.spec.hidden, model.spec.vocab_size);
+    let w = &model.params[model.layout.lm_head..][..vocab * hd];
+    batch
+        .seq_starts
+        .windows(2)
+        .map(|r| {
+            let rows = r[1] - r[0];
+            let mut logits = vec![0f32; rows * vocab];
+            gemm(rows, hd, vocab, &xf[r[0] * hd..r[1] * hd], false, w, true, &mut logits, false);
+            logits
+        })
+        .collect()
+}
+
+/// Runs the decoder. With `keep_tape` the activations are kept for `backward`.
+pub fn forward(model: &Model, batch: &SeqBatch, keep_tape: bool) -> (ScoredOutput, Option<Tape>) {
+    let (out, tape, _) = forward_with_cache(model, batch, keep_tape, false, true, false);
+    (out, tape)
+}
+
+/// `forward`, also returning what `forward_continuation` needs to continue this pass's sequences. `adapters`:
+/// apply the model's LoRA adapters (false: the frozen base, KTO's reference under LoRA). `checkpoint`: the tape
+/// keeps only each layer's input and backward recomputes the rest (gradient checkpointing; same numbers).
+pub fn forward_with_cache(
+    model: &Model,
+    batch: &SeqBatch,
+    keep_tape: bool,
+    keep_cache: bool,
+    adapters: bool,
+    checkpoint: bool,
+) -> (ScoredOutput, Option<Tape>, Option<PrefixCache>) {
+    let keys = Keys::Causal { seq_starts: &batch.seq_starts };
+    // The last layer runs only the scored rows past attention: the hidden state comes back with just them.
+    let rows = Some(batch.scored_rows.as_slice());
+    let (x, tapes, qkv) =
+        run_layers(model, &batch.tokens, &batch.positions, keys, keep_tape, keep_cache, adapters, checkpoint, rows);
+    let (scored_hidden, rstd_final) = final_norm(model, &x);
+    let m = batch.scored_rows.len();
+    let mut softmax = (keep_tape && m * model.spec.vocab_size * 4 <= softmax_cache_bytes())
+        .then(|| Buf::zeros(m * model.spec.vocab_size));
+    let (out, lse) =
+        score(model, &scored_hidden, &batch.scored_targets, &batch.scored_seq, batch.n_seqs(), softmax.as_deref_mut().map(|v| v.as_mut_slice()));
+    let cache = keep_cache.then(|| PrefixCache {
+        seq_starts: batch.seq_starts.clone(),
+        tokens: batch.tokens.clone(),
+        qkv,
+        final_hidden: Buf::copy_of(&scored_hidden),
+        hidden_rows: batch.scored_rows.clone(),
+    });
+    let tape = keep_tape.then_some(Tape { layers: tapes, x_final: x, rstd_final, scored_hidden, lse, softmax });
+    (out, tape, cache)
+}
+
+/// Backward pass: `dlogp[s]` is ∂loss/∂(sequence log-prob of s). Gradients are added into `grads`: with LoRA
+/// adapters, in the adapters' layout (the base is frozen and its weight gradients are never formed); otherwise
+/// in the model's parameter layout.
+pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], grads: &mut [f32]) {
+    let mut sink = GradSink::new(model, grads);
+    let (spec, lay, p) = (&model.spec, &model.layout, &model.params);
+    let hd = spec.hidden;
+    let rope = Rope::cached(spec.head_dim, &spec.rope, batch.max_len().max(1));
+    let softmax = tape.softmax.take();
+    let d_hidden = lm_head_backward(model, batch, &tape.scored_hidden, &tape.lse, softmax, dlogp, sink.base.as_deref_mut());
+    // The final norm and the last layer's output exist only at the scored rows (`m` of them).
+    let mut dx = Buf::zeros(batch.scored_rows.len() * hd);
+    let w_final = &p[lay.final_norm..][..hd];
+    kernels::rmsnorm_backward(&d_hidden, &tape.x_final, w_final, &tape.rstd_final, &mut dx, sink.norm_weights(lay.final_norm, hd));
+    let records = std::mem::take(&mut tape.layers);
+    for (l, record) in records.into_iter().enumerate().rev() {
+        let t = match record {
+            LayerRecord::Full(t) => t,
+            LayerRecord::Checkpoint(x_in) => {
+                // Gradient checkpointing: rebuild this layer's tape from its input.
+                let mut x = x_in;
+                let keys = Keys::Causal { seq_starts: &batch.seq_starts };
+                let rows = (l + 1 == lay.layers.len()).then_some(batch.scored_rows.as_slice());
+                layer_forward(model, l, &mut x, &batch.positions, &keys, true, false, true, rows).0.expect("a tape")
+            }
+        };
+        dx = layer_backward(model, batch, l, &t, &rope, dx, &mut sink);
+    }
+    // Embedding rows gather the gradient of every token that used them.
+    if let Some(g) = sink.base.as_deref_mut() {
+        for (r, &tok) in batch.tokens.iter().enumerate() {
+            let row = &mut g[lay.embed + tok as usize * hd..][..hd];
+            row.iter_mut().zip(&dx[r * hd..][..hd]).for_each(|(a, b)| *a += b);
+        }
+    }
+}
+
+/// Where a backward pass adds its weight gradients.
+pub(super) struct GradSink<'a> {
+    /// The model's weights' gradients (full fine-tuning); `None` with LoRA, whose base is frozen.
+    base: Option<&'a mut [f32]>,
+    /// The adapters' gradients (LoRA).
+    adapters: Option<&'a mut [f32]>,
+    /// Frozen base: norm-weight gradients go to a scratch row nobody reads.
+    norm_scratch: Vec<f32>,
+}
+
+impl<'a> GradSink<'a> {
+    fn new(model: &Model, grads: &'a mut [f32]) -> Self {
+        let norm_scratch = vec![0f32; model.spec.hidden.max(model.spec.head_dim)];
+        match model.lora {
+            Some(_) => GradSink { base: None, adapters: Some(grads), norm_scratch },
+            None => GradSink { base: Some(grads), adapters: None, norm_scratch },
+        }
+    }
+
+    /// Where the gradient of the norm weights at `offset` goes.
+    fn norm_weights(&mut self, offset: usize, len: usize) -> &mut [f32] {
+        match self.base.as_deref_mut() {
+            Some(g) => &mut g[offset..][..len],
+            None => &mut self.norm_scratch[..len],
+        }
+    }
+}
