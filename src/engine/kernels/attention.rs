@@ -1,0 +1,231 @@
+//! Grouped-query attention over packed sequences, in 64-row query blocks keeping only the log-sum-exp of each
+//! score row (memory linear in the sequence length): forward, backward, and continuation of cached prefixes.
+use super::*;
+use crate::engine::gemm::sgemm_strided;
+
+/// Geometry of grouped-query attention over a packed batch whose q, k and v come fused in one row per token:
+/// `[q (heads·d) | k (kv_heads·d) | v (kv_heads·d)]`.
+pub struct AttnShape<'a> {
+    pub seq_starts: &'a [usize],
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Sliding window: position p sees keys p − window + 1 ..= p. `None`: all earlier keys.
+    pub window: Option<usize>,
+}
+
+impl AttnShape<'_> {
+    /// The first key position that position `p` attends to.
+    #[inline]
+    pub fn first_key(&self, p: usize) -> usize {
+        match self.window {
+            Some(w) => (p + 1).saturating_sub(w),
+            None => 0,
+        }
+    }
+
+    pub fn n_seqs(&self) -> usize {
+        self.seq_starts.len() - 1
+    }
+    /// Width of a fused q|k|v row.
+    pub fn qkv_width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+    /// Offsets of each (sequence, head) probability matrix `[L, L]` in the saved buffer, and its total size.
+    pub fn prob_offsets(&self) -> (Vec<usize>, usize) {
+        let mut offs = Vec::with_capacity(self.n_seqs() * self.heads);
+        let mut total = 0;
+        for s in 0..self.n_seqs() {
+            let l = self.seq_starts[s + 1] - self.seq_starts[s];
+            for _ in 0..self.heads {
+                offs.push(total);
+                total += l * l;
+            }
+        }
+        (offs, total)
+    }
+}
+
+/// In-place softmax of a score row over keys `lo..=t`, zeros elsewhere; returns the row's log-sum-exp.
+#[inline]
+fn causal_softmax_row(row: &mut [f32], lo: usize, t: usize) -> f32 {
+    row[..lo].fill(0.0);
+    let max = lane_max(&row[lo..=t]);
+    let mut lanes = [0f32; LANES];
+    let mut chunks = row[lo..=t].chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for j in 0..LANES {
+            c[j] = exp_f32(c[j] - max);
+            lanes[j] += c[j];
+        }
+    }
+    for v in chunks.into_remainder() {
+        *v = exp_f32(*v - max);
+        lanes[0] += *v;
+    }
+    let sum = lanes.iter().sum::<f32>();
+    let inv = 1.0 / sum;
+    row[lo..=t].iter_mut().for_each(|v| *v *= inv);
+    row[t + 1..].fill(0.0);
+    max + sum.ln()
+}
+
+/// Query rows handled at once by the attention kernels: their score block is `ATTN_BLOCK × keys`, so memory
+/// grows linearly with the sequence length, never quadratically.
+const ATTN_BLOCK: usize = 64;
+
+/// Causal attention inside each sequence on fused `qkv: [N, qkv_width]`, writing `out: [N, heads·d]` and the
+/// log-sum-exp of every (row, head) score row, `lse: [N, heads]`, which is all the backward pass needs to rebuild
+/// the probabilities. Scores and outputs are GEMMs on strided views, one (sequence, head) per task, one block of
+/// query rows at a time.
+pub fn attention_forward(shape: &AttnShape, qkv: &[f32], out: &mut [f32], lse: &mut [f32]) {
+    let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+    let (w, ow) = (shape.qkv_width(), h * d);
+    let group = h / kvh;
+    let scale = 1.0 / (d as f32).sqrt();
+    let n = *shape.seq_starts.last().unwrap_or(&0);
+    assert!(lse.len() >= n * h && out.len() >= n * ow && qkv.len() >= n * w);
+    let out_ptr = SharedMut(out.as_mut_ptr());
+    let lse_ptr = SharedMut(lse.as_mut_ptr());
+    let tasks: Vec<(usize, usize)> = (0..shape.n_seqs()).flat_map(|s| (0..h).map(move |hh| (s, hh))).collect();
+    tasks.par_iter().for_each(|&(s, hh)| {
+        let (start, end) = (shape.seq_starts[s], shape.seq_starts[s + 1]);
+        let l = end - start;
+        let kv = hh / group;
+        let mut sc = vec![0f32; ATTN_BLOCK.min(l) * l];
+        // SAFETY: task (s, hh) writes only head hh's columns of rows start..end of `out` and of `lse`; no two
+        // tasks share them. The read views lie inside `qkv` (asserted above).
+        unsafe {
+            let rows = qkv.as_ptr().add(start * w);
+            let (ks, vs) = (rows.add(ow + kv * d), rows.add(ow + kvh * d + kv * d));
+            for b0 in (0..l).step_by(ATTN_BLOCK) {
+                // Keys k0..end cover every row of the block (k0 > 0 only under a sliding window).
+                let (bn, end, k0) = (ATTN_BLOCK.min(l - b0), (b0 + ATTN_BLOCK).min(l), shape.first_key(b0));
+                let keys = end - k0;
+                let qs = rows.add(b0 * w + hh * d);
+                sgemm_strided(bn, d, keys, scale, qs, w, 1, ks.add(k0 * w), 1, w, 0.0, sc.as_mut_ptr(), keys, 1);
+                for i in 0..bn {
+                    let t = b0 + i;
+                    let l_row = causal_softmax_row(&mut sc[i * keys..(i + 1) * keys], shape.first_key(t) - k0, t - k0);
+                    *lse_ptr.ptr().add((start + t) * h + hh) = l_row;
+                }
+                let o = out_ptr.ptr().add((start + b0) * ow + hh * d);
+                sgemm_strided(bn, keys, d, 1.0, sc.as_ptr(), keys, 1, vs.add(k0 * w), w, 1, 0.0, o, ow, 1);
+            }
+        }
+    });
+}
+
+/// Backward of `attention_forward`, rebuilding each block of probabilities from `lse`: writes the q part of
+/// `dqkv` and adds into its k and v parts, which must start zeroed. `out` is the forward's output.
+pub fn attention_backward(shape: &AttnShape, dout: &[f32], qkv: &[f32], out: &[f32], lse: &[f32], dqkv: &mut [f32]) {
+    let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+    let (w, ow) = (shape.qkv_width(), h * d);
+    let group = h / kvh;
+    let scale = 1.0 / (d as f32).sqrt();
+    let n = *shape.seq_starts.last().unwrap_or(&0);
+    assert!(lse.len() >= n * h && dout.len() >= n * ow && out.len() >= n * ow && qkv.len() >= n * w && dqkv.len() >= n * w);
+    let d_ptr = SharedMut(dqkv.as_mut_ptr());
+    // One task per (sequence, kv head): the query heads of a group all add into the same dk/dv columns.
+    let tasks: Vec<(usize, usize)> = (0..shape.n_seqs()).flat_map(|s| (0..kvh).map(move |kv| (s, kv))).collect();
+    tasks.par_iter().for_each(|&(s, kv)| {
+        let (start, end) = (shape.seq_starts[s], shape.seq_starts[s + 1]);
+        let l = end - start;
+        let mut p = vec![0f32; ATTN_BLOCK.min(l) * l];
+        let mut ds = vec![0f32; ATTN_BLOCK.min(l) * l];
+        for hh in kv * group..(kv + 1) * group {
+            // SAFETY: this task alone writes head hh's q columns (hh is in its group) and kv head kv's k/v columns
+            // of rows start..end of dqkv; the read views lie inside their buffers (asserted above).
+            unsafe {
+                let rows = qkv.as_ptr().add(start * w);
+                let (ks, vs) = (rows.add(ow + kv * d), rows.add(ow + kvh * d + kv * d));
+                let drows = d_ptr.ptr().add(start * w);
+                let (dk, dv) = (drows.add(ow + kv * d), drows.add(ow + kvh * d + kv * d));
+                for b0 in (0..l).step_by(ATTN_BLOCK) {
+                    let (bn, end, k0) = (ATTN_BLOCK.min(l - b0), (b0 + ATTN_BLOCK).min(l), shape.first_key(b0));
+                    let keys = end - k0;
+                    let qs = rows.add(b0 * w + hh * d);
+                    let dos = dout.as_ptr().add((start + b0) * ow + hh * d);
+                    let (kb, vb) = (ks.add(k0 * w), vs.add(k0 * w));
+                    // P = exp(scale·Q·Kᵀ − lse), dP = dO·Vᵀ, dS = P ∘ (dP − rowsum(dO ∘ O)) · scale.
+                    sgemm_strided(bn, d, keys, scale, qs, w, 1, kb, 1, w, 0.0, p.as_mut_ptr(), keys, 1);
+                    sgemm_strided(bn, d, keys, 1.0, dos, ow, 1, vb, 1, w, 0.0, ds.as_mut_ptr(), keys, 1);
+                    for i in 0..bn {
+                        let t = b0 + i;
+                        let (lo, hi) = (shape.first_key(t) - k0, t - k0);
+                        let row_lse = lse[(start + t) * h + hh];
+                        let (pr, dr) = (&mut p[i * keys..(i + 1) * keys], &mut ds[i * keys..(i + 1) * keys]);
+                        let (dor, orow) = (&dout[(start + t) * ow + hh * d..][..d], &out[(start + t) * ow + hh * d..][..d]);
+                        let delta: f32 = dor.iter().zip(orow).map(|(a, b)| a * b).sum();
+                        for u in lo..=hi {
+                            pr[u] = exp_f32(pr[u] - row_lse);
+                            dr[u] = pr[u] * (dr[u] - delta) * scale;
+                        }
+                        for u in (0..lo).chain(hi + 1..keys) {
+                            pr[u] = 0.0;
+                            dr[u] = 0.0;
+                        }
+                    }
+                    let dq = drows.add(b0 * w + hh * d);
+                    sgemm_strided(bn, keys, d, 1.0, ds.as_ptr(), keys, 1, kb, w, 1, 0.0, dq, w, 1);
+                    sgemm_strided(keys, bn, d, 1.0, ds.as_ptr(), 1, keys, qs, w, 1, 1.0, dk.add(k0 * w), w, 1);
+                    sgemm_strided(keys, bn, d, 1.0, p.as_ptr(), 1, keys, dos, ow, 1, 1.0, dv.add(k0 * w), w, 1);
+                }
+            }
+        }
+    });
+}
+
+/// Attention of sequences that continue cached prefixes (no gradient): sequence s of the pass (rows of `qkv`)
+/// attends to rows `prefix[s].0 .. prefix[s].0 + prefix[s].1` of `prefix_qkv`, then causally to its own rows.
+pub fn attention_continuation(
+    shape: &AttnShape,
+    qkv: &[f32],
+    prefix_qkv: &[f32],
+    prefix: &[(usize, usize)],
+    out: &mut [f32],
+) {
+    let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+    let (w, ow) = (shape.qkv_width(), h * d);
+    let group = h / kvh;
+    let scale = 1.0 / (d as f32).sqrt();
+    let n = *shape.seq_starts.last().unwrap_or(&0);
+    assert!(out.len() >= n * ow && qkv.len() >= n * w && prefix.len() == shape.n_seqs());
+    for &(start, len) in prefix {
+        assert!(prefix_qkv.len() >= (start + len) * w, "prefix rows outside the cache");
+    }
+    let out_ptr = SharedMut(out.as_mut_ptr());
+    let tasks: Vec<(usize, usize)> = (0..shape.n_seqs()).flat_map(|s| (0..h).map(move |hh| (s, hh))).collect();
+    tasks.par_iter().for_each(|&(s, hh)| {
+        let (start, end) = (shape.seq_starts[s], shape.seq_starts[s + 1]);
+        let (l, (pstart, plen)) = (end - start, prefix[s]);
+        let kv = hh / group;
+        let mut sc = vec![0f32; ATTN_BLOCK.min(l) * (plen + l)];
+        // SAFETY: task (s, hh) writes only head hh's columns of rows start..end of `out`; all reads lie inside
+        // `qkv` and `prefix_qkv` (asserted above).
+        unsafe {
+            let rows = qkv.as_ptr().add(start * w);
+            let (ks, vs) = (rows.add(ow + kv * d), rows.add(ow + kvh * d + kv * d));
+            let prows = prefix_qkv.as_ptr().add(pstart * w);
+            let (pk, pv) = (prows.add(ow + kv * d), prows.add(ow + kvh * d + kv * d));
+            for b0 in (0..l).step_by(ATTN_BLOCK) {
+                let (bn, own_keys) = (ATTN_BLOCK.min(l - b0), (b0 + ATTN_BLOCK).min(l));
+                let width = plen + own_keys;
+                let qs = rows.add(b0 * w + hh * d);
+                let o = out_ptr.ptr().add((start + b0) * ow + hh * d);
+                if plen > 0 {
+                    sgemm_strided(bn, d, plen, scale, qs, w, 1, pk, 1, w, 0.0, sc.as_mut_ptr(), width, 1);
+                }
+                sgemm_strided(bn, d, own_keys, scale, qs, w, 1, ks, 1, w, 0.0, sc.as_mut_ptr().add(plen), width, 1);
+                for i in 0..bn {
+                    let pos = plen + b0 + i;
+                    causal_softmax_row(&mut sc[i * width..(i + 1) * width], shape.first_key(pos), pos);
+                }
+                sgemm_strided(bn, own_keys, d, 1.0, sc.as_ptr().add(plen), width, 1, vs, w, 1, 0.0, o, ow, 1);
+                if plen > 0 {
+                    sgemm_strided(bn, plen, d, 1.0, sc.as_ptr(), width, 1, pv, w, 1, 1.0, o, ow, 1);
+                }
+            }
+        }
+    });
+}
