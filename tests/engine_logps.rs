@@ -1,5 +1,5 @@
 //! The engine's sequence log-probs against what TRL's own forward produced (fixture `expected_step0.json`).
-use kto::engine::{forward, SeqBatch};
+use kto::engine::{forward, Pass, SeqBatch};
 use kto::model::Model;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -62,7 +62,7 @@ fn continuing_the_shared_prompt_equals_a_full_forward_of_the_kl_sequences() {
         let main = unpadded(batch, "");
         let kl = unpadded(batch, "KL_");
         let main_refs: Vec<(&[u32], &[bool])> = main.iter().map(|(i, m)| (i.as_slice(), m.as_slice())).collect();
-        let (_, _, cache) = forward_with_cache(&policy, &SeqBatch::new(&main_refs), false, true, true, false);
+        let (_, _, cache) = forward_with_cache(&policy, &SeqBatch::new(&main_refs), Pass { keep_cache: true, ..Pass::INFERENCE });
         let cache = cache.unwrap();
         // The shared prefix is the prompt: the tokens before the first completion token. Also try shorter
         // prefixes (0 and 1 tokens) to exercise the general path.

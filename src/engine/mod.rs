@@ -9,5 +9,5 @@ pub mod reference;
 mod sgemm_avx2;
 
 pub use decoder::{
-    backward, extend_kv, forward, forward_continuation, forward_logits, forward_with_cache, ContinuationBatch, KvCache, PrefixCache, ScoredOutput, SeqBatch, Tape,
+    backward, extend_kv, forward, Pass, forward_continuation, forward_logits, forward_with_cache, ContinuationBatch, KvCache, PrefixCache, ScoredOutput, SeqBatch, Tape,
 };

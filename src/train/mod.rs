@@ -9,7 +9,7 @@ use crate::checkpoint::{self, RunState};
 use crate::config::{Strategy, TrainConfig};
 use crate::data::{self, Batch, PrepareOptions, Prepared, TextTokenizer};
 use crate::dist::Ranks;
-use crate::engine::{backward, forward_continuation, forward_with_cache, ContinuationBatch, ScoredOutput, SeqBatch};
+use crate::engine::{backward, forward_continuation, forward_with_cache, ContinuationBatch, Pass, ScoredOutput, SeqBatch};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::model::Model;

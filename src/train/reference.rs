@@ -66,7 +66,7 @@ impl Trainer {
             let batch = if eval { self.collate_eval(chunk) } else { self.collate(chunk) };
             let main = packed(&batch.main);
             let (model, adapters) = self.reference_model();
-            let (out, _, kl) = sequence_logps(model, adapters, &batch, &main, with_kl, false, false, (&mut 0.0, &mut 0.0));
+            let (out, _, kl) = sequence_logps(model, &batch, &main, Pass { keep_cache: with_kl, adapters, ..Pass::default() }, (&mut 0.0, &mut 0.0));
             for (i, (&row, lp)) in chunk.iter().zip(&out.seq_logps).enumerate() {
                 flat[2 * row] = *lp;
                 flat[2 * row + 1] = if with_kl { kl[i] } else { 0.0 };

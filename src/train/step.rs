@@ -8,19 +8,17 @@ pub(super) fn packed(seqs: &[(Vec<u32>, Vec<bool>)]) -> SeqBatch {
 
 /// Sequence log-probs of a micro-batch under `model`: the main sequences (keeping the tape when asked) and the
 /// KL sequences, which continue the main pass's cached prompt instead of recomputing it (a KL sequence shares
-/// its prompt with the main sequence of the same row). `times` receives (main pass, KL pass) seconds.
+/// its prompt with the main sequence of the same row): `pass.keep_cache` asks for them. `times` receives (main
+/// pass, KL pass) seconds.
 pub(super) fn sequence_logps(
     model: &Model,
-    adapters: bool,
     batch: &Batch,
     main: &SeqBatch,
-    with_kl: bool,
-    keep_tape: bool,
-    checkpoint: bool,
+    pass: Pass,
     times: (&mut f64, &mut f64),
 ) -> (crate::engine::ScoredOutput, Option<crate::engine::Tape>, Vec<f64>) {
-    let (out, tape, cache) =
-        timed(times.0, || forward_with_cache(model, main, keep_tape, with_kl, adapters, keep_tape && checkpoint));
+    let adapters = pass.adapters;
+    let (out, tape, cache) = timed(times.0, || forward_with_cache(model, main, pass));
     let kl = timed(times.1, || match &cache {
         Some(c) => {
             let seqs: Vec<(usize, usize, &[u32], &[bool])> = batch
@@ -92,7 +90,7 @@ impl Trainer {
         }
         let (model, adapters) = self.reference_model();
         let (out, _, kl) =
-            sequence_logps(model, adapters, batch, main, self.with_kl(), false, false, (&mut 0.0, &mut 0.0));
+            sequence_logps(model, batch, main, Pass { keep_cache: self.with_kl(), adapters, ..Pass::default() }, (&mut 0.0, &mut 0.0));
         (out.seq_logps, kl)
     }
 
@@ -133,16 +131,9 @@ impl Trainer {
         let (policy_out, tape, policy_kl) = if batch.rows.is_empty() {
             (ScoredOutput::default(), None, Vec::new())
         } else {
-            sequence_logps(
-                &self.policy,
-                true,
-                batch,
-                &main,
-                with_kl,
-                grads.is_some(),
-                self.cfg.gradient_checkpointing,
-                (&mut times.policy_forward, &mut times.policy_kl_forward),
-            )
+            let keep_tape = grads.is_some();
+            let pass = Pass { keep_tape, keep_cache: with_kl, adapters: true, checkpoint: keep_tape && self.cfg.gradient_checkpointing };
+            sequence_logps(&self.policy, batch, &main, pass, (&mut times.policy_forward, &mut times.policy_kl_forward))
         };
         let mut tokens = [main.n_tokens() as f64];
         ranks.sum_f64(&mut tokens);

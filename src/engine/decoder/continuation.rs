@@ -58,7 +58,7 @@ impl ContinuationBatch {
 /// `adapters` must be what the cached pass used.
 pub fn forward_continuation(model: &Model, batch: &ContinuationBatch, cache: &PrefixCache, adapters: bool) -> ScoredOutput {
     let keys = Keys::Continuation { seq_starts: &batch.seq_starts, cache, prefix: &batch.prefix };
-    let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, false, false, adapters, false, None);
+    let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, Pass { adapters, ..Pass::default() }, None);
     let (xf, _) = final_norm(model, &x);
     let hd = model.spec.hidden;
     let mut hidden = Buf::scratch(batch.scored_rows.len() * hd);
@@ -121,7 +121,7 @@ pub fn extend_kv(model: &Model, cache: &mut KvCache, new_tokens: &[&[u32]]) -> V
         return logits;
     }
     let keys = Keys::Continuation { seq_starts: &seq_starts, cache: &cache.cache, prefix: &prefix };
-    let (x, _, kept_qkv) = run_layers(model, &tokens, &positions, keys, false, true, cache.adapters, false, None);
+    let (x, _, kept_qkv) = run_layers(model, &tokens, &positions, keys, Pass { keep_cache: true, adapters: cache.adapters, ..Pass::default() }, None);
     let w = (model.spec.heads + 2 * model.spec.kv_heads) * model.spec.head_dim;
     for (layer, rows) in cache.cache.qkv.iter_mut().zip(&kept_qkv) {
         for (i, &s) in active.iter().enumerate() {

@@ -55,13 +55,12 @@ pub(super) fn run_layers(
     tokens: &[u32],
     positions: &[u32],
     keys: Keys,
-    keep_tape: bool,
-    keep_qkv: bool,
-    adapters: bool,
-    checkpoint: bool,
+    pass: Pass,
     last_layer_rows: Option<&[usize]>,
 ) -> (Buf, Vec<LayerRecord>, Vec<Buf>) {
     let (p, lay, hd) = (&model.params, &model.layout, model.spec.hidden);
+    // With checkpointing a layer keeps no tape of its own: its input is kept here and backward recomputes it.
+    let layer_pass = Pass { keep_tape: pass.keep_tape && !pass.checkpoint, checkpoint: false, ..pass };
     let mut x = Buf::scratch(tokens.len() * hd);
     x.par_chunks_mut(hd).zip(tokens.par_iter()).for_each(|(row, &t)| {
         row.copy_from_slice(&p[lay.embed + t as usize * hd..][..hd]);
@@ -69,9 +68,9 @@ pub(super) fn run_layers(
     let (mut records, mut kept_qkv) = (Vec::new(), Vec::new());
     let last = lay.layers.len().saturating_sub(1);
     for l in 0..lay.layers.len() {
-        let x_in = (keep_tape && checkpoint).then(|| Buf::copy_of(&x));
+        let x_in = (pass.keep_tape && pass.checkpoint).then(|| Buf::copy_of(&x));
         let rows = if l == last { last_layer_rows } else { None };
-        let (tape, qkv) = layer_forward(model, l, &mut x, positions, &keys, keep_tape && !checkpoint, keep_qkv, adapters, rows);
+        let (tape, qkv) = layer_forward(model, l, &mut x, positions, &keys, layer_pass, rows);
         if let Some(q) = qkv {
             kept_qkv.push(q);
         }
@@ -94,12 +93,11 @@ pub(super) fn layer_forward(
     x: &mut Buf,
     positions: &[u32],
     keys: &Keys,
-    keep_tape: bool,
-    keep_qkv: bool,
-    adapters: bool,
+    pass: Pass,
     out_rows: Option<&[usize]>,
 ) -> (Option<LayerTape>, Option<Buf>) {
-    let lora = if adapters { model.lora.as_ref() } else { None };
+    let (keep_tape, keep_qkv) = (pass.keep_tape, pass.keep_cache);
+    let lora = if pass.adapters { model.lora.as_ref() } else { None };
     let spec = &model.spec;
     let p = &model.params;
     let lo = &model.layout.layers[l];

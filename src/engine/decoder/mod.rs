@@ -36,6 +36,25 @@ pub fn set_softmax_cache_bytes(bytes: usize) {
     SOFTMAX_CACHE_BYTES.store(bytes, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// What a forward pass keeps and applies.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pass {
+    /// Keep the activations `backward` needs.
+    pub keep_tape: bool,
+    /// Keep what `forward_continuation` needs (each layer's q|k|v rows, the scored hidden states).
+    pub keep_cache: bool,
+    /// Apply the model's LoRA adapters (false: the frozen base, KTO's reference under LoRA).
+    pub adapters: bool,
+    /// Gradient checkpointing: the tape keeps only each layer's input and backward recomputes the rest (the
+    /// same numbers).
+    pub checkpoint: bool,
+}
+
+impl Pass {
+    /// A pass that keeps nothing, adapters on.
+    pub const INFERENCE: Pass = Pass { keep_tape: false, keep_cache: false, adapters: true, checkpoint: false };
+}
+
 /// Sequences packed end to end, with the positions whose next token is scored.
 #[derive(Debug, Clone, Default)]
 pub struct SeqBatch {
@@ -132,7 +151,7 @@ pub fn forward_logits(model: &Model, seqs: &[&[u32]]) -> Vec<Vec<f32>> {
     let pairs: Vec<(&[u32], &[bool])> = seqs.iter().zip(&masks).map(|(s, m)| (*s, m.as_slice())).collect();
     let batch = SeqBatch::new(&pairs);
     let keys = Keys::Causal { seq_starts: &batch.seq_starts };
-    let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, false, false, true, false, None);
+    let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, Pass::INFERENCE, None);
     let (xf, _) = final_norm(model, &x);
     let (hd, vocab) = (model.spec.hidden, model.spec.vocab_size);
     let w = &model.params[model.layout.lm_head..][..vocab * hd];
@@ -150,26 +169,19 @@ pub fn forward_logits(model: &Model, seqs: &[&[u32]]) -> Vec<Vec<f32>> {
 
 /// Runs the decoder. With `keep_tape` the activations are kept for `backward`.
 pub fn forward(model: &Model, batch: &SeqBatch, keep_tape: bool) -> (ScoredOutput, Option<Tape>) {
-    let (out, tape, _) = forward_with_cache(model, batch, keep_tape, false, true, false);
+    let (out, tape, _) = forward_with_cache(model, batch, Pass { keep_tape, ..Pass::INFERENCE });
     (out, tape)
 }
 
-/// `forward`, also returning what `forward_continuation` needs to continue this pass's sequences. `adapters`:
-/// apply the model's LoRA adapters (false: the frozen base, KTO's reference under LoRA). `checkpoint`: the tape
-/// keeps only each layer's input and backward recomputes the rest (gradient checkpointing; same numbers).
-pub fn forward_with_cache(
-    model: &Model,
-    batch: &SeqBatch,
-    keep_tape: bool,
-    keep_cache: bool,
-    adapters: bool,
-    checkpoint: bool,
-) -> (ScoredOutput, Option<Tape>, Option<PrefixCache>) {
+/// `forward` as `pass` says, also returning (with `pass.keep_cache`) what `forward_continuation` needs to
+/// continue this pass's sequences.
+pub fn forward_with_cache(model: &Model, batch: &SeqBatch, pass: Pass) -> (ScoredOutput, Option<Tape>, Option<PrefixCache>) {
+    let (keep_tape, keep_cache) = (pass.keep_tape, pass.keep_cache);
     let keys = Keys::Causal { seq_starts: &batch.seq_starts };
     // The last layer runs only the scored rows past attention: the hidden state comes back with just them.
     let rows = Some(batch.scored_rows.as_slice());
     let (x, tapes, qkv) =
-        run_layers(model, &batch.tokens, &batch.positions, keys, keep_tape, keep_cache, adapters, checkpoint, rows);
+        run_layers(model, &batch.tokens, &batch.positions, keys, pass, rows);
     let (scored_hidden, rstd_final) = final_norm(model, &x);
     let m = batch.scored_rows.len();
     let mut softmax = (keep_tape && m * model.spec.vocab_size * 4 <= softmax_cache_bytes())
@@ -210,7 +222,7 @@ pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], 
                 let mut x = x_in;
                 let keys = Keys::Causal { seq_starts: &batch.seq_starts };
                 let rows = (l + 1 == lay.layers.len()).then_some(batch.scored_rows.as_slice());
-                layer_forward(model, l, &mut x, &batch.positions, &keys, true, false, true, rows).0.expect("a tape")
+                layer_forward(model, l, &mut x, &batch.positions, &keys, Pass { keep_tape: true, ..Pass::INFERENCE }, rows).0.expect("a tape")
             }
         };
         dx = layer_backward(model, batch, l, &t, &rope, dx, &mut sink);
