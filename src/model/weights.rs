@@ -196,10 +196,10 @@ fn copy_files(from: &Path, to: &Path, names: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The bytes of `data` as they lie in memory, without a copy (bytemuck checks the cast is sound).
 pub(crate) fn f32_slice_as_bytes(data: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding and any byte pattern is a valid u8; safetensors is little-endian, as are the
-    // targets we build for (checked below at compile time).
+    // safetensors is little-endian, as are the targets we build for.
     #[cfg(not(target_endian = "little"))]
     compile_error!("kto writes safetensors by reinterpreting f32 memory, which needs a little-endian target");
-    unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) }
+    bytemuck::cast_slice(data)
 }
