@@ -1,7 +1,7 @@
 //! Optimizers with PyTorch's semantics over the flat parameter buffer, gradient clipping as
 //! `clip_grad_norm_`, and transformers' learning-rate schedules.
 use crate::model::TensorSlot;
-use rayon::prelude::*;
+use crate::engine::update;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OptimKind {
@@ -65,33 +65,18 @@ impl Optimizer {
             let p = &mut params[range.clone()];
             let g = &grads[range.clone()];
             match self.kind {
-                OptimKind::Sgd => {
-                    let (lr, wd) = (lr as f32, wd as f32);
-                    p.par_iter_mut().zip(g.par_iter()).for_each(|(p, &g)| *p -= lr * (g * grad_scale + wd * *p));
-                }
+                OptimKind::Sgd => update::sgd(p, g, lr as f32, wd as f32, grad_scale),
                 OptimKind::AdamW => {
-                    let decay = (1.0 - lr * wd) as f32;
-                    let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
-                    let step_size = (lr / (1.0 - self.beta1.powi(t))) as f32;
-                    let bc2_sqrt = (1.0 - self.beta2.powi(t)).sqrt() as f32;
-                    let eps = self.eps as f32;
-                    let m = &mut self.exp_avg[range.clone()];
-                    let v = &mut self.exp_avg_sq[range.clone()];
-                    // Chunks with a plain inner loop: one compiled form that vectorises (element-wise rayon
-                    // iterators over four zipped slices compiled to half the speed in some call contexts).
-                    const CHUNK: usize = 1 << 14;
-                    p.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).zip(m.par_chunks_mut(CHUNK)).zip(v.par_chunks_mut(CHUNK)).for_each(
-                        |(((p, g), m), v)| {
-                            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                                let g = g * grad_scale;
-                                *p *= decay;
-                                *m += (1.0 - b1) * (g - *m);
-                                *v = *v * b2 + (1.0 - b2) * g * g;
-                                let denom = v.sqrt() / bc2_sqrt + eps;
-                                *p -= step_size * *m / denom;
-                            }
-                        },
-                    );
+                    let step = update::AdamWStep {
+                        decay: (1.0 - lr * wd) as f32,
+                        beta1: self.beta1 as f32,
+                        beta2: self.beta2 as f32,
+                        step_size: (lr / (1.0 - self.beta1.powi(t))) as f32,
+                        bias_correction2_sqrt: (1.0 - self.beta2.powi(t)).sqrt() as f32,
+                        eps: self.eps as f32,
+                        grad_scale,
+                    };
+                    update::adamw(p, g, &mut self.exp_avg[range.clone()], &mut self.exp_avg_sq[range.clone()], step);
                 }
             }
         }
@@ -100,9 +85,7 @@ impl Optimizer {
 
 /// Global L2 norm of the gradient: what transformers logs as `grad_norm` (before clipping).
 pub fn grad_norm(grads: &[f32]) -> f64 {
-    // Partial sums per fixed chunk, added in order: the same bits whatever the thread schedule.
-    let partials: Vec<f64> = grads.par_chunks(1 << 14).map(|c| c.iter().map(|&g| g as f64 * g as f64).sum::<f64>()).collect();
-    partials.iter().sum::<f64>().sqrt()
+    update::sum_of_squares(grads).sqrt()
 }
 
 /// The factor `clip_grad_norm_` scales the gradient by: `max_norm / (norm + 1e-6)` when that is below 1, else 1

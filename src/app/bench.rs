@@ -8,7 +8,6 @@ use kto::model::random::random_model;
 use kto::model::ModelSpec;
 use kto::rng::Rng;
 use kto::train::{PhaseTimes, Trainer};
-use rayon::prelude::*;
 use serde_json::json;
 use std::time::Instant;
 
@@ -155,7 +154,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         anyhow::bail!("--batch {} does not split evenly over {} ranks", opts.batch, ranks.size());
     }
     if let Some(t) = opts.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
+        kto::engine::update::set_threads(t).map_err(|e| anyhow::anyhow!("--threads: {e}"))?;
     }
     opts.check()?;
     let mut spec = ModelSpec {
@@ -231,7 +230,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     let mut phases = PhaseTimes::default();
     for it in 0..opts.warmup + opts.steps {
         let t = Instant::now();
-        grads.par_iter_mut().for_each(|g| *g = 0.0);
+        kto::engine::update::zero(&mut grads);
         let mut times = PhaseTimes::default();
         trainer.micro_batch_across(Some(&batch), 0, Some((&mut grads, ranks.size() as f64)), &mut times, &ranks);
         trainer.phases = PhaseTimes::default();
@@ -266,7 +265,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     let gflops = step_flops / (step_ms / 1e3) / 1e9;
     let peak = gemm_peak_gflops(1024);
     let rss = peak_rss_mb();
-    let threads = rayon::current_num_threads();
+    let threads = kto::engine::update::threads();
     ranks.barrier();
     if !ranks.is_root() {
         return Ok(());

@@ -5,6 +5,7 @@ pub mod gemm;
 pub mod isa;
 pub mod kernels;
 pub mod reference;
+pub mod update;
 #[cfg(target_arch = "x86_64")]
 mod sgemm_avx2;
 

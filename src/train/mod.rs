@@ -17,7 +17,6 @@ use crate::output::OutputDir;
 use crate::run_identity::RunIdentity;
 use crate::objective::{KtoObjective, MicroBatchLogps};
 use crate::optim::{clip_coefficient, grad_norm, Optimizer, Schedule};
-use rayon::prelude::*;
 use serde_json::{Map, Value};
 use std::io::Write;
 use std::path::PathBuf;

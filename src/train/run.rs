@@ -71,7 +71,7 @@ impl Trainer {
         obs.start(self.max_steps);
         'run: while step < self.max_steps {
             for (g, group) in epoch_batches.chunks(per_step).enumerate().skip(skip_groups) {
-                grads.par_iter_mut().for_each(|v| *v = 0.0);
+                crate::engine::update::zero(&mut grads);
                 let mut step_loss = 0.0;
                 // This rank's micro-batches: places rank, rank + world, ... of the step (None past a short end).
                 let batches: Vec<Option<Batch>> = (0..group.len().div_ceil(world))
