@@ -1,6 +1,6 @@
 // Measurement aid: GFLOP/s of the engine's `gemm` on the training shapes of `kto bench` (best of 30).
 // cargo run --release --example gemm_shapes; KTO_ISA=portable for the fallback kernel.
-use kto::engine::gemm::gemm;
+use kto::engine::cpu::gemm::gemm;
 use std::time::Instant;
 fn main() {
     let shapes = [
@@ -13,7 +13,7 @@ fn main() {
         ("dW lm", 8192, 512, 256, true, false),
         ("square", 1024, 1024, 1024, false, false),
     ];
-    println!("kernel set: {}", kto::engine::isa::active().name());
+    println!("kernel set: {}", kto::engine::cpu::isa::active().name());
     for (name, m, k, n, at, bt) in shapes {
         let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect();
         let b: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 * 0.1).collect();

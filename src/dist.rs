@@ -67,6 +67,13 @@ impl Ranks {
         self.rank == 0
     }
 
+    /// `sum_f32` over an engine buffer, through its host hook.
+    pub fn sum_buffer(&self, buf: &mut crate::engine::Buffer) {
+        if self.size > 1 {
+            buf.with_host_mut(|v| self.sum_f32(v));
+        }
+    }
+
     /// Element-wise sum over the ranks, in place, on every rank.
     pub fn sum_f32(&self, buf: &mut [f32]) {
         #[cfg(feature = "mpi")]

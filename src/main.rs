@@ -4,7 +4,7 @@ mod app;
 
 fn main() {
     let cli = app::cli::Cli::parse();
-    if let Err(e) = kto::engine::isa::from_env() {
+    if let Err(e) = kto::engine::cpu::isa::from_env() {
         eprintln!("kto: error: {e}");
         std::process::exit(1);
     }

@@ -1,7 +1,7 @@
 //! Optimizers with PyTorch's semantics over the flat parameter buffer, gradient clipping as
 //! `clip_grad_norm_`, and transformers' learning-rate schedules.
 use crate::model::TensorSlot;
-use crate::engine::update;
+use crate::engine::{self, AdamWStep, Buffer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OptimKind {
@@ -38,8 +38,9 @@ pub struct Optimizer {
     pub weight_decay: f64,
     /// Per parameter element: weight decay applies (transformers exempts biases and norm weights).
     decay: Vec<(std::ops::Range<usize>, bool)>,
-    pub exp_avg: Vec<f32>,
-    pub exp_avg_sq: Vec<f32>,
+    /// AdamW's first and second moments (empty for SGD), in the engine like the parameters.
+    pub exp_avg: Buffer,
+    pub exp_avg_sq: Buffer,
     pub steps: u64,
 }
 
@@ -48,8 +49,8 @@ impl Optimizer {
     pub fn new(kind: OptimKind, tensors: &[TensorSlot], beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Self {
         let total = tensors.iter().map(|t| t.offset + t.len()).max().unwrap_or(0);
         let (m, v) = match kind {
-            OptimKind::AdamW => (vec![0.0; total], vec![0.0; total]),
-            OptimKind::Sgd => (Vec::new(), Vec::new()),
+            OptimKind::AdamW => (Buffer::zeros(total), Buffer::zeros(total)),
+            OptimKind::Sgd => (Buffer::default(), Buffer::default()),
         };
         let decay = tensors.iter().map(|t| (t.range(), t.decay)).collect();
         Optimizer { kind, beta1, beta2, eps, weight_decay, decay, exp_avg: m, exp_avg_sq: v, steps: 0 }
@@ -57,17 +58,15 @@ impl Optimizer {
 
     /// One update with learning rate `lr` on the gradient `grad_scale · grads` (the clipping coefficient is
     /// applied here rather than in a separate pass over the gradient).
-    pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64, grad_scale: f32) {
+    pub fn step(&mut self, params: &mut Buffer, grads: &Buffer, lr: f64, grad_scale: f32) {
         self.steps += 1;
         let t = self.steps as i32;
         for (range, decays) in &self.decay {
             let wd = if *decays { self.weight_decay } else { 0.0 };
-            let p = &mut params[range.clone()];
-            let g = &grads[range.clone()];
             match self.kind {
-                OptimKind::Sgd => update::sgd(p, g, lr as f32, wd as f32, grad_scale),
+                OptimKind::Sgd => engine::sgd(params, grads, range.clone(), lr as f32, wd as f32, grad_scale),
                 OptimKind::AdamW => {
-                    let step = update::AdamWStep {
+                    let step = AdamWStep {
                         decay: (1.0 - lr * wd) as f32,
                         beta1: self.beta1 as f32,
                         beta2: self.beta2 as f32,
@@ -76,7 +75,7 @@ impl Optimizer {
                         eps: self.eps as f32,
                         grad_scale,
                     };
-                    update::adamw(p, g, &mut self.exp_avg[range.clone()], &mut self.exp_avg_sq[range.clone()], step);
+                    engine::adamw(params, grads, &mut self.exp_avg, &mut self.exp_avg_sq, range.clone(), step);
                 }
             }
         }
@@ -84,8 +83,8 @@ impl Optimizer {
 }
 
 /// Global L2 norm of the gradient: what transformers logs as `grad_norm` (before clipping).
-pub fn grad_norm(grads: &[f32]) -> f64 {
-    update::sum_of_squares(grads).sqrt()
+pub fn grad_norm(grads: &Buffer) -> f64 {
+    engine::sum_of_squares(grads).sqrt()
 }
 
 /// The factor `clip_grad_norm_` scales the gradient by: `max_norm / (norm + 1e-6)` when that is below 1, else 1
@@ -146,7 +145,7 @@ mod tests {
 
     #[test]
     fn clipping_scales_to_max_norm_and_reports_the_norm_before() {
-        let g = vec![3.0f32, 4.0];
+        let g = Buffer::from_host(vec![3.0f32, 4.0]);
         assert!((grad_norm(&g) - 5.0).abs() < 1e-9);
         assert!((clip_coefficient(5.0, 1.0) - 0.2).abs() < 1e-6);
         assert_eq!(clip_coefficient(0.5, 1.0), 1.0);
@@ -154,8 +153,9 @@ mod tests {
         // SGD applies the coefficient: p −= lr · coef · g.
         let tensors = vec![TensorSlot { name: "w".into(), shape: vec![2], offset: 0, decay: true }];
         let mut opt = Optimizer::new(OptimKind::Sgd, &tensors, 0.9, 0.999, 1e-8, 0.0);
-        let mut p = vec![1.0f32, 1.0];
+        let mut p = Buffer::from_host(vec![1.0f32, 1.0]);
         opt.step(&mut p, &g, 0.5, 0.2);
+        let p = p.to_host();
         assert!((p[0] - 0.7).abs() < 1e-6 && (p[1] - 0.6).abs() < 1e-6);
     }
 }

@@ -72,8 +72,9 @@ fn gradients_match_pytorch_within_one_percent_per_tensor() {
         let batch = SeqBatch::new(&refs);
         let coef: Vec<f32> = e["coefficients"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
         let (_, tape) = forward(&model, &batch, true);
-        let mut grads = vec![0f32; model.layout.total];
-        backward(&model, &batch, tape.unwrap(), &coef, &mut grads);
+        let mut buffer = kto::engine::Buffer::zeros(model.layout.total);
+        backward(&model, &batch, tape.unwrap(), &coef, &mut buffer);
+        let grads = buffer.to_host();
         let bytes = std::fs::read(arch(family, "grads.safetensors")).unwrap();
         let torch = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         for t in &model.layout.tensors {

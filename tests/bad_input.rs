@@ -161,15 +161,15 @@ fn generate_refuses_a_model_smaller_than_its_tokenizer_and_non_finite_weights() 
     let mut params = vec![0f32; layout.total];
     for (small, full) in layout.tensors.iter().zip(&policy.layout.tensors) {
         let n = small.len();
-        params[small.range()].copy_from_slice(&policy.params[full.offset..full.offset + n]);
+        params[small.range()].copy_from_slice(&policy.params.to_host()[full.offset..full.offset + n]);
     }
     let small = dir.path().join("small");
-    write_model(&Model { spec, layout, params, lora: None }, &small);
+    write_model(&Model { spec, layout, params: kto::engine::Buffer::from_host(params), lora: None }, &small);
     assert_one_line_error(kto(&["generate", small.to_str().unwrap(), "--prompt", "hi"]), &["512 tokens", "vocab_size is 256"]);
     // A NaN in one tensor: named, whatever the command.
     let mut broken = policy.clone();
     let slot = broken.layout.tensors[3].clone();
-    broken.params[slot.offset + 1] = f32::NAN;
+    broken.params.with_host_mut(|p| p[slot.offset + 1] = f32::NAN);
     let nan = dir.path().join("nan");
     write_model(&broken, &nan);
     assert_one_line_error(kto(&["generate", nan.to_str().unwrap(), "--prompt", "hi"]), &[&slot.name, "non-finite"]);

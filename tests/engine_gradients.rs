@@ -52,7 +52,7 @@ fn tiny_variant(tied: bool, seed: u64, v: Variant) -> Model {
     for t in layout.tensors.iter().filter(|t| t.shape.len() == 1) {
         params[t.range()].iter_mut().for_each(|v| *v = 1.0 + *v * 0.5);
     }
-    Model { spec, layout, params, lora: None }
+    Model { spec, layout, params: kto::engine::Buffer::from_host(params), lora: None }
 }
 
 fn batch() -> SeqBatch {
@@ -80,8 +80,9 @@ fn check_model(model: Model, label: &str) {
     let b = batch();
     let coef = [0.7f32, -1.3, 0.45];
     let (_, tape) = forward(&model, &b, true);
-    let mut grads = vec![0f32; model.layout.total];
-    backward(&model, &b, tape.unwrap(), &coef, &mut grads);
+    let mut buffer = kto::engine::Buffer::zeros(model.layout.total);
+    backward(&model, &b, tape.unwrap(), &coef, &mut buffer);
+    let grads = buffer.to_host();
     let mut rng = Rng(42);
     // Central differences: h small enough that the O(h²) truncation stays below the tolerance, large enough
     // that f32 round-off (about 1e-6 of a loss near 20) does not dominate.
@@ -92,8 +93,8 @@ fn check_model(model: Model, label: &str) {
         let mut plus = model.clone();
         let mut minus = model.clone();
         for (i, d) in dir.iter().enumerate() {
-            plus.params[t.offset + i] += h * d;
-            minus.params[t.offset + i] -= h * d;
+            plus.params.with_host_mut(|p| p[t.offset + i] += h * d);
+            minus.params.with_host_mut(|p| p[t.offset + i] -= h * d);
         }
         let fd = (loss(&plus, &b, &coef) - loss(&minus, &b, &coef)) / (2.0 * h as f64);
         let err = (fd - analytic).abs();
@@ -111,14 +112,14 @@ fn kept_and_recomputed_softmax_give_the_same_gradient() {
     let b = batch();
     let coef = [0.7f32, -1.3, 0.45];
     let grads_with = |cache_bytes: usize| {
-        kto::engine::decoder::set_softmax_cache_bytes(cache_bytes);
+        kto::engine::cpu::decoder::set_softmax_cache_bytes(cache_bytes);
         let (_, tape) = forward(&model, &b, true);
-        let mut g = vec![0f32; model.layout.total];
+        let mut g = kto::engine::Buffer::zeros(model.layout.total);
         backward(&model, &b, tape.unwrap(), &coef, &mut g);
-        g
+        g.to_host().into_owned()
     };
     let (kept, recomputed) = (grads_with(64 << 20), grads_with(0));
-    kto::engine::decoder::set_softmax_cache_bytes(64 << 20);
+    kto::engine::cpu::decoder::set_softmax_cache_bytes(64 << 20);
     let scale = recomputed.iter().fold(0f32, |m, v| m.max(v.abs()));
     for (a, r) in kept.iter().zip(&recomputed) {
         assert!((a - r).abs() <= 1e-5 * scale, "{a} vs {r}");
@@ -141,4 +142,33 @@ fn family_branches_match_finite_differences() {
     let all = Variant { qkv_bias: true, qk_norm: true, window: Some(3), llama3_rope: true };
     check_model(tiny_variant(false, 0x5151, all), "all family branches");
     check_model(tiny_variant(true, 0x5152, Variant { qkv_bias: true, ..Default::default() }), "qkv bias, tied");
+}
+
+/// The memory plan states the tape from `tape_bytes` before any pass runs: it must be what a training forward
+/// keeps, buffer for buffer, for every family variant, with adapters, and with gradient checkpointing.
+#[test]
+fn planned_tape_is_the_tape_a_forward_keeps() {
+    let b = batch();
+    let variants = [Variant::default(), Variant { qkv_bias: true, qk_norm: true, window: Some(3), ..Variant::default() }];
+    for (k, v) in variants.into_iter().enumerate() {
+        let mut model = tiny_variant(k == 1, 3 + k as u64, v);
+        for adapters in [false, true] {
+            if adapters {
+                model.lora = Some(kto::model::lora::Lora::new(&model.spec, 2, 4.0, &kto::model::lora::Target::ALL, 1));
+            }
+            for checkpoint in [false, true] {
+                let pass = kto::engine::Pass { keep_tape: true, adapters, checkpoint, ..Default::default() };
+                let (_, tape, _) = kto::engine::forward_with_cache(&model, &b, pass);
+                let kept = tape.unwrap().floats() * 4;
+                let planned = kto::engine::tape_bytes(&model, b.n_tokens(), b.scored_rows.len(), checkpoint);
+                if checkpoint {
+                    // The plan adds the one layer backward rebuilds at a time; the forward keeps only inputs.
+                    let inputs = model.spec.layers * b.n_tokens() * model.spec.hidden * 4;
+                    assert!(planned > kept && kept > inputs, "variant {k}, adapters {adapters}: planned {planned}, kept {kept}");
+                } else {
+                    assert_eq!(planned, kept, "variant {k}, adapters {adapters}");
+                }
+            }
+        }
+    }
 }

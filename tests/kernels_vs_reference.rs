@@ -1,6 +1,6 @@
 //! The fast kernels against the simple reference kernels: max |fast − reference| ≤ 1e-5 · max |reference|.
-use kto::engine::kernels::{attention_backward, attention_forward, AttnShape};
-use kto::engine::reference::{attention_backward_naive, attention_forward_naive};
+use kto::engine::cpu::kernels::{attention_backward, attention_forward, AttnShape};
+use kto::engine::cpu::reference::{attention_backward_naive, attention_forward_naive};
 mod common;
 use common::Rng;
 
@@ -67,10 +67,10 @@ fn fast_exp_matches_std_exp() {
     let mut worst = 0f32;
     for i in 0..200_000 {
         let x = -87.0 + i as f32 * (87.0 + 88.0) / 200_000.0;
-        let (fast, exact) = (kto::engine::kernels::exp_f32(x), x.exp());
+        let (fast, exact) = (kto::engine::cpu::kernels::exp_f32(x), x.exp());
         worst = worst.max((fast - exact).abs() / exact);
     }
     assert!(worst < 4.0 * f32::EPSILON, "max relative error {worst:e}");
     // Far below the range (masked scores, -inf) it underflows to (almost) zero instead of producing garbage.
-    assert!(kto::engine::kernels::exp_f32(f32::NEG_INFINITY) < 1e-37);
+    assert!(kto::engine::cpu::kernels::exp_f32(f32::NEG_INFINITY) < 1e-37);
 }

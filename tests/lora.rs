@@ -55,11 +55,13 @@ fn adapter_gradients_match_finite_differences() {
     let mut model = Model::load(&fixture("policy")).unwrap();
     let mut lora = Lora::new(&model.spec, 4, 8.0, &Target::ALL, 3);
     // Non-zero B so that A's gradient is non-zero too.
+    let mut params = lora.params.to_host().into_owned();
     for m in lora.layers.iter().flatten() {
-        for (i, v) in lora.params[m.b..m.b + m.out_dim * 4].iter_mut().enumerate() {
+        for (i, v) in params[m.b..m.b + m.out_dim * 4].iter_mut().enumerate() {
             *v = 0.05 * (((i * 7919) % 17) as f32 / 8.0 - 1.0);
         }
     }
+    lora.params.upload(&params);
     model.lora = Some(lora);
     let seqs: Vec<(Vec<u32>, Vec<bool>)> =
         vec![(vec![1, 40, 77, 301, 5, 9, 12, 2], vec![false, false, false, true, true, true, true, true]), (vec![1, 300, 20, 2], vec![false, false, true, true])];
@@ -67,8 +69,9 @@ fn adapter_gradients_match_finite_differences() {
     let batch = SeqBatch::new(&refs);
     let coef = [0.9f32, -0.6];
     let (_, tape) = forward(&model, &batch, true);
-    let mut grads = vec![0f32; model.lora.as_ref().unwrap().params.len()];
-    backward(&model, &batch, tape.unwrap(), &coef, &mut grads);
+    let mut buffer = kto::engine::Buffer::zeros(model.lora.as_ref().unwrap().params.len());
+    backward(&model, &batch, tape.unwrap(), &coef, &mut buffer);
+    let grads = buffer.to_host();
     let loss = |m: &Model| -> f64 { forward(m, &batch, false).0.seq_logps.iter().zip(&coef).map(|(l, c)| l * *c as f64).sum() };
     let tensors = model.lora.as_ref().unwrap().tensors.clone();
     let h = 2e-3f32;
@@ -77,8 +80,8 @@ fn adapter_gradients_match_finite_differences() {
         let analytic: f64 = grads[t.range()].iter().zip(&dir).map(|(g, d)| *g as f64 * *d as f64).sum();
         let (mut plus, mut minus) = (model.clone(), model.clone());
         for (i, d) in dir.iter().enumerate() {
-            plus.lora.as_mut().unwrap().params[t.offset + i] += h * d;
-            minus.lora.as_mut().unwrap().params[t.offset + i] -= h * d;
+            plus.lora.as_mut().unwrap().params.with_host_mut(|p| p[t.offset + i] += h * d);
+            minus.lora.as_mut().unwrap().params.with_host_mut(|p| p[t.offset + i] -= h * d);
         }
         let fd = (loss(&plus) - loss(&minus)) / (2.0 * h as f64);
         assert!((fd - analytic).abs() <= 2e-3 * fd.abs().max(analytic.abs()) + 2e-3, "{}: fd {fd} vs backward {analytic}", t.name);
@@ -89,7 +92,7 @@ fn adapter_gradients_match_finite_differences() {
 fn merged_adapters_give_the_same_logits() {
     let mut model = Model::load(&fixture("policy")).unwrap();
     let mut lora = Lora::new(&model.spec, 8, 16.0, &Target::ALL, 5);
-    lora.params.iter_mut().enumerate().for_each(|(i, v)| *v += 0.01 * (((i * 31) % 11) as f32 - 5.0) / 5.0);
+    lora.params.with_host_mut(|p| p.iter_mut().enumerate().for_each(|(i, v)| *v += 0.01 * (((i * 31) % 11) as f32 - 5.0) / 5.0));
     model.lora = Some(lora);
     let ids: Vec<u32> = vec![1, 447, 335, 81, 267, 333, 274, 286, 80, 94];
     let with_adapters = forward_logits(&model, &[&ids]);

@@ -19,7 +19,7 @@ fn sharded_bf16_and_f16_checkpoint_loads_like_the_f32_one() {
     let mut shards: [Vec<(String, Vec<usize>, Vec<u8>, Dtype)>; 2] = [Vec::new(), Vec::new()];
     let mut weight_map = serde_json::Map::new();
     for (i, t) in m.layout.tensors.iter().enumerate() {
-        let data = &m.params[t.range()];
+        let data = &m.params.to_host()[t.range()];
         let (bytes, dtype): (Vec<u8>, Dtype) = if i % 2 == 0 {
             (data.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(), Dtype::BF16)
         } else {
@@ -35,7 +35,7 @@ fn sharded_bf16_and_f16_checkpoint_loads_like_the_f32_one() {
     let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
     std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
     let loaded = Model::load(dir.path()).unwrap();
-    for (a, b) in loaded.params.iter().zip(&m.params) {
+    for (a, b) in loaded.params.to_host().iter().zip(m.params.to_host().iter()) {
         assert!((a - b).abs() <= b.abs() / 128.0 + 1e-6, "{a} vs {b}");
     }
 }
@@ -53,7 +53,7 @@ fn tied_embeddings_load_without_lm_head_and_round_trip() {
         .tensors
         .iter()
         .filter(|t| t.name != "lm_head.weight")
-        .map(|t| (t.name.clone(), t.shape.clone(), m.params[t.range()].iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F32))
+        .map(|t| (t.name.clone(), t.shape.clone(), m.params.to_host()[t.range()].iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F32))
         .collect();
     write_shard(&dir.path().join("model.safetensors"), &tensors);
     let tied = Model::load(dir.path()).unwrap();

@@ -142,7 +142,7 @@ fn apo_on_two_ranks_equals_one_process_with_doubled_accumulation() {
     // SGD: the same final weights (within 1e-5 of each tensor's scale; the order of gradient sums differs).
     let (a, b) = (Model::load(&two).unwrap(), Model::load(&one).unwrap());
     for t in &b.layout.tensors {
-        let (x, y) = (&a.params[t.range()], &b.params[t.range()]);
+        let (x, y) = (&a.params.to_host()[t.range()], &b.params.to_host()[t.range()]);
         let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
         let diff = x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
         assert!(diff <= 1e-5 * scale, "{}: {diff} vs scale {scale}", t.name);
@@ -195,7 +195,7 @@ fn a_two_rank_checkpoint_resumes_in_one_process() {
         assert!(near(g["loss"].as_f64().unwrap(), w["loss"].as_f64().unwrap()), "{g:?} vs {w:?}");
     }
     let (a, b) = (Model::load(&mixed).unwrap(), Model::load(&one).unwrap());
-    let worst = a.params.iter().zip(&b.params).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+    let worst = a.params.to_host().iter().zip(b.params.to_host().iter()).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
     assert!(worst < 1e-5, "weights differ by {worst}");
 }
 

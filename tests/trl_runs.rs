@@ -25,8 +25,8 @@ fn run(name: &str, extra: &[&str]) -> (Trainer, Vec<Map<String, Value>>, tempfil
 fn relative_update_error(ours: &Model, trl_dir: &str) -> f64 {
     let trl = Model::load(&fixture(trl_dir)).unwrap();
     let init = Model::load(&fixture("policy")).unwrap();
-    let diff: f64 = ours.params.iter().zip(&trl.params).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
-    let update: f64 = trl.params.iter().zip(&init.params).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
+    let diff: f64 = ours.params.to_host().iter().zip(trl.params.to_host().iter()).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
+    let update: f64 = trl.params.to_host().iter().zip(init.params.to_host().iter()).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
     diff / update
 }
 

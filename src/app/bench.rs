@@ -3,7 +3,7 @@
 //! measured single-GEMM rate, and peak RSS.
 use kto::config::TrainConfig;
 use kto::data::{PrepareOptions, Prepared, TokenizedRow};
-use kto::engine::gemm::gemm;
+use kto::engine::cpu::gemm::gemm;
 use kto::model::random::random_model;
 use kto::model::ModelSpec;
 use kto::rng::Rng;
@@ -154,7 +154,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         anyhow::bail!("--batch {} does not split evenly over {} ranks", opts.batch, ranks.size());
     }
     if let Some(t) = opts.threads {
-        kto::engine::update::set_threads(t).map_err(|e| anyhow::anyhow!("--threads: {e}"))?;
+        kto::engine::cpu::update::set_threads(t).map_err(|e| anyhow::anyhow!("--threads: {e}"))?;
     }
     opts.check()?;
     let mut spec = ModelSpec {
@@ -225,17 +225,17 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     }
     let share = opts.batch / ranks.size();
     let batch = trainer.collate(&(ranks.rank() * share..(ranks.rank() + 1) * share).collect::<Vec<_>>());
-    let mut grads = vec![0f32; trainer.trainable_params().len()];
+    let mut grads = kto::engine::Buffer::zeros(trainer.trainable_params().len());
     let mut step_times = Vec::new();
     let mut phases = PhaseTimes::default();
     for it in 0..opts.warmup + opts.steps {
         let t = Instant::now();
-        kto::engine::update::zero(&mut grads);
+        kto::engine::zero(&mut grads);
         let mut times = PhaseTimes::default();
         trainer.micro_batch_across(Some(&batch), 0, Some((&mut grads, ranks.size() as f64)), &mut times, &ranks);
         trainer.phases = PhaseTimes::default();
         if ranks.size() > 1 {
-            ranks.sum_f32(&mut grads);
+            ranks.sum_buffer(&mut grads);
         }
         trainer.apply_update(&grads, it);
         times.optimizer = trainer.phases.optimizer;
@@ -257,7 +257,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     let (b, pl, cl) = (opts.batch, opts.prompt_len, opts.completion_len);
     let main = forward_flops(&spec, b * len, b * len * (len + 1) / 2, b * cl);
     let kl = forward_flops(&spec, b * cl, b * (cl * pl + cl * (cl + 1) / 2), b * cl);
-    let kept_softmax = b * cl * spec.vocab_size * 4 <= kto::engine::decoder::softmax_cache_bytes();
+    let kept_softmax = b * cl * spec.vocab_size * 4 <= kto::engine::cpu::decoder::softmax_cache_bytes();
     let lm_recompute =
         if kept_softmax { 0.0 } else { 2.0 * (b * cl) as f64 * spec.hidden as f64 * spec.vocab_size as f64 };
     let reference_flops = if precomputed { 0.0 } else { main + kl };
@@ -265,7 +265,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     let gflops = step_flops / (step_ms / 1e3) / 1e9;
     let peak = gemm_peak_gflops(1024);
     let rss = peak_rss_mb();
-    let threads = kto::engine::update::threads();
+    let threads = kto::engine::cpu::update::threads();
     ranks.barrier();
     if !ranks.is_root() {
         return Ok(());
@@ -273,8 +273,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     let mode = if opts.lora_r > 0 { format!("LoRA r={} all-linear", opts.lora_r) } else { "full fine-tuning".into() };
     println!("kto bench: Llama vocab {} hidden {} intermediate {} layers {} heads {}/{} ({} parameters, {} trainable), batch {} x {} tokens, kto, AdamW, {mode}, {} reference, gradient checkpointing {}, {} rank(s) x {threads} threads",
         spec.vocab_size, spec.hidden, spec.intermediate, spec.layers, spec.heads, spec.kv_heads, trainer.policy.num_parameters(), trainer.trainable_params().len(), opts.batch, len, opts.reference, if opts.gradient_checkpointing { "on" } else { "off" }, ranks.size());
-    println!("cpu: {}; kernel set {} (KTO_ISA; this CPU runs {})", cpu_model(), kto::engine::isa::active().name(),
-        kto::engine::isa::Isa::available().iter().map(|i| i.name()).collect::<Vec<_>>().join(", "));
+    println!("cpu: {}; kernel set {} (KTO_ISA; this CPU runs {})", cpu_model(), kto::engine::cpu::isa::active().name(),
+        kto::engine::cpu::isa::Isa::available().iter().map(|i| i.name()).collect::<Vec<_>>().join(", "));
     println!("{:<28} {:>10}", "phase (mean over steps)", "ms");
     for (name, t) in [
         ("policy KL forward", phases.policy_kl_forward),

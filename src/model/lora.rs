@@ -98,7 +98,7 @@ pub struct Lora {
     pub layers: Vec<Vec<LoraModule>>,
     /// Every A and B as PEFT names them, for saving and the optimizer.
     pub tensors: Vec<TensorSlot>,
-    pub params: Vec<f32>,
+    pub params: crate::engine::Buffer,
 }
 
 impl Lora {
@@ -132,7 +132,7 @@ impl Lora {
                 *v = ((2.0 * rng.uniform() - 1.0) * bound) as f32;
             }
         }
-        Lora { r, alpha, targets: targets.to_vec(), layers, tensors, params }
+        Lora { r, alpha, targets: targets.to_vec(), layers, tensors, params: crate::engine::Buffer::from_host(params) }
     }
 
     /// `α / r`, the factor on the adapter's output.
@@ -147,11 +147,12 @@ impl Lora {
     /// Writes `adapter_config.json` and `adapter_model.safetensors` as PEFT saves a LoRA adapter.
     pub fn save_peft(&self, dir: &Path, base_model: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot create folder: {e}")))?;
+        let params = self.params.to_host();
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = self
             .tensors
             .iter()
             .map(|t| {
-                let bytes = super::weights::f32_slice_as_bytes(&self.params[t.range()]);
+                let bytes = super::weights::f32_slice_as_bytes(&params[t.range()]);
                 let view = safetensors::tensor::TensorView::new(Dtype::F32, t.shape.clone(), bytes)
                     .map_err(|e| Error::Train(format!("tensor {}: {e}", t.name)))?;
                 Ok((t.name.clone(), view))
@@ -205,6 +206,7 @@ impl Lora {
         let path = dir.join("adapter_model.safetensors");
         let bytes = std::fs::read(&path).map_err(|e| Error::file(&path, e))?;
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::file(&path, format!("invalid safetensors: {e}")))?;
+        let mut values = vec![0f32; lora.params.len()];
         for t in &lora.tensors {
             // PEFT saves without the adapter name; some writers keep ".default".
             let view = st
@@ -214,8 +216,10 @@ impl Lora {
             if view.shape() != t.shape.as_slice() {
                 return Err(Error::file(&path, format!("tensor {} has shape {:?}, expected {:?}", t.name, view.shape(), t.shape)));
             }
-            super::weights::convert_to_f32(&path, &t.name, view.dtype(), view.data(), &mut lora.params[t.range()])?;
+            let dst = &mut values[t.range()];
+            super::weights::convert_to_f32(&path, &t.name, view.dtype(), view.data(), dst)?;
         }
+        lora.params.upload(&values);
         Ok(lora)
     }
 }
@@ -243,10 +247,12 @@ impl Model {
     pub fn merge_lora(&mut self) {
         let Some(lora) = self.lora.take() else { return };
         let s = lora.scale();
+        let adapters = lora.params.to_host();
+        self.params.with_host_mut(|params| {
         for (lo, modules) in self.layout.layers.iter().zip(&lora.layers) {
             for m in modules {
-                let w = &mut self.params[m.target.base_offset(lo)..][..m.out_dim * m.in_dim];
-                let (a, b) = (&lora.params[m.a..][..lora.r * m.in_dim], &lora.params[m.b..][..m.out_dim * lora.r]);
+                let w = &mut params[m.target.base_offset(lo)..][..m.out_dim * m.in_dim];
+                let (a, b) = (&adapters[m.a..][..lora.r * m.in_dim], &adapters[m.b..][..m.out_dim * lora.r]);
                 for o in 0..m.out_dim {
                     for k in 0..lora.r {
                         let bk = s * b[o * lora.r + k];
@@ -257,5 +263,6 @@ impl Model {
                 }
             }
         }
+        });
     }
 }

@@ -433,7 +433,8 @@ impl ParamLayout {
 pub struct Model {
     pub spec: ModelSpec,
     pub layout: ParamLayout,
-    pub params: Vec<f32>,
+    /// The weights in `layout` order, held by the engine.
+    pub params: crate::engine::Buffer,
     /// LoRA adapters: when present, they are what trains and the base parameters stay frozen.
     pub lora: Option<lora::Lora>,
 }

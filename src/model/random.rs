@@ -13,5 +13,5 @@ pub fn random_model(spec: &ModelSpec, seed: u64) -> Model {
             *v = if norm { 1.0 } else { (0.02 * rng.normal()) as f32 };
         }
     }
-    Model { spec: spec.clone(), layout, params, lora: None }
+    Model { spec: spec.clone(), layout, params: crate::engine::Buffer::from_host(params), lora: None }
 }

@@ -136,17 +136,18 @@ impl Model {
         if let Some(i) = found.iter().position(|f| !f) {
             return Err(Error::model(dir, format!("tensor {} is missing from the weights", layout.tensors[i].name)));
         }
-        Ok(Model { spec, layout, params, lora: None })
+        Ok(Model { spec, layout, params: crate::engine::Buffer::from_host(params), lora: None })
     }
 
     /// The weights as a safetensors file in f32 with `{"format": "pt"}` metadata, as `save_pretrained` writes.
     pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+        let params = self.params.to_host();
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = self
             .layout
             .tensors
             .iter()
             .map(|t| {
-                let data: &[f32] = &self.params[t.range()];
+                let data: &[f32] = &params[t.range()];
                 let bytes = f32_slice_as_bytes(data);
                 let view = safetensors::tensor::TensorView::new(Dtype::F32, t.shape.clone(), bytes)
                     .map_err(|e| Error::Train(format!("tensor {}: {e}", t.name)))?;

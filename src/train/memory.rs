@@ -32,7 +32,6 @@ impl std::fmt::Display for MemoryPlan {
 impl Trainer {
     /// Planned memory of the run, before the first step.
     pub fn memory_plan(&self) -> MemoryPlan {
-        let spec = &self.policy.spec;
         let f = 4usize;
         let trainable = self.trainable_params().len();
         let reference = self.reference.as_ref().map_or(0, |r| r.num_parameters());
@@ -48,24 +47,14 @@ impl Trainer {
             n = n.max(b.main.iter().map(|(i, _)| i.len()).sum());
             m = m.max(b.main.iter().map(|(_, c)| c.iter().skip(1).filter(|x| **x).count()).sum());
         }
-        let (h, i, qd) = (spec.hidden, spec.intermediate, spec.q_dim());
-        let qkv_w = qd + 2 * spec.kv_dim();
-        let lora_r = self.policy.lora.as_ref().map_or(0, |l| l.r * l.layers.first().map_or(0, |x| x.len()));
-        let qk = if spec.qk_norm { qkv_w + spec.heads + spec.kv_heads } else { 0 };
-        let per_token_layer = 4 * h + qkv_w + spec.heads + qd + 3 * i + 2 + qk + lora_r;
-        let layers = if self.cfg.gradient_checkpointing {
-            n * h * spec.layers + n * per_token_layer
-        } else {
-            n * per_token_layer * spec.layers
-        };
-        let softmax = if m * spec.vocab_size * f <= crate::engine::decoder::softmax_cache_bytes() { m * spec.vocab_size } else { 0 };
+        let activations = crate::engine::tape_bytes(&self.policy, n, m, self.cfg.gradient_checkpointing);
         MemoryPlan {
             parameters: self.policy.num_parameters() + lora_extra,
             trainable,
             weight_bytes: (self.policy.num_parameters() + lora_extra + reference) * f,
             gradient_bytes: trainable * f,
             optimizer_bytes: state_per_param * trainable * f,
-            activation_bytes: (layers + n * (h + 1) + m * (h + 1) + softmax) * f,
+            activation_bytes: activations,
         }
     }
 }

@@ -9,7 +9,7 @@ use crate::checkpoint::{self, RunState};
 use crate::config::{Strategy, TrainConfig};
 use crate::data::{self, Batch, PrepareOptions, Prepared, TextTokenizer};
 use crate::dist::Ranks;
-use crate::engine::{backward, forward_continuation, forward_with_cache, ContinuationBatch, Pass, ScoredOutput, SeqBatch};
+use crate::engine::{backward, forward_continuation, forward_with_cache, Buffer, ContinuationBatch, Pass, ScoredOutput, SeqBatch};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::model::Model;
@@ -157,7 +157,7 @@ impl Trainer {
     }
 
     /// Parameters that train: the LoRA adapters when there are any, else the whole policy.
-    pub fn trainable_params(&self) -> &[f32] {
+    pub fn trainable_params(&self) -> &Buffer {
         match &self.policy.lora {
             Some(l) => &l.params,
             None => &self.policy.params,

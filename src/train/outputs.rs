@@ -38,9 +38,10 @@ impl Trainer {
                 identity.write(dir)?;
             }
             if !self.optimizer.exp_avg.is_empty() {
+                let (m, v) = (self.optimizer.exp_avg.to_host(), self.optimizer.exp_avg_sq.to_host());
                 let views = vec![
-                    ("exp_avg".to_string(), f32_view(&self.optimizer.exp_avg)?),
-                    ("exp_avg_sq".to_string(), f32_view(&self.optimizer.exp_avg_sq)?),
+                    ("exp_avg".to_string(), f32_view(&m)?),
+                    ("exp_avg_sq".to_string(), f32_view(&v)?),
                 ];
                 let bytes = safetensors::serialize(views, None).map_err(|e| Error::Train(e.to_string()))?;
                 crate::files::write_atomic(&dir.join(checkpoint::OPTIMIZER_FILE), &bytes)?;
@@ -104,7 +105,7 @@ impl Trainer {
     pub(super) fn run_identity(&self, world: usize) -> RunIdentity {
         let mut data = Fingerprint::default();
         data_fingerprint(&mut data, &self.data);
-        let weights = |m: &Model| Fingerprint::default().f32s(&m.params).hex();
+        let weights = |m: &Model| Fingerprint::default().f32s(&m.params.to_host()).hex();
         let policy = weights(&self.policy);
         let reference = match (&self.reference, self.task) {
             (_, Task::Sft) => "none".to_string(),
@@ -147,9 +148,8 @@ impl Trainer {
                 if view.data().len() != dst.len() * 4 {
                     return Err(Error::file(&path, format!("tensor {name} has the wrong size")));
                 }
-                for (d, c) in dst.iter_mut().zip(view.data().chunks_exact(4)) {
-                    *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
+                let values: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                dst.upload(&values);
             }
         }
         self.optimizer.steps = state.optimizer_steps;

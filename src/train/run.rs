@@ -62,7 +62,7 @@ impl Trainer {
         // Micro-batches of one optimizer step, over all ranks.
         let per_step = ga * world;
         let updates_per_epoch = batches_per_epoch.div_ceil(per_step);
-        let mut grads = vec![0f32; self.trainable_params().len()];
+        let mut grads = crate::engine::Buffer::zeros(self.trainable_params().len());
         let mut acc = MetricAccumulator { values: std::mem::take(&mut state.pending_metrics) };
         let mut log_history = Vec::new();
         let mut step = state.global_step;
@@ -71,7 +71,7 @@ impl Trainer {
         obs.start(self.max_steps);
         'run: while step < self.max_steps {
             for (g, group) in epoch_batches.chunks(per_step).enumerate().skip(skip_groups) {
-                crate::engine::update::zero(&mut grads);
+                crate::engine::zero(&mut grads);
                 let mut step_loss = 0.0;
                 // This rank's micro-batches: places rank, rank + world, ... of the step (None past a short end).
                 let batches: Vec<Option<Batch>> = (0..group.len().div_ceil(world))
@@ -101,7 +101,7 @@ impl Trainer {
                 }
                 state.epoch_progress = epoch as f64 + (g * per_step + group.len()) as f64 / batches_per_epoch as f64;
                 if world > 1 {
-                    ranks.sum_f32(&mut grads);
+                    ranks.sum_buffer(&mut grads);
                     let mut l = [step_loss];
                     ranks.sum_f64(&mut l);
                     step_loss = l[0];

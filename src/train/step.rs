@@ -107,7 +107,7 @@ impl Trainer {
         &self,
         batch: &Batch,
         num_tokens_before: usize,
-        grads: Option<(&mut [f32], f64)>,
+        grads: Option<(&mut Buffer, f64)>,
         times: &mut PhaseTimes,
     ) -> MicroBatchRecord {
         self.micro_batch_across(Some(batch), num_tokens_before, grads, times, &Ranks::single())
@@ -120,7 +120,7 @@ impl Trainer {
         &self,
         batch: Option<&Batch>,
         num_tokens_before: usize,
-        grads: Option<(&mut [f32], f64)>,
+        grads: Option<(&mut Buffer, f64)>,
         times: &mut PhaseTimes,
         ranks: &Ranks,
     ) -> MicroBatchRecord {
@@ -180,7 +180,7 @@ impl Trainer {
 
     /// Clips `grads`, updates the policy with the learning rate of update number `step` (0-based), and returns
     /// (gradient norm before clipping, learning rate used).
-    pub fn apply_update(&mut self, grads: &[f32], step: usize) -> (f64, f64) {
+    pub fn apply_update(&mut self, grads: &Buffer, step: usize) -> (f64, f64) {
         let t = Instant::now();
         let grad_norm = grad_norm(grads);
         let lr = self.cfg.learning_rate * self.schedule.factor(step, self.warmup, self.max_steps);

@@ -1,6 +1,6 @@
 //! LoRA adapters on a projection: forward (keeping `x·Aᵀ` for backward) and backward.
-use crate::engine::buffers::Buf;
-use crate::engine::gemm::gemm;
+use crate::engine::cpu::pool::Buf;
+use crate::engine::cpu::gemm::gemm;
 use crate::model::lora::{Lora, LoraModule};
 use rayon::prelude::*;
 
@@ -9,9 +9,9 @@ use rayon::prelude::*;
 pub(super) fn lora_forward(lora: &Lora, m: &LoraModule, input: &[f32], n: usize, out: &mut [f32], out_stride: usize) -> Buf {
     let r = lora.r;
     let mut u = Buf::zeros(n * r);
-    gemm(n, m.in_dim, r, input, false, &lora.params[m.a..], true, &mut u, false);
+    gemm(n, m.in_dim, r, input, false, &lora.params.host()[m.a..], true, &mut u, false);
     let mut delta = Buf::zeros(n * m.out_dim);
-    gemm(n, r, m.out_dim, &u, false, &lora.params[m.b..], true, &mut delta, false);
+    gemm(n, r, m.out_dim, &u, false, &lora.params.host()[m.b..], true, &mut delta, false);
     let s = lora.scale();
     out.par_chunks_mut(out_stride).zip(delta.par_chunks(m.out_dim)).for_each(|(row, d)| {
         row[m.out_col..m.out_col + m.out_dim].iter_mut().zip(d).for_each(|(o, d)| *o += s * d);
@@ -40,7 +40,7 @@ pub(super) fn lora_backward(
     });
     gemm(o, n, r, &dys, true, u, false, &mut grads[m.b..][..o * r], true);
     let mut du = Buf::zeros(n * r);
-    gemm(n, o, r, &dys, false, &lora.params[m.b..], false, &mut du, false);
+    gemm(n, o, r, &dys, false, &lora.params.host()[m.b..], false, &mut du, false);
     gemm(r, n, m.in_dim, &du, true, input, false, &mut grads[m.a..][..r * m.in_dim], true);
-    gemm(n, r, m.in_dim, &du, false, &lora.params[m.a..], false, dinput, true);
+    gemm(n, r, m.in_dim, &du, false, &lora.params.host()[m.a..], false, dinput, true);
 }

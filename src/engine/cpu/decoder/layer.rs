@@ -1,8 +1,8 @@
 //! One decoder layer: its forward (saving a tape) beside its backward, and the layer stack.
 use super::*;
-use crate::engine::buffers::Buf;
-use crate::engine::gemm::gemm;
-use crate::engine::kernels::{self, AttnShape, Rope};
+use crate::engine::cpu::pool::Buf;
+use crate::engine::cpu::gemm::gemm;
+use crate::engine::cpu::kernels::{self, AttnShape, Rope};
 use crate::model::lora::{LoraModule, Target};
 use crate::model::Model;
 use rayon::prelude::*;
@@ -33,6 +33,40 @@ pub(super) struct LayerTape {
     pub(super) att_out: Buf,
 }
 
+impl LayerTape {
+    /// Floats held, for checking `tape_floats` against what a pass really keeps.
+    pub(super) fn floats(&self) -> usize {
+        let bufs = [&self.x_in, &self.xn1, &self.rstd1, &self.qkv, &self.attn_lse, &self.qk_pre, &self.qk_rstd, &self.att];
+        let rest = [&self.x_mid, &self.xn2, &self.rstd2, &self.gate_up, &self.h, &self.att_out];
+        bufs.iter().chain(&rest).map(|b| b.len()).sum::<usize>() + self.lora_u.iter().map(|b| b.len()).sum::<usize>()
+    }
+}
+
+/// Floats one layer's tape holds: `n` rows up to attention, `m` rows after it (`m == n` except in the last
+/// layer, which runs only the scored rows past attention). Mirrors `layer_forward`'s buffers one by one.
+pub(super) fn layer_tape_floats(model: &Model, l: usize, n: usize, m: usize, last: bool) -> usize {
+    let spec = &model.spec;
+    let (hd, qd, inter) = (spec.hidden, spec.q_dim(), spec.intermediate);
+    let qkv_w = qd + 2 * spec.kv_dim();
+    // x_in, xn1, rstd1, qkv, attn_lse, att; with q/k norms, qk_pre and qk_rstd.
+    let mut before = 2 * hd + 1 + qkv_w + spec.heads + qd;
+    if spec.qk_norm {
+        before += qkv_w + spec.heads + spec.kv_heads;
+    }
+    // x_mid, xn2, rstd2, gate_up, h; the last layer also gathers attention's output at its rows.
+    let after = 2 * hd + 1 + 3 * inter + if last { qd } else { 0 };
+    let (mut lora_before, mut lora_after) = (0, 0);
+    if let Some(lora) = &model.lora {
+        for module in &lora.layers[l] {
+            match module.target {
+                Target::Q | Target::K | Target::V => lora_before += lora.r,
+                _ => lora_after += lora.r,
+            }
+        }
+    }
+    n * (before + lora_before) + m * (after + lora_after)
+}
+
 /// What the forward kept of one layer: everything, or (gradient checkpointing) only its input.
 pub(super) enum LayerRecord {
     Full(LayerTape),
@@ -58,7 +92,7 @@ pub(super) fn run_layers(
     pass: Pass,
     last_layer_rows: Option<&[usize]>,
 ) -> (Buf, Vec<LayerRecord>, Vec<Buf>) {
-    let (p, lay, hd) = (&model.params, &model.layout, model.spec.hidden);
+    let (p, lay, hd) = (model.params.host(), &model.layout, model.spec.hidden);
     // With checkpointing a layer keeps no tape of its own: its input is kept here and backward recomputes it.
     let layer_pass = Pass { keep_tape: pass.keep_tape && !pass.checkpoint, checkpoint: false, ..pass };
     let mut x = Buf::scratch(tokens.len() * hd);
@@ -99,7 +133,7 @@ pub(super) fn layer_forward(
     let (keep_tape, keep_qkv) = (pass.keep_tape, pass.keep_cache);
     let lora = if pass.adapters { model.lora.as_ref() } else { None };
     let spec = &model.spec;
-    let p = &model.params;
+    let p = model.params.host();
     let lo = &model.layout.layers[l];
     let (n, hd) = (positions.len(), spec.hidden);
     let (qd, kvd, inter) = (spec.q_dim(), spec.kv_dim(), spec.intermediate);
@@ -205,7 +239,7 @@ pub(super) fn layer_forward(
 /// `t.out_rows` when the layer kept just those), and the gradient at its input comes back. Weight gradients go
 /// to `sink`.
 pub(super) fn layer_backward(model: &Model, batch: &SeqBatch, l: usize, t: &LayerTape, rope: &Rope, mut dx: Buf, sink: &mut GradSink) -> Buf {
-    let (spec, p, lo) = (&model.spec, &model.params, &model.layout.layers[l]);
+    let (spec, p, lo) = (&model.spec, model.params.host(), &model.layout.layers[l]);
     let lora = model.lora.as_ref();
     let (n, hd, inter) = (batch.n_tokens(), spec.hidden, spec.intermediate);
     let (qd, kvd) = (spec.q_dim(), spec.kv_dim());

@@ -4,7 +4,8 @@
 //! Sequences are packed without padding: each token row knows its position, and attention never crosses a
 //! sequence. That equals Hugging Face's right-padded forward at every real token (padding never changes a real
 //! token's output), and the padding positions are never scored.
-use super::buffers::Buf;
+use super::pool::Buf;
+use crate::engine::{Pass, ScoredOutput, SeqBatch};
 use super::gemm::gemm;
 use super::kernels::{self, Rope};
 use crate::model::Model;
@@ -36,83 +37,6 @@ pub fn set_softmax_cache_bytes(bytes: usize) {
     SOFTMAX_CACHE_BYTES.store(bytes, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// What a forward pass keeps and applies.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Pass {
-    /// Keep the activations `backward` needs.
-    pub keep_tape: bool,
-    /// Keep what `forward_continuation` needs (each layer's q|k|v rows, the scored hidden states).
-    pub keep_cache: bool,
-    /// Apply the model's LoRA adapters (false: the frozen base, KTO's reference under LoRA).
-    pub adapters: bool,
-    /// Gradient checkpointing: the tape keeps only each layer's input and backward recomputes the rest (the
-    /// same numbers).
-    pub checkpoint: bool,
-}
-
-impl Pass {
-    /// A pass that keeps nothing, adapters on.
-    pub const INFERENCE: Pass = Pass { keep_tape: false, keep_cache: false, adapters: true, checkpoint: false };
-}
-
-/// Sequences packed end to end, with the positions whose next token is scored.
-#[derive(Debug, Clone, Default)]
-pub struct SeqBatch {
-    pub tokens: Vec<u32>,
-    pub positions: Vec<u32>,
-    /// `seq_starts[s]..seq_starts[s+1]` are the rows of sequence `s`.
-    pub seq_starts: Vec<usize>,
-    /// Rows whose next token is a completion token, the token they predict, and their sequence.
-    pub scored_rows: Vec<usize>,
-    pub scored_targets: Vec<u32>,
-    pub scored_seq: Vec<usize>,
-}
-
-impl SeqBatch {
-    /// `seqs[s] = (input ids, completion mask)`. Position t is scored when token t+1 is a completion token,
-    /// exactly TRL's `labels[:, 1:] != -100`.
-    pub fn new(seqs: &[(&[u32], &[bool])]) -> Self {
-        let mut b = SeqBatch { seq_starts: vec![0], ..Default::default() };
-        for (s, (ids, mask)) in seqs.iter().enumerate() {
-            assert_eq!(ids.len(), mask.len(), "ids and completion mask differ in length");
-            let start = b.tokens.len();
-            b.tokens.extend_from_slice(ids);
-            b.positions.extend(0..ids.len() as u32);
-            for t in 0..ids.len().saturating_sub(1) {
-                if mask[t + 1] {
-                    b.scored_rows.push(start + t);
-                    b.scored_targets.push(ids[t + 1]);
-                    b.scored_seq.push(s);
-                }
-            }
-            b.seq_starts.push(b.tokens.len());
-        }
-        b
-    }
-    pub fn n_seqs(&self) -> usize {
-        self.seq_starts.len() - 1
-    }
-    pub fn n_tokens(&self) -> usize {
-        self.tokens.len()
-    }
-    fn max_len(&self) -> usize {
-        self.seq_starts.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
-    }
-}
-
-/// What a forward pass yields at the scored positions.
-#[derive(Debug, Clone, Default)]
-pub struct ScoredOutput {
-    /// Per sequence: sum of the log-probabilities of its completion tokens.
-    pub seq_logps: Vec<f64>,
-    /// Per scored position: log p(target), entropy of the next-token distribution, mean logit over the vocabulary.
-    pub token_logps: Vec<f32>,
-    pub entropy: Vec<f32>,
-    pub mean_logit: Vec<f32>,
-    /// Per scored position: whether the target is the most likely token (SFT's token accuracy).
-    pub target_is_argmax: Vec<bool>,
-}
-
 /// Activations a backward pass needs.
 pub struct Tape {
     layers: Vec<LayerRecord>,
@@ -123,6 +47,35 @@ pub struct Tape {
     lse: Buf,
     /// The softmax of the scored rows, `[M, vocab]`, when it fits `SOFTMAX_CACHE_BYTES`.
     softmax: Option<Buf>,
+}
+
+impl Tape {
+    /// Floats held (the check on `tape_floats`).
+    pub fn floats(&self) -> usize {
+        let layers: usize = self.layers.iter().map(|r| match r {
+            LayerRecord::Full(t) => t.floats(),
+            LayerRecord::Checkpoint(x) => x.len(),
+        }).sum();
+        let head = [&self.x_final, &self.rstd_final, &self.scored_hidden, &self.lse].iter().map(|b| b.len()).sum::<usize>();
+        layers + head + self.softmax.as_ref().map_or(0, |s| s.len())
+    }
+}
+
+/// Floats a training forward keeps on its tape for `n` tokens with `m` scored positions (with `checkpoint`, also
+/// the one layer backward rebuilds at a time): what the memory plan states before the first step.
+pub fn tape_floats(model: &Model, n: usize, m: usize, checkpoint: bool) -> usize {
+    let (layers, hd) = (model.layout.layers.len(), model.spec.hidden);
+    let layer_floats: usize = if checkpoint {
+        let rebuilt = (0..layers).map(|l| layer::layer_tape_floats(model, l, n, n, false)).max().unwrap_or(0);
+        layers * n * hd + rebuilt
+    } else {
+        (0..layers).map(|l| {
+            let last = l + 1 == layers;
+            layer::layer_tape_floats(model, l, n, if last { m } else { n }, last)
+        }).sum()
+    };
+    let softmax = if m * model.spec.vocab_size * 4 <= softmax_cache_bytes() { m * model.spec.vocab_size } else { 0 };
+    layer_floats + 2 * m * (hd + 1) + softmax
 }
 
 /// Hidden states and keys/values of a finished pass that later passes may continue from (see
@@ -154,7 +107,7 @@ pub fn forward_logits(model: &Model, seqs: &[&[u32]]) -> Vec<Vec<f32>> {
     let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, Pass::INFERENCE, None);
     let (xf, _) = final_norm(model, &x);
     let (hd, vocab) = (model.spec.hidden, model.spec.vocab_size);
-    let w = &model.params[model.layout.lm_head..][..vocab * hd];
+    let w = &model.params.host()[model.layout.lm_head..][..vocab * hd];
     batch
         .seq_starts
         .windows(2)
@@ -204,7 +157,7 @@ pub fn forward_with_cache(model: &Model, batch: &SeqBatch, pass: Pass) -> (Score
 /// in the model's parameter layout.
 pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], grads: &mut [f32]) {
     let mut sink = GradSink::new(model, grads);
-    let (spec, lay, p) = (&model.spec, &model.layout, &model.params);
+    let (spec, lay, p) = (&model.spec, &model.layout, model.params.host());
     let hd = spec.hidden;
     let rope = Rope::cached(spec.head_dim, &spec.rope, batch.max_len().max(1));
     let softmax = tape.softmax.take();

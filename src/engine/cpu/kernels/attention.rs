@@ -1,7 +1,7 @@
 //! Grouped-query attention over packed sequences, in 64-row query blocks keeping only the log-sum-exp of each
 //! score row (memory linear in the sequence length): forward, backward, and continuation of cached prefixes.
 use super::*;
-use crate::engine::gemm::sgemm_strided;
+use crate::engine::cpu::gemm::sgemm_strided;
 
 /// Geometry of grouped-query attention over a packed batch whose q, k and v come fused in one row per token:
 /// `[q (heads·d) | k (kv_heads·d) | v (kv_heads·d)]`.

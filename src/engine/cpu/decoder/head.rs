@@ -1,9 +1,9 @@
 //! The final norm and the vocabulary projection: scoring the scored rows block by block (forward) and its
 //! backward, and moving rows between the full and the scored set.
 use super::*;
-use crate::engine::buffers::Buf;
-use crate::engine::gemm::gemm;
-use crate::engine::kernels::{self};
+use crate::engine::cpu::pool::Buf;
+use crate::engine::cpu::gemm::gemm;
+use crate::engine::cpu::kernels::{self};
 use crate::model::Model;
 use rayon::prelude::*;
 
@@ -11,7 +11,7 @@ pub(super) fn final_norm(model: &Model, x: &[f32]) -> (Buf, Buf) {
     let hd = model.spec.hidden;
     let mut xf = Buf::scratch(x.len());
     let mut rstd = Buf::scratch(x.len() / hd);
-    let w = &model.params[model.layout.final_norm..][..hd];
+    let w = &model.params.host()[model.layout.final_norm..][..hd];
     kernels::rmsnorm_forward(x, w, model.spec.rms_eps, &mut xf, &mut rstd);
     (xf, rstd)
 }
@@ -68,7 +68,7 @@ pub(super) fn lm_head_forward(
     mut softmax: Option<&mut [f32]>,
 ) {
     let (hd, vocab) = (model.spec.hidden, model.spec.vocab_size);
-    let w = &model.params[model.layout.lm_head..][..vocab * hd];
+    let w = &model.params.host()[model.layout.lm_head..][..vocab * hd];
     let m = targets.len();
     let keep = softmax.is_some();
     let mut scratch = if keep { Buf::default() } else { Buf::zeros(LM_HEAD_ROWS.min(m) * vocab) };
@@ -112,7 +112,7 @@ pub(super) fn lm_head_backward(
     dlogp: &[f32],
     mut base: Option<&mut [f32]>,
 ) -> Buf {
-    let (lay, p) = (&model.layout, &model.params);
+    let (lay, p) = (&model.layout, model.params.host());
     let (hd, vocab) = (model.spec.hidden, model.spec.vocab_size);
     let m = batch.scored_rows.len();
     // lm_head: dz = g · (onehot(target) − softmax(z)), from the kept softmax or recomputing z block by block.

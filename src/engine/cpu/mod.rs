@@ -1,0 +1,12 @@
+//! The CPU backend: explicit forward and backward kernels of the decoder over host memory, split over rayon's
+//! threads, with SIMD micro-kernels picked at start-up from the CPU's instruction sets (`isa`). The only place
+//! in kto with rayon, raw pointers or `std::arch`.
+pub mod decoder;
+pub mod gemm;
+pub mod isa;
+pub mod kernels;
+pub mod pool;
+pub mod reference;
+pub mod update;
+#[cfg(target_arch = "x86_64")]
+mod sgemm_avx2;
