@@ -2,7 +2,7 @@
 //! or without the feature, there is one rank and every collective is the identity, so single-process runs take
 //! exactly the code path they always did.
 //!
-//! Only the main thread calls MPI (rayon's workers never do), so `MPI_THREAD_FUNNELED` suffices.
+//! Only the main thread calls MPI (the engine's worker threads never do), so `MPI_THREAD_FUNNELED` suffices.
 use crate::error::{Error, Result};
 
 /// This process's place among the ranks of a run, and the collectives the trainer needs.

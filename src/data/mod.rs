@@ -1,6 +1,7 @@
 //! Data: read rows → unpaired examples → tokenized rows with KL partners → collated micro-batches.
 //! Knows nothing of the model beyond its tokenizer.
 pub mod format;
+pub mod over_ranks;
 pub mod prepare;
 pub mod read;
 pub mod tokenizer;

@@ -4,7 +4,6 @@
 use super::format::{Content, Example};
 use super::tokenizer::TextTokenizer;
 use crate::error::{Error, Result};
-use rayon::prelude::*;
 use std::path::Path;
 
 /// One training row as the trainer holds it.
@@ -88,7 +87,8 @@ pub fn prepare_with_progress(
 /// Tokenized examples: (prompt ids, completion ids, whether the prompt was cut).
 pub type Tokenized = (Vec<u32>, Vec<u32>, bool);
 
-/// Tokenizes the examples at `indices` (in parallel), the way TRL does.
+/// Tokenizes the examples at `indices` the way TRL does, on one thread per core (each a contiguous share, so
+/// results and the first error come back in row order).
 pub fn tokenize_rows(
     examples: &[Example],
     indices: &[usize],
@@ -97,17 +97,24 @@ pub fn tokenize_rows(
     progress: &(dyn Fn(usize) -> bool + Sync),
 ) -> Result<Vec<Tokenized>> {
     let done = std::sync::atomic::AtomicUsize::new(0);
-    let tokenized = indices
-        .par_iter()
-        .map(|&i| {
-            let ex = &examples[i];
-            let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            if n % 1024 == 0 && !progress(n) {
-                return Err(Error::StoppedEarly(format!("while tokenizing {}, before the first step; no checkpoint was written", path.display())));
-            }
-            tokenize_example(tok, ex).map_err(|msg| Error::Row { path: path.to_path_buf(), row: ex.line, msg })
-        })
-        .collect::<Result<_>>()?;
+    let one = |i: usize| {
+        let ex = &examples[i];
+        let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if n % 1024 == 0 && !progress(n) {
+            return Err(Error::StoppedEarly(format!("while tokenizing {}, before the first step; no checkpoint was written", path.display())));
+        }
+        tokenize_example(tok, ex).map_err(|msg| Error::Row { path: path.to_path_buf(), row: ex.line, msg })
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let share = indices.len().div_ceil(threads).max(1);
+    let parts: Vec<Result<Vec<Tokenized>>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = indices.chunks(share).map(|part| scope.spawn(|| part.iter().map(|&i| one(i)).collect())).collect();
+        workers.into_iter().map(|w| w.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+    });
+    let mut tokenized = Vec::with_capacity(indices.len());
+    for part in parts {
+        tokenized.extend(part?);
+    }
     progress(indices.len());
     Ok(tokenized)
 }

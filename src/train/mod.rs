@@ -4,7 +4,8 @@
 //!
 //! One file a job: `setup` (loading, data, the trainer's parts), `step` (a micro-batch and an update),
 //! `reference` (reference log-probs, precomputed and cached), `eval` (evaluation and samples), `run` (the
-//! training loop), `outputs` (the output folder, checkpoints, the saved model), `memory` (the memory plan).
+//! training loop), `metrics` (where log entries go), `outputs` (the output folder, checkpoints, the saved
+//! model), `memory` (the memory plan).
 use crate::checkpoint::{self, RunState};
 use crate::config::{Strategy, TrainConfig};
 use crate::data::{self, Batch, PrepareOptions, Prepared, TextTokenizer};
@@ -24,6 +25,7 @@ use std::time::Instant;
 
 mod eval;
 mod memory;
+mod metrics;
 mod outputs;
 mod reference;
 mod run;
@@ -33,7 +35,7 @@ mod step;
 pub use memory::MemoryPlan;
 pub use setup::weight_balance_warning;
 pub use step::MicroBatchRecord;
-use outputs::open_metrics;
+use metrics::MetricSinks;
 use reference::data_fingerprint;
 use setup::planned_steps;
 use step::{packed, sequence_logps, MetricAccumulator};

@@ -7,24 +7,6 @@ pub(super) fn f32_view(v: &[f32]) -> Result<safetensors::tensor::TensorView<'_>>
         .map_err(|e| Error::Train(e.to_string()))
 }
 
-/// Opens `metrics.jsonl`: a fresh run starts it empty; a resumed one keeps the entries up to the checkpoint's
-/// step (later ones are logged again) and appends. Returns the file and the entries kept.
-pub(super) fn open_metrics(path: &std::path::Path, resume_step: Option<usize>) -> Result<(std::fs::File, Vec<Map<String, Value>>)> {
-    if let Some(step) = resume_step {
-        let kept: Vec<Map<String, Value>> = std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|line| serde_json::from_str::<Map<String, Value>>(line).ok())
-            .filter(|v| !v.contains_key("train_runtime") && v.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s as usize <= step))
-            .collect();
-        let text: String = kept.iter().map(|v| format!("{}\n", Value::Object(v.clone()))).collect();
-        crate::files::write_atomic(path, text.as_bytes())?;
-        let file = std::fs::OpenOptions::new().append(true).open(path).map_err(|e| Error::file(path, e))?;
-        return Ok((file, kept));
-    }
-    Ok((std::fs::File::create(path).map_err(|e| Error::file(path, e))?, Vec::new()))
-}
-
 impl Trainer {
     /// Writes `checkpoint-N` (model or adapter, optimizer moments, run state) into the output folder.
     pub(super) fn write_checkpoint(&mut self, state: &RunState) -> Result<PathBuf> {

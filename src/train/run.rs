@@ -21,7 +21,6 @@ impl Trainer {
         let root = ranks.is_root();
         self.claim_output(obs, ranks)?;
         let out_dir = self.cfg.output_dir.clone();
-        let metrics_path = out_dir.join("metrics.jsonl");
         let resume = self.resume_from.clone();
         let mut state = RunState::default();
         if let Some(dir) = &resume {
@@ -34,26 +33,7 @@ impl Trainer {
             }
             obs.info(&format!("resuming from {} (step {})", dir.display(), state.global_step));
         }
-        let (mut metrics_file, kept_entries) = if root {
-            let (file, kept) = open_metrics(&metrics_path, resume.as_ref().map(|_| state.global_step))?;
-            (Some(file), kept)
-        } else {
-            (None, Vec::new())
-        };
-        // A resumed run's events are those metrics.jsonl keeps, replayed: none past the checkpoint repeat.
-        let mut events = match self.cfg.report_to.tensorboard() && root {
-            true => Some(crate::tensorboard::EventWriter::create_replaying(&out_dir, &kept_entries)?),
-            false => None,
-        };
-        let mut write_entry = |entry: &Map<String, Value>| -> Result<()> {
-            let Some(metrics_file) = metrics_file.as_mut() else { return Ok(()) };
-            let line = serde_json::to_string(entry).map_err(|e| Error::Train(e.to_string()))?;
-            writeln!(metrics_file, "{line}").and_then(|_| metrics_file.flush()).map_err(|e| Error::file(&metrics_path, e))?;
-            if let (Some(ev), Some(step)) = (events.as_mut(), entry.get("step").and_then(|s| s.as_u64())) {
-                ev.scalars(step as usize, entry)?;
-            }
-            Ok(())
-        };
+        let mut metrics = MetricSinks::open(&self.cfg, root, resume.as_ref().map(|_| state.global_step), obs)?;
 
         let start = Instant::now();
         let epoch_batches = self.epoch_batches();
@@ -64,7 +44,6 @@ impl Trainer {
         let updates_per_epoch = batches_per_epoch.div_ceil(per_step);
         let mut grads = crate::engine::Buffer::zeros(self.trainable_params().len());
         let mut acc = MetricAccumulator { values: std::mem::take(&mut state.pending_metrics) };
-        let mut log_history = Vec::new();
         let mut step = state.global_step;
         let mut epoch = step / updates_per_epoch;
         let mut skip_groups = step % updates_per_epoch;
@@ -136,9 +115,7 @@ impl Trainer {
                     }
                     entry.insert("epoch".into(), state.epoch_progress.into());
                     entry.insert("step".into(), step.into());
-                    write_entry(&entry)?;
-                    obs.log(&entry);
-                    log_history.push(entry);
+                    metrics.write(entry)?;
                     state.loss_since_log = 0.0;
                     state.steps_since_log = 0;
                 }
@@ -150,9 +127,7 @@ impl Trainer {
                         Some(mut entry) => {
                             entry.insert("epoch".into(), state.epoch_progress.into());
                             entry.insert("step".into(), step.into());
-                            write_entry(&entry)?;
-                            obs.log(&entry);
-                            log_history.push(entry);
+                            metrics.write(entry)?;
                             if self.cfg.generate_during_eval && root {
                                 self.write_eval_generations(step)?;
                             }
@@ -197,10 +172,9 @@ impl Trainer {
         if let Some(output) = &self.output {
             output.publish_final(|dir| self.save(dir).map(|_| ()))?;
         }
-        write_entry(&summary)?;
-        log_history.push(summary);
+        metrics.write(summary)?;
         ranks.barrier();
         obs.finish();
-        Ok(TrainSummary { log_history, steps: step, train_loss, runtime_s: runtime })
+        Ok(TrainSummary { log_history: metrics.history, steps: step, train_loss, runtime_s: runtime })
     }
 }
