@@ -138,7 +138,7 @@ pub(super) fn layer_forward(
     let (n, hd) = (positions.len(), spec.hidden);
     let (qd, kvd, inter) = (spec.q_dim(), spec.kv_dim(), spec.intermediate);
     let max_pos = positions.iter().max().map_or(1, |&m| m as usize + 1);
-    let rope = Rope::cached(spec.head_dim, &spec.rope, max_pos);
+    let rope = Rope::cached(&spec.rope.inv_freq(spec.head_dim), max_pos);
     let seq_starts = match keys {
         Keys::Causal { seq_starts } | Keys::Continuation { seq_starts, .. } => *seq_starts,
     };

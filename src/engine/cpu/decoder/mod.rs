@@ -159,7 +159,7 @@ pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], 
     let mut sink = GradSink::new(model, grads);
     let (spec, lay, p) = (&model.spec, &model.layout, model.params.host());
     let hd = spec.hidden;
-    let rope = Rope::cached(spec.head_dim, &spec.rope, batch.max_len().max(1));
+    let rope = Rope::cached(&spec.rope.inv_freq(spec.head_dim), batch.max_len().max(1));
     let softmax = tape.softmax.take();
     let d_hidden = lm_head_backward(model, batch, &tape.scored_hidden, &tape.lse, softmax, dlogp, sink.base.as_deref_mut());
     // The final norm and the last layer's output exist only at the scored rows (`m` of them).

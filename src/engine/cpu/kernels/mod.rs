@@ -1,5 +1,4 @@
 //! The per-layer kernels of the decoder, each forward beside its backward. Rows are tokens of a packed batch.
-use crate::model::RopeSpec;
 use rayon::prelude::*;
 
 mod attention;
@@ -242,26 +241,25 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// A shared table for (head_dim, rope parameters) covering at least `max_pos` positions; built once, reused
-    /// by every forward and backward pass.
-    pub fn cached(head_dim: usize, spec: &RopeSpec, max_pos: usize) -> std::sync::Arc<Rope> {
+    /// A shared table for the rotary frequencies `inv_freq` (one per pair of a head's dimensions) covering at
+    /// least `max_pos` positions; built once, reused by every forward and backward pass.
+    pub fn cached(inv_freq: &[f32], max_pos: usize) -> std::sync::Arc<Rope> {
         use std::sync::{Arc, Mutex};
-        type Entry = (usize, RopeSpec, Arc<Rope>);
+        type Entry = (Vec<f32>, Arc<Rope>);
         static TABLES: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
         let mut tables = TABLES.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, _, r)) = tables.iter().find(|(d, s, r)| *d == head_dim && s == spec && r.cos.len() / r.half >= max_pos) {
+        if let Some((_, r)) = tables.iter().find(|(f, r)| f.as_slice() == inv_freq && r.cos.len() / r.half.max(1) >= max_pos) {
             return r.clone();
         }
         // Round up so a slowly growing maximum length does not rebuild the table every time.
-        let table = Arc::new(Rope::new(head_dim, spec, max_pos.next_power_of_two().max(256)));
-        tables.retain(|(d, s, _)| !(*d == head_dim && s == spec));
-        tables.push((head_dim, spec.clone(), table.clone()));
+        let table = Arc::new(Rope::new(inv_freq, max_pos.next_power_of_two().max(256)));
+        tables.retain(|(f, _)| f.as_slice() != inv_freq);
+        tables.push((inv_freq.to_vec(), table.clone()));
         table
     }
 
-    pub fn new(head_dim: usize, spec: &RopeSpec, max_pos: usize) -> Self {
-        let half = head_dim / 2;
-        let inv_freq = spec.inv_freq(head_dim);
+    pub fn new(inv_freq: &[f32], max_pos: usize) -> Self {
+        let half = inv_freq.len();
         let mut cos = vec![0f32; max_pos * half];
         let mut sin = vec![0f32; max_pos * half];
         for p in 0..max_pos {
