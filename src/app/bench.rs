@@ -11,29 +11,59 @@ use kto::train::{PhaseTimes, Trainer};
 use serde_json::json;
 use std::time::Instant;
 
+/// A model shape and batch to bench: the bench model of `shared/peer/bench_trl.py`, or a released model's shape.
+#[derive(Debug, Clone, Copy)]
+pub struct Preset {
+    pub name: &'static str,
+    pub vocab: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub qkv_bias: bool,
+    pub tied_embeddings: bool,
+    pub rope_theta: f64,
+    pub batch: usize,
+    pub prompt_len: usize,
+    pub completion_len: usize,
+}
+
+/// `--preset` names. The Qwen2.5 shapes are the released configs'; their batch (4 × 340 tokens) is what
+/// `shared/peer/scale/` trains.
+pub const PRESETS: [Preset; 4] = [
+    Preset { name: "bench", vocab: 8192, hidden: 256, intermediate: 704, layers: 4, heads: 8, kv_heads: 4, qkv_bias: false, tied_embeddings: false, rope_theta: 10000.0, batch: 8, prompt_len: 64, completion_len: 64 },
+    Preset { name: "qwen2.5-0.5b", vocab: 151936, hidden: 896, intermediate: 4864, layers: 24, heads: 14, kv_heads: 2, qkv_bias: true, tied_embeddings: true, rope_theta: 1e6, batch: 4, prompt_len: 170, completion_len: 170 },
+    Preset { name: "qwen2.5-1.5b", vocab: 151936, hidden: 1536, intermediate: 8960, layers: 28, heads: 12, kv_heads: 2, qkv_bias: true, tied_embeddings: true, rope_theta: 1e6, batch: 4, prompt_len: 170, completion_len: 170 },
+    Preset { name: "qwen2.5-7b", vocab: 152064, hidden: 3584, intermediate: 18944, layers: 28, heads: 28, kv_heads: 4, qkv_bias: true, tied_embeddings: false, rope_theta: 1e6, batch: 4, prompt_len: 170, completion_len: 170 },
+];
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchOptions {
-    #[arg(long, default_value_t = 8192)]
-    pub vocab: usize,
-    #[arg(long, default_value_t = 256)]
-    pub hidden: usize,
-    #[arg(long, default_value_t = 704)]
-    pub intermediate: usize,
-    #[arg(long, default_value_t = 4)]
-    pub layers: usize,
-    #[arg(long, default_value_t = 8)]
-    pub heads: usize,
-    #[arg(long, default_value_t = 4)]
-    pub kv_heads: usize,
+    /// The model shape and batch; the flags below override single values of it.
+    #[arg(long, default_value = "bench", value_parser = ["bench", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"])]
+    pub preset: String,
+    #[arg(long)]
+    pub vocab: Option<usize>,
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    #[arg(long)]
+    pub intermediate: Option<usize>,
+    #[arg(long)]
+    pub layers: Option<usize>,
+    #[arg(long)]
+    pub heads: Option<usize>,
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
     /// Sequences per batch.
-    #[arg(long, default_value_t = 8)]
-    pub batch: usize,
+    #[arg(long)]
+    pub batch: Option<usize>,
     /// Prompt tokens per sequence (BOS included).
-    #[arg(long, default_value_t = 64)]
-    pub prompt_len: usize,
+    #[arg(long)]
+    pub prompt_len: Option<usize>,
     /// Completion tokens per sequence.
-    #[arg(long, default_value_t = 64)]
-    pub completion_len: usize,
+    #[arg(long)]
+    pub completion_len: Option<usize>,
     /// Timed steps (after the warm-up).
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
@@ -55,18 +85,36 @@ pub struct BenchOptions {
 }
 
 impl BenchOptions {
+    /// The preset with the flags given on top of it.
+    pub fn shape(&self) -> Preset {
+        let p = *PRESETS.iter().find(|p| p.name == self.preset).unwrap_or(&PRESETS[0]);
+        Preset {
+            vocab: self.vocab.unwrap_or(p.vocab),
+            hidden: self.hidden.unwrap_or(p.hidden),
+            intermediate: self.intermediate.unwrap_or(p.intermediate),
+            layers: self.layers.unwrap_or(p.layers),
+            heads: self.heads.unwrap_or(p.heads),
+            kv_heads: self.kv_heads.unwrap_or(p.kv_heads),
+            batch: self.batch.unwrap_or(p.batch),
+            prompt_len: self.prompt_len.unwrap_or(p.prompt_len),
+            completion_len: self.completion_len.unwrap_or(p.completion_len),
+            ..p
+        }
+    }
+
     /// Options that could not make a model or a batch are refused before anything is allocated.
     fn check(&self) -> anyhow::Result<()> {
+        let s = self.shape();
         let at_least = [
-            ("--vocab", self.vocab, 4),
-            ("--hidden", self.hidden, 1),
-            ("--intermediate", self.intermediate, 1),
-            ("--layers", self.layers, 1),
-            ("--heads", self.heads, 1),
-            ("--kv-heads", self.kv_heads, 1),
-            ("--batch", self.batch, 2),
-            ("--prompt-len", self.prompt_len, 1),
-            ("--completion-len", self.completion_len, 1),
+            ("--vocab", s.vocab, 4),
+            ("--hidden", s.hidden, 1),
+            ("--intermediate", s.intermediate, 1),
+            ("--layers", s.layers, 1),
+            ("--heads", s.heads, 1),
+            ("--kv-heads", s.kv_heads, 1),
+            ("--batch", s.batch, 2),
+            ("--prompt-len", s.prompt_len, 1),
+            ("--completion-len", s.completion_len, 1),
             ("--steps", self.steps, 1),
         ];
         for (flag, value, min) in at_least {
@@ -74,11 +122,11 @@ impl BenchOptions {
                 anyhow::bail!("kto bench: {flag} must be at least {min}, got {value}");
             }
         }
-        if self.heads % self.kv_heads != 0 {
-            anyhow::bail!("kto bench: --heads {} is not a multiple of --kv-heads {}", self.heads, self.kv_heads);
+        if s.heads % s.kv_heads != 0 {
+            anyhow::bail!("kto bench: --heads {} is not a multiple of --kv-heads {}", s.heads, s.kv_heads);
         }
-        if self.hidden % self.heads != 0 || (self.hidden / self.heads) % 2 != 0 {
-            anyhow::bail!("kto bench: --hidden {} must split into --heads {} heads of even size", self.hidden, self.heads);
+        if s.hidden % s.heads != 0 || (s.hidden / s.heads) % 2 != 0 {
+            anyhow::bail!("kto bench: --hidden {} must split into --heads {} heads of even size", s.hidden, s.heads);
         }
         if self.threads == Some(0) {
             anyhow::bail!("kto bench: --threads must be at least 1");
@@ -150,30 +198,31 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     // Under `mpirun` (with the `mpi` feature) each rank takes an equal share of the batch and the gradients are
     // summed over the ranks every step: data-parallel scaling of the same global batch.
     let ranks = kto::dist::Ranks::from_launcher()?;
-    if opts.batch % ranks.size() != 0 {
-        anyhow::bail!("--batch {} does not split evenly over {} ranks", opts.batch, ranks.size());
+    let shape = opts.shape();
+    if shape.batch % ranks.size() != 0 {
+        anyhow::bail!("--batch {} does not split evenly over {} ranks", shape.batch, ranks.size());
     }
     if let Some(t) = opts.threads {
         kto::engine::cpu::update::set_threads(t).map_err(|e| anyhow::anyhow!("--threads: {e}"))?;
     }
     opts.check()?;
     let mut spec = ModelSpec {
-        vocab_size: opts.vocab,
-        hidden: opts.hidden,
-        intermediate: opts.intermediate,
-        layers: opts.layers,
-        heads: opts.heads,
-        kv_heads: opts.kv_heads,
-        head_dim: opts.hidden / opts.heads,
+        vocab_size: shape.vocab,
+        hidden: shape.hidden,
+        intermediate: shape.intermediate,
+        layers: shape.layers,
+        heads: shape.heads,
+        kv_heads: shape.kv_heads,
+        head_dim: shape.hidden / shape.heads,
         rms_eps: 1e-6,
-        rope: kto::model::RopeSpec::plain(10000.0),
-        qkv_bias: false,
+        rope: kto::model::RopeSpec::plain(shape.rope_theta),
+        qkv_bias: shape.qkv_bias,
         qk_norm: false,
         layer_windows: Vec::new(),
-        tied_embeddings: false,
+        tied_embeddings: shape.tied_embeddings,
     };
     spec.check_dims().map_err(|e| anyhow::anyhow!("kto bench: {e}"))?;
-    spec.layer_windows = vec![None; opts.layers];
+    spec.layer_windows = vec![None; shape.layers];
     // Policy, reference (or LoRA base), gradients and two AdamW moments, in f32.
     let needed = spec.parameter_count().and_then(|n| n.checked_mul(5 * 4)).unwrap_or(usize::MAX);
     if let Some(total) = physical_memory_bytes().filter(|&t| needed > t) {
@@ -185,25 +234,25 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     }
     let policy = random_model(&spec, 0);
     let reference = if opts.lora_r > 0 { None } else { Some(random_model(&spec, 1)) };
-    let len = opts.prompt_len + opts.completion_len;
+    let len = shape.prompt_len + shape.completion_len;
     let mut rng = Rng::from_state(7);
-    let rows: Vec<TokenizedRow> = (0..opts.batch)
+    let rows: Vec<TokenizedRow> = (0..shape.batch)
         .map(|i| {
-            let mut tok = |n: usize| (0..n).map(|_| 3 + (rng.next_u64() % (opts.vocab as u64 - 3)) as u32).collect::<Vec<_>>();
-            let mut prompt_ids = tok(opts.prompt_len - 1);
+            let mut tok = |n: usize| (0..n).map(|_| 3 + (rng.next_u64() % (shape.vocab as u64 - 3)) as u32).collect::<Vec<_>>();
+            let mut prompt_ids = tok(shape.prompt_len - 1);
             prompt_ids.insert(0, 1);
-            TokenizedRow { prompt_ids, completion_ids: tok(opts.completion_len), kl_completion_ids: vec![], label: i % 3 != 0, source_row: i }
+            TokenizedRow { prompt_ids, completion_ids: tok(shape.completion_len), kl_completion_ids: vec![], label: i % 3 != 0, source_row: i }
         })
         .collect();
     let mut prepared = Prepared { rows, dropped_source_rows: vec![], prefix_mismatches: 0 };
-    let popts = PrepareOptions { max_length: Some(len), batch_size: opts.batch, with_kl: true };
+    let popts = PrepareOptions { max_length: Some(len), batch_size: shape.batch, with_kl: true };
     kto::data::prepare::rotate_kl_completions(&mut prepared.rows, popts.batch_size);
     let scratch = std::env::temp_dir().join(format!("kto-bench-{}", std::process::id()));
     let cfg = TrainConfig::from_toml(
         &format!(
             "model = \"bench\"\ntrain_dataset = \"bench\"\noutput_dir = {:?}\nper_device_train_batch_size = {}\nmax_length = {len}\noptim = \"adamw_torch\"\nlearning_rate = 1e-5\nlr_scheduler_type = \"constant\"\nmax_steps = {}\ngradient_checkpointing = {}\n",
             scratch.display().to_string(),
-            opts.batch,
+            shape.batch,
             opts.steps + opts.warmup,
             opts.gradient_checkpointing
         ),
@@ -223,7 +272,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&scratch);
         result?;
     }
-    let share = opts.batch / ranks.size();
+    let share = shape.batch / ranks.size();
     let batch = trainer.collate(&(ranks.rank() * share..(ranks.rank() + 1) * share).collect::<Vec<_>>());
     let mut grads = kto::engine::Buffer::zeros(trainer.trainable_params().len());
     let mut step_times = Vec::new();
@@ -250,11 +299,11 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     }
     let n = opts.steps.max(1) as f64;
     let step_ms = median(&mut step_times) * 1e3;
-    let tokens = (opts.batch * len) as f64;
+    let tokens = (shape.batch * len) as f64;
     // The work the engine does per step: the main sequences forward (with tape) and backward (≈ 2× forward,
     // plus recomputing the vocabulary projection), and twice (policy, reference) a no-grad forward of the main
     // sequences and of the KL completions continuing the cached prompt.
-    let (b, pl, cl) = (opts.batch, opts.prompt_len, opts.completion_len);
+    let (b, pl, cl) = (shape.batch, shape.prompt_len, shape.completion_len);
     let main = forward_flops(&spec, b * len, b * len * (len + 1) / 2, b * cl);
     let kl = forward_flops(&spec, b * cl, b * (cl * pl + cl * (cl + 1) / 2), b * cl);
     let kept_softmax = b * cl * spec.vocab_size * 4 <= kto::engine::cpu::decoder::softmax_cache_bytes();
@@ -271,8 +320,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         return Ok(());
     }
     let mode = if opts.lora_r > 0 { format!("LoRA r={} all-linear", opts.lora_r) } else { "full fine-tuning".into() };
-    println!("kto bench: Llama vocab {} hidden {} intermediate {} layers {} heads {}/{} ({} parameters, {} trainable), batch {} x {} tokens, kto, AdamW, {mode}, {} reference, gradient checkpointing {}, {} rank(s) x {threads} threads",
-        spec.vocab_size, spec.hidden, spec.intermediate, spec.layers, spec.heads, spec.kv_heads, trainer.policy.num_parameters(), trainer.trainable_params().len(), opts.batch, len, opts.reference, if opts.gradient_checkpointing { "on" } else { "off" }, ranks.size());
+    println!("kto bench: preset {} (vocab {} hidden {} intermediate {} layers {} heads {}/{}; {} parameters, {} trainable), batch {} x {} tokens, kto, AdamW, {mode}, {} reference, gradient checkpointing {}, {} rank(s) x {threads} threads",
+        opts.preset, spec.vocab_size, spec.hidden, spec.intermediate, spec.layers, spec.heads, spec.kv_heads, trainer.policy.num_parameters(), trainer.trainable_params().len(), shape.batch, len, opts.reference, if opts.gradient_checkpointing { "on" } else { "off" }, ranks.size());
     println!("cpu: {}; kernel set {} (KTO_ISA; this CPU runs {})", cpu_model(), kto::engine::cpu::isa::active().name(),
         kto::engine::cpu::isa::Isa::available().iter().map(|i| i.name()).collect::<Vec<_>>().join(", "));
     println!("{:<28} {:>10}", "phase (mean over steps)", "ms");

@@ -1,5 +1,5 @@
 //! Row-major single-precision matrix products, split over rayon threads by output rows (or columns). Each
-//! thread's block runs the kernel of the active instruction set (`isa`): our AVX2/FMA kernel (`sgemm_avx2`),
+//! thread's block runs the kernel of the active instruction set (`isa`): our AVX2/FMA or AVX-512 kernel (`sgemm_x86`),
 //! or `matrixmultiply` for `portable` (`KTO_ISA=portable` forces it, for measuring one against the other).
 //!
 //! We parallelise ourselves (rather than with the GEMM crate's own threads) so that one rayon pool owns the
@@ -36,10 +36,10 @@ pub fn gemm_with(isa: Isa, m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b
     let (rsb, csb) = if b_t { (1, k) } else { (n, 1) };
     let threads = rayon::current_num_threads();
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
+    if isa != Isa::Portable {
         let parallel = m * n * k >= PARALLEL_MIN_FLOPS && threads > 1;
-        // SAFETY: the strides describe exactly the buffers checked above; the CPU runs AVX2 (asserted above).
-        unsafe { super::sgemm_avx2::sgemm(m, k, n, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, 1.0, accumulate, c.as_mut_ptr(), n, parallel) };
+        // SAFETY: the strides describe exactly the buffers checked above; the CPU runs `isa` (asserted above).
+        unsafe { x86(isa, m, k, n, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, 1.0, accumulate, c.as_mut_ptr(), n, parallel) };
         return;
     }
     let beta = if accumulate { 1.0 } else { 0.0 };
@@ -103,7 +103,7 @@ mod tests {
         check_shape(67, 45, 129);
     }
 
-    /// Crosses every blocking boundary of the AVX2 kernel (KC = 256, MC = 96, NC = 1024) with edge tiles, and
+    /// Crosses every blocking boundary of the x86 kernels (KC = 128 or 256, MC = 96, NC = 1024) with edge tiles, and
     /// is large enough to run in parallel.
     #[test]
     fn blocked_shapes_match_naive() {
@@ -180,10 +180,40 @@ pub unsafe fn sgemm_strided_with(
     csc: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 && csc == 1 && (beta == 0.0 || beta == 1.0) && m > 0 && n > 0 && k > 0 {
-        return super::sgemm_avx2::sgemm(m, k, n, a, rsa, csa, b, rsb, csb, alpha, beta == 1.0, c, rsc, false);
+    if isa != Isa::Portable && csc == 1 && (beta == 0.0 || beta == 1.0) && m > 0 && n > 0 && k > 0 {
+        return x86(isa, m, k, n, a, rsa, csa, b, rsb, csb, alpha, beta == 1.0, c, rsc, false);
     }
     matrixmultiply::sgemm(
         m, k, n, alpha, a, rsa as isize, csa as isize, b, rsb as isize, csb as isize, beta, c, rsc as isize, csc as isize,
     );
+}
+
+/// The x86 driver with the micro-kernel of `isa` (not `Portable`).
+///
+/// # Safety
+/// As `sgemm_x86::sgemm`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn x86(
+    isa: Isa,
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const f32,
+    rsa: usize,
+    csa: usize,
+    b: *const f32,
+    rsb: usize,
+    csb: usize,
+    alpha: f32,
+    accumulate: bool,
+    c: *mut f32,
+    rsc: usize,
+    parallel: bool,
+) {
+    use super::sgemm_x86::sgemm;
+    match isa {
+        Isa::Avx512 => sgemm::<super::kernel_avx512::Avx512>(m, k, n, a, rsa, csa, b, rsb, csb, alpha, accumulate, c, rsc, parallel),
+        _ => sgemm::<super::kernel_avx2::Avx2>(m, k, n, a, rsa, csa, b, rsb, csb, alpha, accumulate, c, rsc, parallel),
+    }
 }

@@ -1,5 +1,5 @@
 //! The instruction set the CPU kernels use, picked once at start-up: the fastest this CPU runs, or the one
-//! `KTO_ISA` names (`portable`, `avx2`). Every kernel with a choice dispatches on `active()`, and each variant
+//! `KTO_ISA` names (`portable`, `avx2`, `avx512`). Every kernel with a choice dispatches on `active()`, and each variant
 //! can also be called directly (`gemm_with`), so tests check every set the machine supports against the naive
 //! kernels in one process, and CI runs the whole suite once more with `KTO_ISA=portable`.
 //!
@@ -11,15 +11,18 @@ pub enum Isa {
     Portable,
     /// x86-64 with AVX2 and FMA: our 6×16 SGEMM micro-kernel.
     Avx2,
+    /// x86-64 with AVX-512F: our 12×32 SGEMM micro-kernel (the element-wise kernels stay those of AVX2).
+    Avx512,
 }
 
 impl Isa {
-    pub const ALL: [Isa; 2] = [Isa::Portable, Isa::Avx2];
+    pub const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Avx512];
 
     pub fn name(self) -> &'static str {
         match self {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
         }
     }
 
@@ -33,8 +36,10 @@ impl Isa {
             Isa::Portable => true,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => Isa::Avx2.supported() && std::is_x86_feature_detected!("avx512f"),
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 => false,
+            Isa::Avx2 | Isa::Avx512 => false,
         }
     }
 

@@ -9,4 +9,8 @@ pub mod pool;
 pub mod reference;
 pub mod update;
 #[cfg(target_arch = "x86_64")]
-mod sgemm_avx2;
+mod kernel_avx2;
+#[cfg(target_arch = "x86_64")]
+mod kernel_avx512;
+#[cfg(target_arch = "x86_64")]
+mod sgemm_x86;

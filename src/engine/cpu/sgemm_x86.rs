@@ -1,7 +1,8 @@
-//! A single-threaded SGEMM for x86-64 with AVX2 and FMA, BLIS-style: B is packed into 16-column panels, A into
-//! 6-row panels, and a 6×16 register-blocked micro-kernel (12 accumulators, two B loads and six broadcasts per k)
-//! does the work. matrixmultiply's 8×8 kernel needs nine loads per eight FMAs and stops near 70% of the FMA
-//! peak on the 2-core EPYC we measure on; this one is FMA-bound.
+//! SGEMM for x86-64, BLIS-style: B is packed into NR-column panels, A into MR-row panels, and a register-blocked
+//! micro-kernel does the work: 6×16 with AVX2+FMA (12 accumulators, two B loads and six broadcasts per k),
+//! 12×32 with AVX-512 (24 accumulators of 16 lanes). matrixmultiply's 8×8 kernel needs nine loads per eight FMAs
+//! and stops near 70% of the FMA peak on a 2-core EPYC; these are FMA-bound. The driver (blocking, packing,
+//! threads) is one generic function over the `MicroKernel`.
 //!
 //! Only `c = a·b + beta·c` with beta 0 or 1 is needed by the engine.
 #![cfg(target_arch = "x86_64")]
@@ -12,14 +13,28 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::Mutex;
 
-const MR: usize = 6;
-const NR: usize = 16;
-/// Depth of one packed block: a B micro-panel (KC×16 floats, 16 KiB) stays in L1.
-const KC: usize = 256;
-/// Rows of A packed at once (MC×KC floats, 96 KiB): stays in L2 while every B micro-panel passes over it.
+/// Rows of A packed at once (MC×KC floats, under 100 KiB): stays in L2 while every B micro-panel passes over it.
+/// A multiple of every kernel's MR.
 const MC: usize = 96;
-/// Columns of B packed at once (KC×NC floats, 1 MiB, shared by the threads in L3).
+/// Columns of B packed at once (KC×NC floats, about 1 MiB, shared by the threads in L3).
 const NC: usize = 1024;
+/// The largest MR×NR tile of any kernel (edge tiles are computed into one of these).
+const MAX_TILE: usize = 12 * 32;
+
+/// A register-blocked `c[MR,NR] (+)= alpha · a[MR,kc] · b_panel[kc,NR]`.
+pub trait MicroKernel {
+    const MR: usize;
+    const NR: usize;
+    /// Depth of one packed block: a B micro-panel (KC×NR floats) stays in L1.
+    const KC: usize;
+    /// Element (i, p) of `a` is at `a[i*a_rs + p*a_ks]` (a packed panel (1, MR), or rows read in place (row
+    /// stride, 1)); `b` is a packed panel, row p at `b[p*NR]`; `c` has row stride `rsc`.
+    ///
+    /// # Safety
+    /// The CPU runs the kernel's instruction set; the pointers address MR×kc, kc×NR and MR×NR valid elements.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run(kc: usize, a: *const f32, a_rs: usize, a_ks: usize, b: *const f32, c: *mut f32, rsc: usize, alpha: f32, accumulate: bool);
+}
 
 thread_local! {
     static PACK_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -48,10 +63,10 @@ impl SharedConst {
 /// share it, each packing and multiplying its own rows of A.
 ///
 /// # Safety
-/// The CPU must run AVX2 and FMA (`Isa::Avx2.supported()`); the pointers with their strides must address valid memory for the shapes, and
+/// The CPU must run the kernel's instruction set; the pointers with their strides must address valid memory for the shapes, and
 /// no other thread may touch the elements of `c` meanwhile.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn sgemm(
+pub unsafe fn sgemm<K: MicroKernel>(
     m: usize,
     k: usize,
     n: usize,
@@ -76,16 +91,17 @@ pub unsafe fn sgemm(
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
-        let panels = nc.div_ceil(NR);
-        for pc in (0..k).step_by(KC) {
-            let kc = KC.min(k - pc);
+        let (mr_k, nr_k) = (K::MR, K::NR);
+        let panels = nc.div_ceil(nr_k);
+        for pc in (0..k).step_by(K::KC) {
+            let kc = K::KC.min(k - pc);
             let acc = accumulate || pc > 0;
-            pb.resize(panels * NR * kc, 0.0);
+            pb.resize(panels * nr_k * kc, 0.0);
             let pack_ptr = SharedMut(pb.as_mut_ptr());
             let pack_one = |panel: usize| {
-                let j0 = panel * NR;
+                let j0 = panel * nr_k;
                 let src = b.ptr().add(pc * rsb + (jc + j0) * csb);
-                pack_panel(kc, NR.min(nc - j0), NR, src, csb, rsb, pack_ptr.ptr().add(panel * NR * kc));
+                pack_panel(kc, nr_k.min(nc - j0), nr_k, src, csb, rsb, pack_ptr.ptr().add(panel * nr_k * kc));
             };
             if threads > 1 {
                 (0..panels).into_par_iter().with_min_len(4).for_each(pack_one);
@@ -110,46 +126,46 @@ pub unsafe fn sgemm(
                 let direct_a = csa == 1;
                 PACK_A.with(|pa| {
                     let mut pa = pa.borrow_mut();
-                    let packed_rows = if direct_a { MR } else { mc.div_ceil(MR) * MR };
+                    let packed_rows = if direct_a { mr_k } else { mc.div_ceil(mr_k) * mr_k };
                     pa.resize(packed_rows * kc, 0.0);
                     if !direct_a {
-                        for (panel, i0) in (0..mc).step_by(MR).enumerate() {
+                        for (panel, i0) in (0..mc).step_by(mr_k).enumerate() {
                             let src = a.ptr().add((ic + i0) * rsa + pc * csa);
-                            pack_panel(kc, MR.min(mc - i0), MR, src, rsa, csa, pa.as_mut_ptr().add(panel * MR * kc));
+                            pack_panel(kc, mr_k.min(mc - i0), mr_k, src, rsa, csa, pa.as_mut_ptr().add(panel * mr_k * kc));
                         }
                     }
                     // The partial panel of rows (direct A only): packed once, zero-padded to MR rows.
-                    let tail = mc % MR;
+                    let tail = mc % mr_k;
                     if direct_a && tail != 0 {
                         let src = a.ptr().add((ic + mc - tail) * rsa + pc);
-                        pack_panel(kc, tail, MR, src, rsa, 1, pa.as_mut_ptr());
+                        pack_panel(kc, tail, mr_k, src, rsa, 1, pa.as_mut_ptr());
                     }
                     for panel in first..last {
-                        let jr = panel * NR;
-                        let nr = NR.min(nc - jr);
-                        let bp = packed_b.ptr().add(panel * NR * kc);
-                        for ir in (0..mc).step_by(MR) {
-                            let mr = MR.min(mc - ir);
+                        let jr = panel * nr_k;
+                        let nr = nr_k.min(nc - jr);
+                        let bp = packed_b.ptr().add(panel * nr_k * kc);
+                        for ir in (0..mc).step_by(mr_k) {
+                            let mr = mr_k.min(mc - ir);
                             // (pointer to element (ir, 0) of this block, row step, depth step)
                             let (ap, a_rs, a_ks) = if !direct_a {
-                                (pa.as_ptr().add(ir * kc), 1, MR)
-                            } else if mr == MR {
+                                (pa.as_ptr().add(ir * kc), 1, mr_k)
+                            } else if mr == mr_k {
                                 (a.ptr().add((ic + ir) * rsa + pc), rsa, 1)
                             } else {
-                                (pa.as_ptr(), 1, MR)
+                                (pa.as_ptr(), 1, mr_k)
                             };
                             // SAFETY: task (ib, g) writes only rows ic..ic+mc, columns of its panels.
                             let cp = c.ptr().add((ic + ir) * rsc + jc + jr);
-                            if mr == MR && nr == NR {
-                                kernel_6x16(kc, ap, a_rs, a_ks, bp, cp, rsc, alpha, acc);
+                            if mr == mr_k && nr == nr_k {
+                                K::run(kc, ap, a_rs, a_ks, bp, cp, rsc, alpha, acc);
                             } else {
                                 // Edge tile: compute into a full tile, copy the valid part.
-                                let mut tile = [0f32; MR * NR];
-                                kernel_6x16(kc, ap, a_rs, a_ks, bp, tile.as_mut_ptr(), NR, alpha, false);
+                                let mut tile = [0f32; MAX_TILE];
+                                K::run(kc, ap, a_rs, a_ks, bp, tile.as_mut_ptr(), nr_k, alpha, false);
                                 for i in 0..mr {
                                     for j in 0..nr {
                                         let dst = cp.add(i * rsc + j);
-                                        *dst = if acc { *dst + tile[i * NR + j] } else { tile[i * NR + j] };
+                                        *dst = if acc { *dst + tile[i * nr_k + j] } else { tile[i * nr_k + j] };
                                     }
                                 }
                             }
@@ -180,9 +196,13 @@ unsafe fn pack_panel(kc: usize, lanes: usize, width: usize, src: *const f32, lan
     if lane_stride == 1 {
         // The lanes are contiguous: one copy per depth step (of a constant length when full, so that it is
         // two vector moves rather than a call to memmove).
-        if lanes == NR {
+        if lanes == 16 && width == 16 {
             for p in 0..kc {
-                std::ptr::copy_nonoverlapping(src.add(p * depth_stride), dst.add(p * width), NR);
+                std::ptr::copy_nonoverlapping(src.add(p * depth_stride), dst.add(p * width), 16);
+            }
+        } else if lanes == 32 && width == 32 {
+            for p in 0..kc {
+                std::ptr::copy_nonoverlapping(src.add(p * depth_stride), dst.add(p * width), 32);
             }
         } else {
             for p in 0..kc {
@@ -249,39 +269,3 @@ unsafe fn transpose_8x8(src: *const f32, rss: usize, dst: *mut f32, rsd: usize) 
     }
 }
 
-/// `c[6,16] (+)= alpha · a[6,kc] · b_panel[kc,16]`, element (i, p) of `a` at `a[i*a_rs + p*a_ks]`: a packed
-/// panel (1, MR) or rows read in place (row stride, 1).
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn kernel_6x16(kc: usize, a: *const f32, a_rs: usize, a_ks: usize, b: *const f32, c: *mut f32, rsc: usize, alpha: f32, accumulate: bool) {
-    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-    let (mut a, mut b) = (a, b);
-    for _ in 0..kc {
-        let b0 = _mm256_loadu_ps(b);
-        let b1 = _mm256_loadu_ps(b.add(8));
-        for (i, row) in acc.iter_mut().enumerate() {
-            let ai = _mm256_broadcast_ss(&*a.add(i * a_rs));
-            row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
-            row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
-        }
-        a = a.add(a_ks);
-        b = b.add(NR);
-    }
-    if alpha != 1.0 {
-        let s = _mm256_set1_ps(alpha);
-        for row in acc.iter_mut() {
-            row[0] = _mm256_mul_ps(row[0], s);
-            row[1] = _mm256_mul_ps(row[1], s);
-        }
-    }
-    for (i, row) in acc.iter().enumerate() {
-        let ci = c.add(i * rsc);
-        if accumulate {
-            _mm256_storeu_ps(ci, _mm256_add_ps(_mm256_loadu_ps(ci), row[0]));
-            _mm256_storeu_ps(ci.add(8), _mm256_add_ps(_mm256_loadu_ps(ci.add(8)), row[1]));
-        } else {
-            _mm256_storeu_ps(ci, row[0]);
-            _mm256_storeu_ps(ci.add(8), row[1]);
-        }
-    }
-}

@@ -1,0 +1,56 @@
+//! The AVX2+FMA micro-kernel: 6 rows × 16 columns, 12 accumulators.
+use super::sgemm_x86::MicroKernel;
+use std::arch::x86_64::*;
+
+pub struct Avx2;
+
+impl MicroKernel for Avx2 {
+    const MR: usize = 6;
+    const NR: usize = 16;
+    /// 16 KiB B micro-panels.
+    const KC: usize = 256;
+
+    unsafe fn run(kc: usize, a: *const f32, a_rs: usize, a_ks: usize, b: *const f32, c: *mut f32, rsc: usize, alpha: f32, accumulate: bool) {
+        kernel_6x16(kc, a, a_rs, a_ks, b, c, rsc, alpha, accumulate)
+    }
+}
+
+const MR: usize = 6;
+const NR: usize = 16;
+
+/// `c[6,16] (+)= alpha · a[6,kc] · b_panel[kc,16]`, element (i, p) of `a` at `a[i*a_rs + p*a_ks]`: a packed
+/// panel (1, MR) or rows read in place (row stride, 1).
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_6x16(kc: usize, a: *const f32, a_rs: usize, a_ks: usize, b: *const f32, c: *mut f32, rsc: usize, alpha: f32, accumulate: bool) {
+    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+    let (mut a, mut b) = (a, b);
+    for _ in 0..kc {
+        let b0 = _mm256_loadu_ps(b);
+        let b1 = _mm256_loadu_ps(b.add(8));
+        for (i, row) in acc.iter_mut().enumerate() {
+            let ai = _mm256_broadcast_ss(&*a.add(i * a_rs));
+            row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
+            row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
+        }
+        a = a.add(a_ks);
+        b = b.add(NR);
+    }
+    if alpha != 1.0 {
+        let s = _mm256_set1_ps(alpha);
+        for row in acc.iter_mut() {
+            row[0] = _mm256_mul_ps(row[0], s);
+            row[1] = _mm256_mul_ps(row[1], s);
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        let ci = c.add(i * rsc);
+        if accumulate {
+            _mm256_storeu_ps(ci, _mm256_add_ps(_mm256_loadu_ps(ci), row[0]));
+            _mm256_storeu_ps(ci.add(8), _mm256_add_ps(_mm256_loadu_ps(ci.add(8)), row[1]));
+        } else {
+            _mm256_storeu_ps(ci, row[0]);
+            _mm256_storeu_ps(ci.add(8), row[1]);
+        }
+    }
+}
