@@ -14,6 +14,9 @@ pub struct Buf(Vec<f32>);
 impl Buf {
     /// The smallest pooled buffer that can hold `len` floats; with `prefer_filled`, one already holding `len`
     /// values first (it needs no fill).
+    /// On a miss, the largest pooled buffer smaller than `len` is freed: the new one takes its place when it
+    /// comes back, so batches of varying length do not pile up buffers of every size they have seen (measured:
+    /// 2 GB over three steps of a Qwen2.5-0.5B-shaped run before this).
     fn take_pooled(len: usize, prefer_filled: bool) -> Option<Vec<f32>> {
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
         let best = pool
@@ -22,6 +25,12 @@ impl Buf {
             .filter(|(_, v)| v.capacity() >= len)
             .min_by_key(|(_, v)| (prefer_filled && v.len() < len, v.capacity()))
             .map(|(i, _)| i);
+        if best.is_none() {
+            let smaller = pool.iter().enumerate().max_by_key(|(_, v)| v.capacity()).map(|(i, _)| i);
+            if let Some(i) = smaller {
+                drop(pool.swap_remove(i));
+            }
+        }
         best.map(|i| pool.swap_remove(i))
     }
 
