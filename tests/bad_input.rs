@@ -148,7 +148,7 @@ fn write_model(model: &Model, to: &Path) {
     let src = policy_copy(to.parent().unwrap(), to.file_name().unwrap().to_str().unwrap(), |c| {
         c.insert("vocab_size".into(), model.spec.vocab_size.into());
     });
-    std::fs::write(src.join("model.safetensors"), model.to_safetensors().unwrap()).unwrap();
+    model.write_safetensors(&src.join("model.safetensors")).unwrap();
 }
 
 #[test]

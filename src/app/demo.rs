@@ -150,7 +150,7 @@ fn write_random_model(dir: &Path, vocab: usize, seed: u64) -> Result<()> {
     write_json(&dir.join("config.json"), &config)?;
     let spec = ModelSpec::from_config_json(&config.to_string()).map_err(|e| Error::model(dir, e))?;
     let model = kto::model::random::random_model(&spec, seed);
-    kto::files::write_atomic(&dir.join("model.safetensors"), &model.to_safetensors()?)
+    model.write_safetensors(&dir.join("model.safetensors"))
 }
 
 fn train(task: Task, toml: &str) -> Result<PathBuf> {

@@ -159,8 +159,7 @@ impl Lora {
             })
             .collect::<Result<_>>()?;
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| Error::Train(e.to_string()))?;
-        write_atomic(&dir.join("adapter_model.safetensors"), &bytes)?;
+        crate::files::write_safetensors(&dir.join("adapter_model.safetensors"), views, Some(metadata))?;
         let config = serde_json::json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",

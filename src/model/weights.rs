@@ -139,8 +139,9 @@ impl Model {
         Ok(Model { spec, layout, params: crate::engine::Buffer::from_host(params), lora: None })
     }
 
-    /// The weights as a safetensors file in f32 with `{"format": "pt"}` metadata, as `save_pretrained` writes.
-    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+    /// Writes the weights as a safetensors file in f32 with `{"format": "pt"}` metadata, as `save_pretrained`
+    /// writes them.
+    pub fn write_safetensors(&self, path: &Path) -> Result<()> {
         let params = self.params.to_host();
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = self
             .layout
@@ -155,7 +156,7 @@ impl Model {
             })
             .collect::<Result<_>>()?;
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::serialize(views, Some(metadata)).map_err(|e| Error::Train(format!("serializing weights: {e}")))
+        crate::files::write_safetensors(path, views, Some(metadata))
     }
 
     /// Writes a Hugging Face folder: `model.safetensors`, `config.json` (from `source_dir`, dtype set to float32),
@@ -163,7 +164,7 @@ impl Model {
     /// Every file is written atomically.
     pub fn save_pretrained(&self, out: &Path, source_dir: &Path, tokenizer_dir: &Path) -> Result<()> {
         std::fs::create_dir_all(out).map_err(|e| Error::file(out, format!("cannot create folder: {e}")))?;
-        write_atomic(&out.join("model.safetensors"), &self.to_safetensors()?)?;
+        self.write_safetensors(&out.join("model.safetensors"))?;
         let cfg_path = source_dir.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::file(&cfg_path, e))?;
         let mut cfg: serde_json::Value =

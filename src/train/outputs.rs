@@ -25,8 +25,7 @@ impl Trainer {
                     ("exp_avg".to_string(), f32_view(&m)?),
                     ("exp_avg_sq".to_string(), f32_view(&v)?),
                 ];
-                let bytes = safetensors::serialize(views, None).map_err(|e| Error::Train(e.to_string()))?;
-                crate::files::write_atomic(&dir.join(checkpoint::OPTIMIZER_FILE), &bytes)?;
+                crate::files::write_safetensors(&dir.join(checkpoint::OPTIMIZER_FILE), views, None)?;
             }
             Ok(())
         })
