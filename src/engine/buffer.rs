@@ -21,7 +21,7 @@ impl Buffer {
     }
 
     pub fn zeros(len: usize) -> Buffer {
-        Buffer::from_host(vec![0.0; len])
+        Buffer::from_host(super::cpu::memory::zeroed(len))
     }
 
     pub fn len(&self) -> usize {

@@ -6,7 +6,7 @@ use crate::rng::Rng;
 pub fn random_model(spec: &ModelSpec, seed: u64) -> Model {
     let layout = ParamLayout::new(spec);
     let mut rng = Rng::from_state(seed.wrapping_mul(0x9E3779B97F4A7C15));
-    let mut params = vec![0f32; layout.total];
+    let mut params = crate::engine::cpu::memory::zeroed(layout.total);
     for t in &layout.tensors {
         let norm = t.shape.len() == 1;
         for v in &mut params[t.range()] {

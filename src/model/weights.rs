@@ -99,7 +99,7 @@ impl Model {
             ));
         }
         let layout = ParamLayout::new(&spec);
-        let mut params = vec![0f32; layout.total];
+        let mut params = crate::engine::cpu::memory::zeroed(layout.total);
         let mut found = vec![false; layout.tensors.len()];
         let by_name: HashMap<&str, usize> =
             layout.tensors.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();

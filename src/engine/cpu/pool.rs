@@ -42,7 +42,7 @@ impl Buf {
                 v.resize(len, 0.0);
                 Buf(v)
             }
-            None => Buf(vec![0.0; len]),
+            None => Buf(super::memory::zeroed(len)),
         }
     }
 
@@ -58,7 +58,7 @@ impl Buf {
                 }
                 Buf(v)
             }
-            None => Buf(vec![0.0; len]),
+            None => Buf(super::memory::zeroed(len)),
         }
     }
 
