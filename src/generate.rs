@@ -97,6 +97,27 @@ pub fn generate_ids_with(model: &Model, adapters: bool, prompts: &[Vec<u32>], eo
     out
 }
 
+/// The next token of every sequence not `done`, each from its own stream, the sequences split over one thread
+/// per core (sampling sorts the whole vocabulary: for a batch of prompts, a sizeable share of a decode step).
+fn sample_each(logits: &[Vec<f32>], done: &[bool], opts: &SamplingOptions, streams: &mut [SplitMix]) -> Vec<Option<u32>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let share = logits.len().div_ceil(threads).max(1);
+    let mut tokens = vec![None; logits.len()];
+    std::thread::scope(|scope| {
+        let parts = tokens.chunks_mut(share).zip(streams.chunks_mut(share)).zip(logits.chunks(share).zip(done.chunks(share)));
+        for ((tokens, streams), (logits, done)) in parts {
+            scope.spawn(move || {
+                for (((token, stream), logits), &done) in tokens.iter_mut().zip(streams).zip(logits).zip(done) {
+                    if !done {
+                        *token = Some(sample(logits, opts, stream));
+                    }
+                }
+            });
+        }
+    });
+    tokens
+}
+
 /// One batch of prompts through the KV cache; `first` is the index of its first prompt (its random stream).
 fn generate_batch(model: &Model, adapters: bool, chunk: &[Vec<u32>], first: usize, eos_id: u32, opts: &SamplingOptions) -> Vec<Vec<u32>> {
     {
@@ -110,12 +131,10 @@ fn generate_batch(model: &Model, adapters: bool, chunk: &[Vec<u32>], first: usiz
         while done.iter().any(|d| !d) {
             let slices: Vec<&[u32]> = feed.iter().map(|f| f.as_slice()).collect();
             let logits = extend_kv(model, &mut cache, &slices);
+            let tokens = sample_each(&logits, &done, opts, &mut streams);
             for s in 0..chunk.len() {
                 feed[s].clear();
-                if done[s] {
-                    continue;
-                }
-                let token = sample(&logits[s], opts, &mut streams[s]);
+                let Some(token) = tokens[s] else { continue };
                 if token == eos_id {
                     done[s] = true;
                     continue;

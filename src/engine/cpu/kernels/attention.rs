@@ -213,6 +213,12 @@ pub fn attention_continuation(
                 let width = plen + own_keys;
                 let qs = rows.add(b0 * w + hh * d);
                 let o = out_ptr.ptr().add((start + b0) * ow + hh * d);
+                if bn == 1 {
+                    // Decoding: one query row. Plain loops beat four GEMM calls that would each pack their operands.
+                    let o = std::slice::from_raw_parts_mut(o, d);
+                    single_query(std::slice::from_raw_parts(qs, d), scale, (pk, pv, plen), (ks, vs, own_keys), w, &mut sc[..width], shape.first_key(plen + b0), plen + b0, o);
+                    continue;
+                }
                 if plen > 0 {
                     sgemm_strided(bn, d, plen, scale, qs, w, 1, pk, 1, w, 0.0, sc.as_mut_ptr(), width, 1);
                 }
@@ -228,4 +234,55 @@ pub fn attention_continuation(
             }
         }
     });
+}
+
+/// Attention of one query row `q` over `plen` cached keys/values then `own` keys/values of its own pass (rows `w`
+/// floats apart), causal from key `lo` to key `t`: `out = softmax(scale · q·K) · V`, with `scores` as scratch.
+///
+/// # Safety
+/// The key and value pointers address `plen` (cached) and `own` (own) rows of `q.len()` floats, `w` apart.
+#[allow(clippy::too_many_arguments)]
+unsafe fn single_query(
+    q: &[f32],
+    scale: f32,
+    cached: (*const f32, *const f32, usize),
+    own: (*const f32, *const f32, usize),
+    w: usize,
+    scores: &mut [f32],
+    lo: usize,
+    t: usize,
+    out: &mut [f32],
+) {
+    let d = q.len();
+    let ((pk, pv, plen), (ks, vs, n_own)) = (cached, own);
+    let dot = |k: *const f32| -> f32 {
+        let k = std::slice::from_raw_parts(k, d);
+        let mut lanes = [0f32; LANES];
+        for (qc, kc) in q.chunks(LANES).zip(k.chunks(LANES)) {
+            for (l, (a, b)) in qc.iter().zip(kc).enumerate() {
+                lanes[l] += a * b;
+            }
+        }
+        lanes.iter().sum::<f32>() * scale
+    };
+    for j in 0..plen {
+        scores[j] = dot(pk.add(j * w));
+    }
+    for j in 0..n_own {
+        scores[plen + j] = dot(ks.add(j * w));
+    }
+    causal_softmax_row(&mut scores[..plen + n_own], lo, t);
+    out.fill(0.0);
+    let mut add = |p: f32, v: *const f32| {
+        if p != 0.0 {
+            let v = std::slice::from_raw_parts(v, d);
+            out.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
+        }
+    };
+    for j in 0..n_own {
+        add(scores[plen + j], vs.add(j * w));
+    }
+    for j in 0..plen {
+        add(scores[j], pv.add(j * w));
+    }
 }
