@@ -7,7 +7,7 @@ pub struct Avx2;
 impl MicroKernel for Avx2 {
     const MR: usize = 6;
     const NR: usize = 16;
-    /// 16 KiB B micro-panels.
+    /// 16 KiB B micro-panels. The AVX-512 kernel uses the same depth (bit-identical products).
     const KC: usize = 256;
 
     unsafe fn run(kc: usize, a: *const f32, a_rs: usize, a_ks: usize, b: *const f32, c: *mut f32, rsc: usize, alpha: f32, accumulate: bool) {
