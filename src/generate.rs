@@ -103,6 +103,15 @@ fn sample_each(logits: &[Vec<f32>], done: &[bool], opts: &SamplingOptions, strea
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let share = logits.len().div_ceil(threads).max(1);
     let mut tokens = vec![None; logits.len()];
+    if share == logits.len() {
+        // One sequence (or one core): no thread to start for every token.
+        for (s, token) in tokens.iter_mut().enumerate() {
+            if !done[s] {
+                *token = Some(sample(&logits[s], opts, &mut streams[s]));
+            }
+        }
+        return tokens;
+    }
     std::thread::scope(|scope| {
         let parts = tokens.chunks_mut(share).zip(streams.chunks_mut(share)).zip(logits.chunks(share).zip(done.chunks(share)));
         for ((tokens, streams), (logits, done)) in parts {

@@ -76,9 +76,3 @@ pub fn sum_of_squares(grads: &Buffer) -> f64 {
 pub fn zero(buf: &mut Buffer) {
     cpu::update::zero(buf.host_mut())
 }
-
-/// What the engine runs on, for logs and `kto bench`.
-pub fn describe() -> String {
-    let isa = cpu::isa::active();
-    format!("cpu, {} threads, kernel set {}", cpu::update::threads(), isa.name())
-}
