@@ -177,11 +177,13 @@ mod tests {
         }
     }
 
-    /// Crosses every blocking boundary of the x86 kernels (KC = 256, MC = 96, NC = 1024) with edge tiles, and
-    /// is large enough to run in parallel.
+    /// Crosses every blocking boundary of the x86 kernels (KC = 256, MC = 192, NC = 1024) with edge tiles, and
+    /// is large enough to run in parallel; the second shape is wide enough for each thread to take its own
+    /// columns (n ≥ 2·NC), with a ragged last share.
     #[test]
     fn blocked_shapes_match_naive() {
         check_shape(199, 301, 1041);
+        check_shape(37, 70, 2100);
     }
 
     fn check_shape(m: usize, k: usize, n: usize) {

@@ -10,30 +10,34 @@ impl MicroKernel for Avx2 {
     /// 16 KiB B micro-panels. The AVX-512 kernel uses the same depth (bit-identical products).
     const KC: usize = 256;
 
-    unsafe fn run(kc: usize, a: *const f32, a_rs: usize, a_ks: usize, b: *const f32, c: *mut f32, rsc: usize, alpha: f32, accumulate: bool) {
-        kernel_6x16(kc, a, a_rs, a_ks, b, c, rsc, alpha, accumulate)
+    unsafe fn run(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rsc: usize, alpha: f32, accumulate: bool) {
+        kernel_6x16(kc, a, b, c, rsc, alpha, accumulate)
     }
 }
 
 const MR: usize = 6;
 const NR: usize = 16;
 
-/// `c[6,16] (+)= alpha · a[6,kc] · b_panel[kc,16]`, element (i, p) of `a` at `a[i*a_rs + p*a_ks]`: a packed
-/// panel (1, MR) or rows read in place (row stride, 1).
-#[allow(clippy::too_many_arguments)]
+/// `c[6,16] (+)= alpha · a_panel[kc,6] · b_panel[kc,16]` (packed panels, B 64-byte aligned).
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel_6x16(kc: usize, a: *const f32, a_rs: usize, a_ks: usize, b: *const f32, c: *mut f32, rsc: usize, alpha: f32, accumulate: bool) {
+unsafe fn kernel_6x16(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rsc: usize, alpha: f32, accumulate: bool) {
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+    // The tile of C is read (or written) only after the k loop: ask for its lines now, so that they arrive
+    // from L3 or memory while the FMAs run instead of stalling the stores.
+    for i in 0..MR {
+        _mm_prefetch::<_MM_HINT_T0>(c.add(i * rsc) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(c.add(i * rsc + 15) as *const i8);
+    }
     let (mut a, mut b) = (a, b);
     for _ in 0..kc {
-        let b0 = _mm256_loadu_ps(b);
-        let b1 = _mm256_loadu_ps(b.add(8));
+        let b0 = _mm256_load_ps(b);
+        let b1 = _mm256_load_ps(b.add(8));
         for (i, row) in acc.iter_mut().enumerate() {
-            let ai = _mm256_broadcast_ss(&*a.add(i * a_rs));
+            let ai = _mm256_broadcast_ss(&*a.add(i));
             row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
             row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
         }
-        a = a.add(a_ks);
+        a = a.add(MR);
         b = b.add(NR);
     }
     if alpha != 1.0 {

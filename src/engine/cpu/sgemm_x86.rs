@@ -4,6 +4,11 @@
 //! and stops near 70% of the FMA peak on a 2-core EPYC; these are FMA-bound. The driver (blocking, packing,
 //! threads) is one generic function over the `MicroKernel`.
 //!
+//! Both operands are always packed, into cache-line-aligned buffers: the kernel then reads A at constant
+//! offsets from one pointer. (Reading A's rows in place saves the copy but steps a pointer from row to row,
+//! a chain of dependent adds as long as the FMAs of a k step; on a Xeon that, and B loads split across cache
+//! lines, cost 10-15% of the rate.)
+//!
 //! Only `c = a·b + beta·c` with beta 0 or 1 is needed by the engine.
 #![cfg(target_arch = "x86_64")]
 
@@ -13,37 +18,38 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::Mutex;
 
-/// Rows of A packed at once (MC×KC floats, under 100 KiB): stays in L2 while every B micro-panel passes over it.
-/// A multiple of every kernel's MR.
-const MC: usize = 96;
-/// Columns of B packed at once (KC×NC floats, about 1 MiB, shared by the threads in L3).
+/// Most rows of A one task packs (with KC, under 200 KiB): they stay in L2 while every B micro-panel of the
+/// block passes over them.
+const MC: usize = 192;
+/// Columns of B packed at once (KC×NC floats, 1 MiB, shared by the threads in L3).
 const NC: usize = 1024;
 /// The largest MR×NR tile of any kernel (edge tiles are computed into one of these).
 const MAX_TILE: usize = 12 * 32;
 
-/// A register-blocked `c[MR,NR] (+)= alpha · a[MR,kc] · b_panel[kc,NR]`.
+/// A register-blocked `c[MR,NR] (+)= alpha · a_panel[kc,MR] · b_panel[kc,NR]`.
 pub trait MicroKernel {
     const MR: usize;
     const NR: usize;
     /// Depth of one packed block: a B micro-panel (KC×NR floats) stays in L1.
     const KC: usize;
-    /// Element (i, p) of `a` is at `a[i*a_rs + p*a_ks]` (a packed panel (1, MR), or rows read in place (row
-    /// stride, 1)); `b` is a packed panel, row p at `b[p*NR]`; `c` has row stride `rsc`.
+    /// `a` is a packed panel, element (i, p) at `a[p*MR + i]`; `b` a packed panel on a 64-byte boundary, element
+    /// (p, j) at `b[p*NR + j]`; `c` has row stride `rsc`.
     ///
     /// # Safety
     /// The CPU runs the kernel's instruction set; the pointers address MR×kc, kc×NR and MR×NR valid elements.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn run(kc: usize, a: *const f32, a_rs: usize, a_ks: usize, b: *const f32, c: *mut f32, rsc: usize, alpha: f32, accumulate: bool);
+    unsafe fn run(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rsc: usize, alpha: f32, accumulate: bool);
 }
 
 thread_local! {
     static PACK_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// Packed B of single-threaded products (the many small ones inside attention tasks): no lock.
+    /// Packed B of single-threaded products (the many small ones inside attention tasks, and each thread's
+    /// columns of a wide product): no lock.
     static PACK_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Packed-B buffers, taken and returned by each product (a pool, not a thread-local: a thread waiting for its
-/// tasks may run another product's task).
+/// Packed-B buffers shared by the threads of one product, taken and returned by each product (a pool, not a
+/// thread-local: a thread waiting for its tasks may run another product's task).
 static PACK_B_POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 
 /// Read-only pointer that tasks may share.
@@ -59,8 +65,11 @@ impl SharedConst {
 }
 
 /// `c[m,n] = alpha·a·b + (accumulate ? c : 0)` on strided views (element (i,j) of a at `a[i*rsa + j*csa]`, likewise
-/// b; c row-major with row stride `rsc`). With `parallel`, B is packed once per block and the rayon threads
-/// share it, each packing and multiplying its own rows of A.
+/// b; c row-major with row stride `rsc`), on the rayon threads when `parallel`.
+///
+/// A wide product (the vocabulary projection, gate|up) gives each thread its own columns, which it packs and
+/// multiplies alone: no thread waits for another, and one thread's packing (from memory) overlaps the
+/// other's arithmetic. Otherwise B is packed once per block and shared, and the threads split the rows.
 ///
 /// # Safety
 /// The CPU must run the kernel's instruction set; the pointers with their strides must address valid memory for the shapes, and
@@ -82,89 +91,102 @@ pub unsafe fn sgemm<K: MicroKernel>(
     rsc: usize,
     parallel: bool,
 ) {
-    let mut pb = if parallel {
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let view = View { m, k, a: SharedConst(a), rsa, csa, rsb, csb, alpha, accumulate, rsc };
+    if threads > 1 && n >= threads * NC {
+        let cols = n.div_ceil(threads).next_multiple_of(K::NR);
+        let (b, c) = (SharedConst(b), SharedMut(c));
+        (0..threads).into_par_iter().for_each(|t| {
+            let j0 = t * cols;
+            if j0 < n {
+                // SAFETY: thread t writes only columns j0..j0+cols of c; b's columns j0.. lie inside b.
+                unsafe { blocked::<K>(&view, cols.min(n - j0), b.ptr().add(j0 * csb), c.ptr().add(j0), 1) };
+            }
+        });
+    } else {
+        blocked::<K>(&view, n, b, c, threads);
+    }
+}
+
+/// The parts of a product that do not change when its columns are split.
+struct View {
+    m: usize,
+    k: usize,
+    a: SharedConst,
+    rsa: usize,
+    csa: usize,
+    rsb: usize,
+    csb: usize,
+    alpha: f32,
+    accumulate: bool,
+    rsc: usize,
+}
+
+/// The blocked product of `v`'s rows with `n` columns of B (at `b`) into `c`, on `threads` rayon threads (1: on
+/// this thread). Per block of NC columns and KC depth: B is packed (by all threads), then tasks, each a run
+/// of whole micro-panels of rows (and, when there are few rows, a group of B panels), pack their A and
+/// multiply. Tasks are equal to within one micro-panel and a multiple of the threads in number, so that the
+/// threads finish together.
+unsafe fn blocked<K: MicroKernel>(v: &View, n: usize, b: *const f32, c: *mut f32, threads: usize) {
+    let (m, k, mr_k, nr_k) = (v.m, v.k, K::MR, K::NR);
+    let mut pb = if threads > 1 {
         PACK_B_POOL.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default()
     } else {
         PACK_B.with(|p| std::mem::take(&mut *p.borrow_mut()))
     };
-    let (a, b, c) = (SharedConst(a), SharedConst(b), SharedMut(c));
-    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let (a, b, c) = (v.a, SharedConst(b), SharedMut(c));
+    let micro_rows = m.div_ceil(mr_k);
+    let wanted = m.div_ceil(MC).next_multiple_of(threads);
+    let row_parts = wanted.min(micro_rows);
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
-        let (mr_k, nr_k) = (K::MR, K::NR);
         let panels = nc.div_ceil(nr_k);
+        let groups = wanted.div_ceil(row_parts).min(panels);
         for pc in (0..k).step_by(K::KC) {
             let kc = K::KC.min(k - pc);
-            let acc = accumulate || pc > 0;
-            pb.resize(panels * nr_k * kc, 0.0);
-            let pack_ptr = SharedMut(pb.as_mut_ptr());
+            let acc = v.accumulate || pc > 0;
+            let packed_b = SharedMut(aligned(&mut pb, panels * nr_k * kc));
             let pack_one = |panel: usize| {
                 let j0 = panel * nr_k;
-                let src = b.ptr().add(pc * rsb + (jc + j0) * csb);
-                pack_panel(kc, nr_k.min(nc - j0), nr_k, src, csb, rsb, pack_ptr.ptr().add(panel * nr_k * kc));
+                let src = b.ptr().add(pc * v.rsb + (jc + j0) * v.csb);
+                pack_panel(kc, nr_k.min(nc - j0), nr_k, src, v.csb, v.rsb, packed_b.ptr().add(panel * nr_k * kc));
             };
             if threads > 1 {
                 (0..panels).into_par_iter().with_min_len(4).for_each(pack_one);
             } else {
                 (0..panels).for_each(pack_one);
             }
-            // Tasks: blocks of MC rows × groups of B panels, at least four per thread for balance.
-            let row_blocks = m.div_ceil(MC);
-            let groups = if threads > 1 { (4 * threads).div_ceil(row_blocks).min(panels) } else { 1 };
-            let per_group = panels.div_ceil(groups);
-            let packed_b = SharedConst(pb.as_ptr());
             let task = |t: usize| {
-                let (ib, g) = (t / groups, t % groups);
-                let (ic, mc) = (ib * MC, MC.min(m - ib * MC));
-                let first = g * per_group;
-                let last = panels.min(first + per_group);
-                if first >= last {
-                    return;
-                }
-                // A with contiguous rows is read in place (six row streams stay in L1 beside the B panel);
-                // other layouts, and the last partial panel of rows, are packed first.
-                let direct_a = csa == 1;
+                let (part, g) = (t / groups, t % groups);
+                // Micro-panels [p0, p1) of rows, B panels [first, last): balanced splits.
+                let (p0, p1) = (part * micro_rows / row_parts, (part + 1) * micro_rows / row_parts);
+                let (first, last) = (g * panels / groups, (g + 1) * panels / groups);
+                let (ic, mc) = (p0 * mr_k, (p1 * mr_k).min(m) - p0 * mr_k);
                 PACK_A.with(|pa| {
                     let mut pa = pa.borrow_mut();
-                    let packed_rows = if direct_a { mr_k } else { mc.div_ceil(mr_k) * mr_k };
-                    pa.resize(packed_rows * kc, 0.0);
-                    if !direct_a {
-                        for (panel, i0) in (0..mc).step_by(mr_k).enumerate() {
-                            let src = a.ptr().add((ic + i0) * rsa + pc * csa);
-                            pack_panel(kc, mr_k.min(mc - i0), mr_k, src, rsa, csa, pa.as_mut_ptr().add(panel * mr_k * kc));
-                        }
-                    }
-                    // The partial panel of rows (direct A only): packed once, zero-padded to MR rows.
-                    let tail = mc % mr_k;
-                    if direct_a && tail != 0 {
-                        let src = a.ptr().add((ic + mc - tail) * rsa + pc);
-                        pack_panel(kc, tail, mr_k, src, rsa, 1, pa.as_mut_ptr());
+                    let pa = aligned(&mut pa, (p1 - p0) * mr_k * kc);
+                    for (panel, i0) in (0..mc).step_by(mr_k).enumerate() {
+                        let src = a.ptr().add((ic + i0) * v.rsa + pc * v.csa);
+                        pack_panel(kc, mr_k.min(mc - i0), mr_k, src, v.rsa, v.csa, pa.add(panel * mr_k * kc));
                     }
                     for panel in first..last {
                         let jr = panel * nr_k;
                         let nr = nr_k.min(nc - jr);
-                        let bp = packed_b.ptr().add(panel * nr_k * kc);
+                        let bp = packed_b.ptr().add(panel * nr_k * kc) as *const f32;
                         for ir in (0..mc).step_by(mr_k) {
                             let mr = mr_k.min(mc - ir);
-                            // (pointer to element (ir, 0) of this block, row step, depth step)
-                            let (ap, a_rs, a_ks) = if !direct_a {
-                                (pa.as_ptr().add(ir * kc), 1, mr_k)
-                            } else if mr == mr_k {
-                                (a.ptr().add((ic + ir) * rsa + pc), rsa, 1)
-                            } else {
-                                (pa.as_ptr(), 1, mr_k)
-                            };
-                            // SAFETY: task (ib, g) writes only rows ic..ic+mc, columns of its panels.
-                            let cp = c.ptr().add((ic + ir) * rsc + jc + jr);
+                            let ap = pa.add(ir * kc) as *const f32;
+                            // SAFETY: the task writes only its rows ic..ic+mc, columns of its panels.
+                            let cp = c.ptr().add((ic + ir) * v.rsc + jc + jr);
                             if mr == mr_k && nr == nr_k {
-                                K::run(kc, ap, a_rs, a_ks, bp, cp, rsc, alpha, acc);
+                                K::run(kc, ap, bp, cp, v.rsc, v.alpha, acc);
                             } else {
                                 // Edge tile: compute into a full tile, copy the valid part.
                                 let mut tile = [0f32; MAX_TILE];
-                                K::run(kc, ap, a_rs, a_ks, bp, tile.as_mut_ptr(), nr_k, alpha, false);
+                                K::run(kc, ap, bp, tile.as_mut_ptr(), nr_k, v.alpha, false);
                                 for i in 0..mr {
                                     for j in 0..nr {
-                                        let dst = cp.add(i * rsc + j);
+                                        let dst = cp.add(i * v.rsc + j);
                                         *dst = if acc { *dst + tile[i * nr_k + j] } else { tile[i * nr_k + j] };
                                     }
                                 }
@@ -174,17 +196,29 @@ pub unsafe fn sgemm<K: MicroKernel>(
                 });
             };
             if threads > 1 {
-                (0..row_blocks * groups).into_par_iter().for_each(task);
+                (0..row_parts * groups).into_par_iter().for_each(task);
             } else {
-                (0..row_blocks * groups).for_each(task);
+                (0..row_parts * groups).for_each(task);
             }
         }
     }
-    if parallel {
+    if threads > 1 {
         PACK_B_POOL.lock().unwrap_or_else(|e| e.into_inner()).push(pb);
     } else {
         PACK_B.with(|p| *p.borrow_mut() = pb);
     }
+}
+
+/// A pointer to `len` floats of `buf` at a 64-byte boundary (grown as needed): packed panels aligned to cache
+/// lines, so that no 64-byte load of the kernel splits across two lines (which costs a second load on Intel).
+fn aligned(buf: &mut Vec<f32>, len: usize) -> *mut f32 {
+    const LINE_FLOATS: usize = 16;
+    if buf.len() < len + LINE_FLOATS {
+        buf.resize(len + LINE_FLOATS, 0.0);
+    }
+    let offset = buf.as_ptr().align_offset(64);
+    // SAFETY: offset < LINE_FLOATS, and the buffer holds len + LINE_FLOATS floats.
+    unsafe { buf.as_mut_ptr().add(offset) }
 }
 
 /// Writes `dst[p*width + j] = src[j*lane_stride + p*depth_stride]` for `j < lanes` (zero for `lanes..width`),
@@ -211,7 +245,7 @@ unsafe fn pack_panel(kc: usize, lanes: usize, width: usize, src: *const f32, lan
         }
     } else if depth_stride == 1 {
         // Each lane is a contiguous row: a transpose. Whole 8×8 blocks go through AVX registers.
-        let blocks = if width % 8 == 0 { lanes / 8 } else { 0 };
+        let blocks = lanes / 8;
         let depth8 = kc / 8 * 8;
         for g in 0..blocks {
             for p in (0..depth8).step_by(8) {
