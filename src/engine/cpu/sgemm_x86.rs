@@ -21,8 +21,11 @@ use std::sync::Mutex;
 /// Most rows of A one task packs (with KC, under 200 KiB): they stay in L2 while every B micro-panel of the
 /// block passes over them.
 const MC: usize = 192;
-/// Columns of B packed at once (KC×NC floats, 1 MiB, shared by the threads in L3).
+/// Columns of B packed at once (KC×NC floats, 1 MiB a block, shared by the threads in L3).
 const NC: usize = 1024;
+/// KC blocks of B packed at once (8 MiB at NC columns and KC 256). The threads meet twice per span of blocks
+/// (after packing B, after multiplying), not twice per block.
+const SPAN_BLOCKS: usize = 8;
 /// The largest MR×NR tile of any kernel (edge tiles are computed into one of these).
 const MAX_TILE: usize = 12 * 32;
 
@@ -123,9 +126,9 @@ struct View {
 }
 
 /// The blocked product of `v`'s rows with `n` columns of B (at `b`) into `c`, on `threads` rayon threads (1: on
-/// this thread). Per block of NC columns and KC depth: B is packed (by all threads), then tasks, each a run
-/// of whole micro-panels of rows (and, when there are few rows, a group of B panels), pack their A and
-/// multiply. Tasks are equal to within one micro-panel and a multiple of the threads in number, so that the
+/// this thread). Per block of NC columns and SPAN_BLOCKS·KC depth: B is packed (by all threads), then tasks, each a run
+/// of whole micro-panels of rows (and, when there are few rows, a group of B panels), pack their A one KC
+/// block at a time and multiply. Tasks are equal to within one micro-panel and a multiple of the threads in number, so that the
 /// threads finish together.
 unsafe fn blocked<K: MicroKernel>(v: &View, n: usize, b: *const f32, c: *mut f32, threads: usize) {
     let (m, k, mr_k, nr_k) = (v.m, v.k, K::MR, K::NR);
@@ -142,19 +145,23 @@ unsafe fn blocked<K: MicroKernel>(v: &View, n: usize, b: *const f32, c: *mut f32
         let nc = NC.min(n - jc);
         let panels = nc.div_ceil(nr_k);
         let groups = wanted.div_ceil(row_parts).min(panels);
-        for pc in (0..k).step_by(K::KC) {
-            let kc = K::KC.min(k - pc);
-            let acc = v.accumulate || pc > 0;
-            let packed_b = SharedMut(aligned(&mut pb, panels * nr_k * kc));
-            let pack_one = |panel: usize| {
-                let j0 = panel * nr_k;
+        for span in (0..k).step_by(SPAN_BLOCKS * K::KC) {
+            // The span's B blocks, one after another: block q (depth span + q·KC) at q·panels·NR·KC.
+            let depth = (SPAN_BLOCKS * K::KC).min(k - span);
+            let blocks = depth.div_ceil(K::KC);
+            let block_floats = panels * nr_k * K::KC;
+            let packed_b = SharedMut(aligned(&mut pb, blocks * block_floats));
+            let pack_one = |t: usize| {
+                let (q, panel) = (t / panels, t % panels);
+                let (pc, j0) = (span + q * K::KC, panel * nr_k);
+                let kc = K::KC.min(k - pc);
                 let src = b.ptr().add(pc * v.rsb + (jc + j0) * v.csb);
-                pack_panel(kc, nr_k.min(nc - j0), nr_k, src, v.csb, v.rsb, packed_b.ptr().add(panel * nr_k * kc));
+                pack_panel(kc, nr_k.min(nc - j0), nr_k, src, v.csb, v.rsb, packed_b.ptr().add(q * block_floats + panel * nr_k * kc));
             };
             if threads > 1 {
-                (0..panels).into_par_iter().with_min_len(4).for_each(pack_one);
+                (0..blocks * panels).into_par_iter().with_min_len(4).for_each(pack_one);
             } else {
-                (0..panels).for_each(pack_one);
+                (0..blocks * panels).for_each(pack_one);
             }
             let task = |t: usize| {
                 let (part, g) = (t / groups, t % groups);
@@ -164,30 +171,35 @@ unsafe fn blocked<K: MicroKernel>(v: &View, n: usize, b: *const f32, c: *mut f32
                 let (ic, mc) = (p0 * mr_k, (p1 * mr_k).min(m) - p0 * mr_k);
                 PACK_A.with(|pa| {
                     let mut pa = pa.borrow_mut();
-                    let pa = aligned(&mut pa, (p1 - p0) * mr_k * kc);
-                    for (panel, i0) in (0..mc).step_by(mr_k).enumerate() {
-                        let src = a.ptr().add((ic + i0) * v.rsa + pc * v.csa);
-                        pack_panel(kc, mr_k.min(mc - i0), mr_k, src, v.rsa, v.csa, pa.add(panel * mr_k * kc));
-                    }
-                    for panel in first..last {
-                        let jr = panel * nr_k;
-                        let nr = nr_k.min(nc - jr);
-                        let bp = packed_b.ptr().add(panel * nr_k * kc) as *const f32;
-                        for ir in (0..mc).step_by(mr_k) {
-                            let mr = mr_k.min(mc - ir);
-                            let ap = pa.add(ir * kc) as *const f32;
-                            // SAFETY: the task writes only its rows ic..ic+mc, columns of its panels.
-                            let cp = c.ptr().add((ic + ir) * v.rsc + jc + jr);
-                            if mr == mr_k && nr == nr_k {
-                                K::run(kc, ap, bp, cp, v.rsc, v.alpha, acc);
-                            } else {
-                                // Edge tile: compute into a full tile, copy the valid part.
-                                let mut tile = [0f32; MAX_TILE];
-                                K::run(kc, ap, bp, tile.as_mut_ptr(), nr_k, v.alpha, false);
-                                for i in 0..mr {
-                                    for j in 0..nr {
-                                        let dst = cp.add(i * v.rsc + j);
-                                        *dst = if acc { *dst + tile[i * nr_k + j] } else { tile[i * nr_k + j] };
+                    let pa = aligned(&mut pa, (p1 - p0) * mr_k * K::KC);
+                    for q in 0..blocks {
+                        let pc = span + q * K::KC;
+                        let kc = K::KC.min(k - pc);
+                        let acc = v.accumulate || pc > 0;
+                        for (panel, i0) in (0..mc).step_by(mr_k).enumerate() {
+                            let src = a.ptr().add((ic + i0) * v.rsa + pc * v.csa);
+                            pack_panel(kc, mr_k.min(mc - i0), mr_k, src, v.rsa, v.csa, pa.add(panel * mr_k * kc));
+                        }
+                        for panel in first..last {
+                            let jr = panel * nr_k;
+                            let nr = nr_k.min(nc - jr);
+                            let bp = packed_b.ptr().add(q * block_floats + panel * nr_k * kc) as *const f32;
+                            for ir in (0..mc).step_by(mr_k) {
+                                let mr = mr_k.min(mc - ir);
+                                let ap = pa.add(ir * kc) as *const f32;
+                                // SAFETY: the task writes only its rows ic..ic+mc, columns of its panels.
+                                let cp = c.ptr().add((ic + ir) * v.rsc + jc + jr);
+                                if mr == mr_k && nr == nr_k {
+                                    K::run(kc, ap, bp, cp, v.rsc, v.alpha, acc);
+                                } else {
+                                    // Edge tile: compute into a full tile, copy the valid part.
+                                    let mut tile = [0f32; MAX_TILE];
+                                    K::run(kc, ap, bp, tile.as_mut_ptr(), nr_k, v.alpha, false);
+                                    for i in 0..mr {
+                                        for j in 0..nr {
+                                            let dst = cp.add(i * v.rsc + j);
+                                            *dst = if acc { *dst + tile[i * nr_k + j] } else { tile[i * nr_k + j] };
+                                        }
                                     }
                                 }
                             }
