@@ -1,26 +1,50 @@
-//! The AVX2+FMA micro-kernel: 6 rows × 16 columns, 12 accumulators.
+//! The AVX2+FMA micro-kernel: 6 rows × 16 columns, 12 accumulators of 8 lanes (of the 16 ymm registers, two
+//! hold the B row and one the broadcast A element).
 use super::sgemm_x86::MicroKernel;
 use std::arch::x86_64::*;
 
 pub struct Avx2;
 
+const MR: usize = 6;
+const NR: usize = 16;
+
 impl MicroKernel for Avx2 {
-    const MR: usize = 6;
-    const NR: usize = 16;
+    const MR: usize = MR;
+    const NR: usize = NR;
     /// 16 KiB B micro-panels. The AVX-512 kernel uses the same depth (bit-identical products).
     const KC: usize = 256;
 
     unsafe fn run(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rsc: usize, alpha: f32, accumulate: bool) {
-        kernel_6x16(kc, a, b, c, rsc, alpha, accumulate)
+        kernel_6x16::<false>(kc, a, 0, b, c, rsc, alpha, accumulate)
+    }
+
+    unsafe fn run_direct(kc: usize, a: *const f32, a_rs: usize, b: *const f32, c: *mut f32, rsc: usize, alpha: f32, accumulate: bool) {
+        kernel_6x16::<true>(kc, a, a_rs, b, c, rsc, alpha, accumulate)
     }
 }
 
-const MR: usize = 6;
-const NR: usize = 16;
+/// One k step: `acc[i] += a(i, u) · b row u`, where row i of A is at `rows[i]` and `ks` apart in depth.
+macro_rules! step {
+    ($acc:ident, $rows:ident, $u:expr, $ks:ident, $b:ident) => {
+        let b0 = _mm256_load_ps($b.add($u * NR));
+        let b1 = _mm256_load_ps($b.add($u * NR + 8));
+        for (i, row) in $acc.iter_mut().enumerate() {
+            let ai = _mm256_set1_ps(*$rows[i].add($u * $ks));
+            row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
+            row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
+        }
+    };
+}
 
-/// `c[6,16] (+)= alpha · a_panel[kc,6] · b_panel[kc,16]` (packed panels, B 64-byte aligned).
+/// `c[6,16] (+)= alpha · a[6,kc] · b_panel[kc,16]` (B packed, 64-byte aligned). A is a packed panel (element
+/// (i, p) at `a[p*6 + i]`) or, with `DIRECT`, rows read in place `a_rs` apart. k is unrolled by four so that
+/// the six row addresses are formed once per four steps: forming them in every step chains five
+/// dependent adds through it, as long as its 12 FMAs take.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel_6x16(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rsc: usize, alpha: f32, accumulate: bool) {
+unsafe fn kernel_6x16<const DIRECT: bool>(kc: usize, a: *const f32, a_rs: usize, b: *const f32, c: *mut f32, rsc: usize, alpha: f32, accumulate: bool) {
+    // (row step, depth step) of A
+    let (rs, ks) = if DIRECT { (a_rs, 1) } else { (1, MR) };
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
     // The tile of C is read (or written) only after the k loop: ask for its lines now, so that they arrive
     // from L3 or memory while the FMAs run instead of stalling the stores.
@@ -29,15 +53,18 @@ unsafe fn kernel_6x16(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rsc:
         _mm_prefetch::<_MM_HINT_T0>(c.add(i * rsc + 15) as *const i8);
     }
     let (mut a, mut b) = (a, b);
-    for _ in 0..kc {
-        let b0 = _mm256_load_ps(b);
-        let b1 = _mm256_load_ps(b.add(8));
-        for (i, row) in acc.iter_mut().enumerate() {
-            let ai = _mm256_broadcast_ss(&*a.add(i));
-            row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
-            row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
+    for _ in 0..kc / 4 {
+        let rows: [*const f32; MR] = std::array::from_fn(|i| a.add(i * rs));
+        for u in 0..4 {
+            step!(acc, rows, u, ks, b);
         }
-        a = a.add(MR);
+        a = a.add(4 * ks);
+        b = b.add(4 * NR);
+    }
+    for _ in 0..kc % 4 {
+        let rows: [*const f32; MR] = std::array::from_fn(|i| a.add(i * rs));
+        step!(acc, rows, 0, ks, b);
+        a = a.add(ks);
         b = b.add(NR);
     }
     if alpha != 1.0 {

@@ -4,10 +4,10 @@
 //! and stops near 70% of the FMA peak on a 2-core EPYC; these are FMA-bound. The driver (blocking, packing,
 //! threads) is one generic function over the `MicroKernel`.
 //!
-//! Both operands are always packed, into cache-line-aligned buffers: the kernel then reads A at constant
-//! offsets from one pointer. (Reading A's rows in place saves the copy but steps a pointer from row to row,
-//! a chain of dependent adds as long as the FMAs of a k step; on a Xeon that, and B loads split across cache
-//! lines, cost 10-15% of the rate.)
+//! B is packed into cache-line-aligned buffers (a 64-byte load split across two lines costs a second load on
+//! Intel). A with contiguous rows (activations, all forward products) is read in place: packing it would cost
+//! a transpose of every element per block, up to a tenth of the time when B is narrow; other layouts, and
+//! the last partial panel of rows, are packed.
 //!
 //! Only `c = a·b + beta·c` with beta 0 or 1 is needed by the engine.
 #![cfg(target_arch = "x86_64")]
@@ -40,8 +40,13 @@ pub trait MicroKernel {
     ///
     /// # Safety
     /// The CPU runs the kernel's instruction set; the pointers address MR×kc, kc×NR and MR×NR valid elements.
-    #[allow(clippy::too_many_arguments)]
     unsafe fn run(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rsc: usize, alpha: f32, accumulate: bool);
+    /// `run` with A's rows read in place: element (i, p) at `a[i*a_rs + p]`.
+    ///
+    /// # Safety
+    /// As `run`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_direct(kc: usize, a: *const f32, a_rs: usize, b: *const f32, c: *mut f32, rsc: usize, alpha: f32, accumulate: bool);
 }
 
 thread_local! {
@@ -139,6 +144,7 @@ unsafe fn blocked<K: MicroKernel>(v: &View, n: usize, b: *const f32, c: *mut f32
     };
     let (a, b, c) = (v.a, SharedConst(b), SharedMut(c));
     let micro_rows = m.div_ceil(mr_k);
+    let direct_a = v.csa == 1;
     let wanted = m.div_ceil(MC).next_multiple_of(threads);
     let row_parts = wanted.min(micro_rows);
     for jc in (0..n).step_by(NC) {
@@ -172,11 +178,15 @@ unsafe fn blocked<K: MicroKernel>(v: &View, n: usize, b: *const f32, c: *mut f32
                 PACK_A.with(|pa| {
                     let mut pa = pa.borrow_mut();
                     let pa = aligned(&mut pa, (p1 - p0) * mr_k * K::KC);
+                    let mut tile = [0f32; MAX_TILE];
                     for q in 0..blocks {
                         let pc = span + q * K::KC;
                         let kc = K::KC.min(k - pc);
                         let acc = v.accumulate || pc > 0;
                         for (panel, i0) in (0..mc).step_by(mr_k).enumerate() {
+                            if direct_a && i0 + mr_k <= mc {
+                                continue;
+                            }
                             let src = a.ptr().add((ic + i0) * v.rsa + pc * v.csa);
                             pack_panel(kc, mr_k.min(mc - i0), mr_k, src, v.rsa, v.csa, pa.add(panel * mr_k * kc));
                         }
@@ -186,15 +196,17 @@ unsafe fn blocked<K: MicroKernel>(v: &View, n: usize, b: *const f32, c: *mut f32
                             let bp = packed_b.ptr().add(q * block_floats + panel * nr_k * kc) as *const f32;
                             for ir in (0..mc).step_by(mr_k) {
                                 let mr = mr_k.min(mc - ir);
-                                let ap = pa.add(ir * kc) as *const f32;
                                 // SAFETY: the task writes only its rows ic..ic+mc, columns of its panels.
                                 let cp = c.ptr().add((ic + ir) * v.rsc + jc + jr);
-                                if mr == mr_k && nr == nr_k {
-                                    K::run(kc, ap, bp, cp, v.rsc, v.alpha, acc);
+                                let edge = mr < mr_k || nr < nr_k;
+                                // An edge tile is computed into a full tile and its valid part copied out.
+                                let (dst, rs_dst, acc_dst) = if edge { (tile.as_mut_ptr(), nr_k, false) } else { (cp, v.rsc, acc) };
+                                if direct_a && mr == mr_k {
+                                    K::run_direct(kc, a.ptr().add((ic + ir) * v.rsa + pc), v.rsa, bp, dst, rs_dst, v.alpha, acc_dst);
                                 } else {
-                                    // Edge tile: compute into a full tile, copy the valid part.
-                                    let mut tile = [0f32; MAX_TILE];
-                                    K::run(kc, ap, bp, tile.as_mut_ptr(), nr_k, v.alpha, false);
+                                    K::run(kc, pa.add(ir * kc), bp, dst, rs_dst, v.alpha, acc_dst);
+                                }
+                                if edge {
                                     for i in 0..mr {
                                         for j in 0..nr {
                                             let dst = cp.add(i * v.rsc + j);
