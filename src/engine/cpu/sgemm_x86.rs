@@ -147,8 +147,12 @@ unsafe fn blocked<K: MicroKernel>(v: &View, n: usize, b: *const f32, c: *mut f32
     let direct_a = v.csa == 1;
     let wanted = m.div_ceil(MC).next_multiple_of(threads);
     let row_parts = wanted.min(micro_rows);
-    for jc in (0..n).step_by(NC) {
-        let nc = NC.min(n - jc);
+    // Shared B is not cut into NC-column blocks: each B micro-panel is read by each task once per span either
+    // way, and cutting would make the threads meet twice more per block (the products that share B have
+    // fewer than threads·NC columns).
+    let block_cols = if threads > 1 { n } else { NC };
+    for jc in (0..n).step_by(block_cols) {
+        let nc = block_cols.min(n - jc);
         let panels = nc.div_ceil(nr_k);
         let groups = wanted.div_ceil(row_parts).min(panels);
         for span in (0..k).step_by(SPAN_BLOCKS * K::KC) {
