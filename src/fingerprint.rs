@@ -38,6 +38,12 @@ impl Fingerprint {
 
     pub fn f32s(&mut self, v: &[f32]) -> &mut Self {
         self.u64(v.len() as u64);
+        self.f32_values(v)
+    }
+
+    /// `f32s` without the length: the values of a long run fed in parts, each part but the last a multiple of
+    /// 8 values long, give the fingerprint of the whole.
+    pub fn f32_values(&mut self, v: &[f32]) -> &mut Self {
         let mut quads = v.chunks_exact(8);
         for q in &mut quads {
             let w = |i: usize| q[i].to_bits() as u64 | (q[i + 1].to_bits() as u64) << 32;

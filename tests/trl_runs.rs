@@ -131,6 +131,33 @@ fn gradient_checkpointing_changes_no_number() {
     }
 }
 
+/// A reference whose weights are all bf16 values is held in bf16 (half its memory) and gives the run it gives
+/// held in f32, bit for bit: every product widens it exactly.
+#[test]
+fn a_reference_held_in_bf16_changes_no_number() {
+    let train = |frozen: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = Trainer::new(fixture_config(dir.path(), &["optim=adamw_torch"]), &Silent).unwrap();
+        let r = t.reference.take().expect("a reference model");
+        let truncated: Vec<f32> = r.params.to_host().iter().map(|v| f32::from_bits(v.to_bits() & 0xFFFF_0000)).collect();
+        let f32_copy = Model { params: kto::engine::Buffer::from_host(truncated), ..r };
+        let reference = if frozen { f32_copy.frozen() } else { f32_copy };
+        let bytes = reference.params.bytes();
+        t.reference = Some(reference);
+        let logs = t.train(&Silent).unwrap().log_history;
+        (t.policy.params, logs, bytes)
+    };
+    let (f32_weights, f32_logs, f32_bytes) = train(false);
+    let (bf16_weights, bf16_logs, bf16_bytes) = train(true);
+    assert_eq!(bf16_bytes * 2, f32_bytes, "the frozen copy is held in bf16");
+    assert_eq!(f32_weights, bf16_weights, "weights after 3 AdamW steps");
+    for (a, b) in f32_logs.iter().zip(&bf16_logs) {
+        for (k, v) in a.iter().filter(|(k, _)| !k.starts_with("train_")) {
+            assert_eq!(v, &b[k], "{k}");
+        }
+    }
+}
+
 #[test]
 fn evaluation_logs_eval_metrics_and_precomputed_eval_reference_agrees() {
     let data = fixture("kto.jsonl").display().to_string();

@@ -443,4 +443,15 @@ impl Model {
     pub fn num_parameters(&self) -> usize {
         self.layout.total
     }
+
+    /// A copy that never trains (the reference model): no adapters, and its weights in bf16 when they all are
+    /// bf16 values (a bf16 checkpoint), which halves its memory and changes no number.
+    pub fn frozen_copy(&self) -> Model {
+        Model { spec: self.spec.clone(), layout: self.layout.clone(), params: self.params.frozen_copy(), lora: None }
+    }
+
+    /// `frozen_copy`, consuming the model.
+    pub fn frozen(self) -> Model {
+        Model { params: self.params.frozen_copy(), lora: None, ..self }
+    }
 }

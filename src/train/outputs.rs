@@ -86,7 +86,11 @@ impl Trainer {
     pub(super) fn run_identity(&self, world: usize) -> RunIdentity {
         let mut data = Fingerprint::default();
         data_fingerprint(&mut data, &self.data);
-        let weights = |m: &Model| Fingerprint::default().f32s(&m.params.to_host()).hex();
+        let weights = |m: &Model| {
+            let mut h = Fingerprint::default();
+            m.params.fingerprint(&mut h);
+            h.hex()
+        };
         let policy = weights(&self.policy);
         let reference = match (&self.reference, self.task) {
             (_, Task::Sft) => "none".to_string(),

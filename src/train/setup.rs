@@ -44,11 +44,11 @@ impl Trainer {
                         format!("vocab_size {} differs from the policy's {}", r.spec.vocab_size, policy.spec.vocab_size),
                     ));
                 }
-                Some(r)
+                Some(r.frozen())
             }
             // SFT has no reference; under LoRA the reference is the frozen base inside the policy: no second copy.
             None if cfg.use_peft || task == Task::Sft => None,
-            None => Some(Model { lora: None, ..policy.clone() }),
+            None => Some(policy.frozen_copy()),
         };
         tokenizer.check_fits(policy.spec.vocab_size, &cfg.model)?;
         let prepared = load_data(&cfg, task, &cfg.train_dataset, &tokenizer, obs, ranks)?;

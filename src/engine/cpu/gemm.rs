@@ -6,6 +6,7 @@
 //! cores and kernels that already run in parallel never oversubscribe them.
 use super::isa::{self, Isa};
 use super::kernels::SharedMut;
+use super::weights::{Weights, Widen};
 use rayon::prelude::*;
 
 /// Below this many multiply-adds a product runs on one thread: splitting costs more than it saves.
@@ -21,15 +22,7 @@ pub fn gemm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: 
 /// `gemm` with the kernels of `isa` (which this CPU must support), for testing each set.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_with(isa: Isa, m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: bool, c: &mut [f32], accumulate: bool) {
-    assert!(isa.supported(), "gemm_with: this CPU cannot run {}", isa.name());
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm: buffer too small");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            c[..m * n].fill(0.0);
-        }
+    if trivial(isa, m, k, n, a, b.len(), c, accumulate) {
         return;
     }
     if m <= SKINNY_ROWS && !a_t && b_t {
@@ -81,13 +74,75 @@ pub fn gemm_with(isa: Isa, m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b
     });
 }
 
+/// `gemm` with B a model's weights: f32, or bf16 widened while packed (the bits their f32 values give).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_w(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: Weights, b_t: bool, c: &mut [f32], accumulate: bool) {
+    match b {
+        Weights::F32(b) => gemm(m, k, n, a, a_t, b, b_t, c, accumulate),
+        Weights::Bf16(b) => gemm_bf16_with(isa::active(), m, k, n, a, a_t, b, b_t, c, accumulate),
+    }
+}
+
+/// `gemm_with` for B in bf16.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bf16_with(isa: Isa, m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[u16], b_t: bool, c: &mut [f32], accumulate: bool) {
+    if trivial(isa, m, k, n, a, b.len(), c, accumulate) {
+        return;
+    }
+    if m <= SKINNY_ROWS && !a_t && b_t {
+        return skinny(m, k, n, a, b, c, accumulate);
+    }
+    let (rsa, csa) = if a_t { (1, m) } else { (k, 1) };
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Portable {
+        let (rsb, csb) = if b_t { (1, k) } else { (n, 1) };
+        let parallel = m * n * k >= PARALLEL_MIN_FLOPS && rayon::current_num_threads() > 1;
+        // SAFETY: as in `gemm_with`.
+        unsafe { x86(isa, m, k, n, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, 1.0, accumulate, c.as_mut_ptr(), n, parallel) };
+        return;
+    }
+    // Portable: blocks of columns widened into a scratch and multiplied by matrixmultiply, whose sums do not
+    // depend on how the columns are split (as in `gemm_with`).
+    const WIDE_COLS: usize = 256;
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    let c_ptr = SharedMut(c.as_mut_ptr());
+    (0..n.div_ceil(WIDE_COLS)).into_par_iter().for_each(|t| {
+        let (j0, cols) = (t * WIDE_COLS, WIDE_COLS.min(n - t * WIDE_COLS));
+        let wide: Vec<f32> = if b_t {
+            b[j0 * k..(j0 + cols) * k].iter().map(|v| v.widen()).collect()
+        } else {
+            (0..k).flat_map(|p| b[p * n + j0..][..cols].iter().map(|v| v.widen())).collect()
+        };
+        let (rsb, csb) = if b_t { (1, k) } else { (cols, 1) };
+        // SAFETY: block t writes only columns j0..j0+cols of c; `wide` holds the k×cols block of B.
+        unsafe { sgemm_strided_with(isa, m, k, cols, 1.0, a.as_ptr(), rsa, csa, wide.as_ptr(), rsb, csb, beta, c_ptr.ptr().add(j0), n, 1) };
+    });
+}
+
+/// Checks the shapes, and does the whole of a product with no rows, columns or depth: true when done.
+#[allow(clippy::too_many_arguments)]
+fn trivial(isa: Isa, m: usize, k: usize, n: usize, a: &[f32], b_len: usize, c: &mut [f32], accumulate: bool) -> bool {
+    assert!(isa.supported(), "gemm_with: this CPU cannot run {}", isa.name());
+    assert!(a.len() >= m * k && b_len >= k * n && c.len() >= m * n, "gemm: buffer too small");
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return true;
+    }
+    false
+}
+
 /// Products with at most this many rows against a weight stored `[n, k]` (decoding a token per sequence) take
 /// `skinny`: packing the weight for a few rows would cost more than the product.
 const SKINNY_ROWS: usize = 4;
 
 /// `c[m,n] (+)= a[m,k] · bᵀ` for `b` stored `[n,k]` and small `m`: each row of `b` is streamed once, for all `m`
 /// rows of `a` at a time, and the columns split over the threads. Memory-bound, as decoding is.
-fn skinny(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+fn skinny<T: Widen>(m: usize, k: usize, n: usize, a: &[f32], b: &[T], c: &mut [f32], accumulate: bool) {
     const LANES: usize = 16;
     let threads = rayon::current_num_threads();
     let cols_per_task = n.div_ceil(threads * 8).max(16);
@@ -104,12 +159,12 @@ fn skinny(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], acc
                 let (wr, xr) = (wc.remainder(), xc.remainder());
                 for (wv, xv) in wc.zip(xc) {
                     for l in 0..LANES {
-                        lanes[l] += wv[l] * xv[l];
+                        lanes[l] += wv[l].widen() * xv[l];
                     }
                 }
                 let mut sum = lanes.iter().sum::<f32>();
                 for (wv, xv) in wr.iter().zip(xr) {
-                    sum += wv * xv;
+                    sum += wv.widen() * xv;
                 }
                 // SAFETY: task t alone writes columns j0..j1 of c, inside the m×n checked by the caller.
                 unsafe {
@@ -184,6 +239,27 @@ mod tests {
     fn blocked_shapes_match_naive() {
         check_shape(199, 301, 1041);
         check_shape(37, 70, 2100);
+    }
+
+    /// Weights held in bf16 give, on every kernel set, the bits their widened f32 values give: frozen weights in
+    /// their checkpoint's dtype change no number. Shapes: skinny, blocked, wide per thread, odd edges.
+    #[test]
+    fn bf16_weights_give_the_bits_of_their_f32_values() {
+        for (m, k, n) in [(3, 301, 77), (199, 301, 1041), (37, 70, 2100), (5, 9, 300)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+            let b16: Vec<u16> = (0..k * n).map(|i| ((0.02 * (((i * 104729) % 997) as f32 - 498.0)).to_bits() >> 16) as u16).collect();
+            let b32: Vec<f32> = b16.iter().map(|v| v.widen()).collect();
+            for isa in Isa::available() {
+                for (a_t, b_t) in [(false, true), (false, false), (true, false), (true, true)] {
+                    let mut want = vec![0.5f32; m * n];
+                    gemm_with(isa, m, k, n, &a, a_t, &b32, b_t, &mut want, true);
+                    let mut got = vec![0.5f32; m * n];
+                    gemm_bf16_with(isa, m, k, n, &a, a_t, &b16, b_t, &mut got, true);
+                    let same = got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits());
+                    assert!(same, "{} m={m} k={k} n={n} a_t={a_t} b_t={b_t}", isa.name());
+                }
+            }
+        }
     }
 
     fn check_shape(m: usize, k: usize, n: usize) {
@@ -270,7 +346,7 @@ pub unsafe fn sgemm_strided_with(
 /// As `sgemm_x86::sgemm`.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn x86(
+unsafe fn x86<T: super::sgemm_x86::PackSource>(
     isa: Isa,
     m: usize,
     k: usize,
@@ -278,7 +354,7 @@ unsafe fn x86(
     a: *const f32,
     rsa: usize,
     csa: usize,
-    b: *const f32,
+    b: *const T,
     rsb: usize,
     csb: usize,
     alpha: f32,
@@ -289,7 +365,7 @@ unsafe fn x86(
 ) {
     use super::sgemm_x86::sgemm;
     match isa {
-        Isa::Avx512 => sgemm::<super::kernel_avx512::Avx512>(m, k, n, a, rsa, csa, b, rsb, csb, alpha, accumulate, c, rsc, parallel),
-        _ => sgemm::<super::kernel_avx2::Avx2>(m, k, n, a, rsa, csa, b, rsb, csb, alpha, accumulate, c, rsc, parallel),
+        Isa::Avx512 => sgemm::<super::kernel_avx512::Avx512, T>(m, k, n, a, rsa, csa, b, rsb, csb, alpha, accumulate, c, rsc, parallel),
+        _ => sgemm::<super::kernel_avx2::Avx2, T>(m, k, n, a, rsa, csa, b, rsb, csb, alpha, accumulate, c, rsc, parallel),
     }
 }

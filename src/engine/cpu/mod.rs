@@ -9,6 +9,7 @@ pub mod memory;
 pub mod pool;
 pub mod reference;
 pub mod update;
+pub mod weights;
 #[cfg(target_arch = "x86_64")]
 mod kernel_avx2;
 #[cfg(target_arch = "x86_64")]

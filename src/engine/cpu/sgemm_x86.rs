@@ -14,6 +14,7 @@
 
 use std::arch::x86_64::*;
 use super::kernels::SharedMut;
+use super::weights::Widen;
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::Mutex;
@@ -61,14 +62,65 @@ thread_local! {
 static PACK_B_POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 
 /// Read-only pointer that tasks may share.
-#[derive(Clone, Copy)]
-struct SharedConst(*const f32);
+struct SharedConst<T>(*const T);
+impl<T> Clone for SharedConst<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedConst<T> {}
 // SAFETY: only read, while the owner waits for the tasks.
-unsafe impl Send for SharedConst {}
-unsafe impl Sync for SharedConst {}
-impl SharedConst {
-    fn ptr(self) -> *const f32 {
+unsafe impl<T> Send for SharedConst<T> {}
+unsafe impl<T> Sync for SharedConst<T> {}
+impl<T> SharedConst<T> {
+    fn ptr(self) -> *const T {
         self.0
+    }
+}
+
+/// What B may be stored as: f32, or bf16 (frozen weights), widened to f32 exactly while it is packed, so the
+/// product is the one of the widened values, bit for bit.
+pub trait PackSource: Widen {
+    /// The eight elements at `p` in f32.
+    ///
+    /// # Safety
+    /// The CPU runs AVX2; `p` addresses eight valid elements.
+    unsafe fn load8(p: *const Self) -> __m256;
+    /// `dst[..len] = src[..len]` in f32.
+    ///
+    /// # Safety
+    /// The CPU runs AVX2; both address `len` valid elements and do not overlap.
+    unsafe fn copy_widened(src: *const Self, dst: *mut f32, len: usize);
+}
+
+impl PackSource for f32 {
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn copy_widened(src: *const f32, dst: *mut f32, len: usize) {
+        std::ptr::copy_nonoverlapping(src, dst, len)
+    }
+}
+
+impl PackSource for u16 {
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load8(p: *const u16) -> __m256 {
+        let halves = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(halves))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn copy_widened(src: *const u16, dst: *mut f32, len: usize) {
+        let whole = len / 8 * 8;
+        for i in (0..whole).step_by(8) {
+            _mm256_storeu_ps(dst.add(i), Self::load8(src.add(i)));
+        }
+        for i in whole..len {
+            *dst.add(i) = (*src.add(i)).widen();
+        }
     }
 }
 
@@ -83,14 +135,14 @@ impl SharedConst {
 /// The CPU must run the kernel's instruction set; the pointers with their strides must address valid memory for the shapes, and
 /// no other thread may touch the elements of `c` meanwhile.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn sgemm<K: MicroKernel>(
+pub unsafe fn sgemm<K: MicroKernel, T: PackSource>(
     m: usize,
     k: usize,
     n: usize,
     a: *const f32,
     rsa: usize,
     csa: usize,
-    b: *const f32,
+    b: *const T,
     rsb: usize,
     csb: usize,
     alpha: f32,
@@ -108,11 +160,11 @@ pub unsafe fn sgemm<K: MicroKernel>(
             let j0 = t * cols;
             if j0 < n {
                 // SAFETY: thread t writes only columns j0..j0+cols of c; b's columns j0.. lie inside b.
-                unsafe { blocked::<K>(&view, cols.min(n - j0), b.ptr().add(j0 * csb), c.ptr().add(j0), 1) };
+                unsafe { blocked::<K, T>(&view, cols.min(n - j0), b.ptr().add(j0 * csb), c.ptr().add(j0), 1) };
             }
         });
     } else {
-        blocked::<K>(&view, n, b, c, threads);
+        blocked::<K, T>(&view, n, b, c, threads);
     }
 }
 
@@ -120,7 +172,7 @@ pub unsafe fn sgemm<K: MicroKernel>(
 struct View {
     m: usize,
     k: usize,
-    a: SharedConst,
+    a: SharedConst<f32>,
     rsa: usize,
     csa: usize,
     rsb: usize,
@@ -135,7 +187,7 @@ struct View {
 /// of whole micro-panels of rows (and, when there are few rows, a group of B panels), pack their A one KC
 /// block at a time and multiply. Tasks are equal to within one micro-panel and a multiple of the threads in number, so that the
 /// threads finish together.
-unsafe fn blocked<K: MicroKernel>(v: &View, n: usize, b: *const f32, c: *mut f32, threads: usize) {
+unsafe fn blocked<K: MicroKernel, T: PackSource>(v: &View, n: usize, b: *const T, c: *mut f32, threads: usize) {
     let (m, k, mr_k, nr_k) = (v.m, v.k, K::MR, K::NR);
     let mut pb = if threads > 1 {
         PACK_B_POOL.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default()
@@ -251,7 +303,7 @@ fn aligned(buf: &mut Vec<f32>, len: usize) -> *mut f32 {
 
 /// Writes `dst[p*width + j] = src[j*lane_stride + p*depth_stride]` for `j < lanes` (zero for `lanes..width`),
 /// `p < kc`: the one packing loop of both operands, with a fast path for each memory order.
-unsafe fn pack_panel(kc: usize, lanes: usize, width: usize, src: *const f32, lane_stride: usize, depth_stride: usize, dst: *mut f32) {
+unsafe fn pack_panel<T: PackSource>(kc: usize, lanes: usize, width: usize, src: *const T, lane_stride: usize, depth_stride: usize, dst: *mut f32) {
     if lanes < width {
         std::ptr::write_bytes(dst, 0, kc * width);
     }
@@ -260,15 +312,15 @@ unsafe fn pack_panel(kc: usize, lanes: usize, width: usize, src: *const f32, lan
         // two vector moves rather than a call to memmove).
         if lanes == 16 && width == 16 {
             for p in 0..kc {
-                std::ptr::copy_nonoverlapping(src.add(p * depth_stride), dst.add(p * width), 16);
+                T::copy_widened(src.add(p * depth_stride), dst.add(p * width), 16);
             }
         } else if lanes == 32 && width == 32 {
             for p in 0..kc {
-                std::ptr::copy_nonoverlapping(src.add(p * depth_stride), dst.add(p * width), 32);
+                T::copy_widened(src.add(p * depth_stride), dst.add(p * width), 32);
             }
         } else {
             for p in 0..kc {
-                std::ptr::copy_nonoverlapping(src.add(p * depth_stride), dst.add(p * width), lanes);
+                T::copy_widened(src.add(p * depth_stride), dst.add(p * width), lanes);
             }
         }
     } else if depth_stride == 1 {
@@ -284,13 +336,13 @@ unsafe fn pack_panel(kc: usize, lanes: usize, width: usize, src: *const f32, lan
             let s = src.add(j * lane_stride);
             let first = if j < blocks * 8 { depth8 } else { 0 };
             for p in first..kc {
-                *dst.add(p * width + j) = *s.add(p);
+                *dst.add(p * width + j) = (*s.add(p)).widen();
             }
         }
     } else {
         for p in 0..kc {
             for j in 0..lanes {
-                *dst.add(p * width + j) = *src.add(j * lane_stride + p * depth_stride);
+                *dst.add(p * width + j) = (*src.add(j * lane_stride + p * depth_stride)).widen();
             }
         }
     }
@@ -298,8 +350,8 @@ unsafe fn pack_panel(kc: usize, lanes: usize, width: usize, src: *const f32, lan
 
 /// `dst[q*rsd + r] = src[r*rss + q]` for r, q < 8.
 #[target_feature(enable = "avx2")]
-unsafe fn transpose_8x8(src: *const f32, rss: usize, dst: *mut f32, rsd: usize) {
-    let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * rss)));
+unsafe fn transpose_8x8<T: PackSource>(src: *const T, rss: usize, dst: *mut f32, rsd: usize) {
+    let r: [__m256; 8] = std::array::from_fn(|i| T::load8(src.add(i * rss)));
     let t0 = _mm256_unpacklo_ps(r[0], r[1]);
     let t1 = _mm256_unpackhi_ps(r[0], r[1]);
     let t2 = _mm256_unpacklo_ps(r[2], r[3]);

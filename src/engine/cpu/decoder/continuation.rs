@@ -2,7 +2,7 @@
 //! cache.
 use super::*;
 use crate::engine::cpu::pool::Buf;
-use crate::engine::cpu::gemm::gemm;
+use crate::engine::cpu::gemm::gemm_w;
 use crate::model::Model;
 use rayon::prelude::*;
 
@@ -135,7 +135,8 @@ pub fn extend_kv(model: &Model, cache: &mut KvCache, new_tokens: &[&[u32]]) -> V
     let hidden = gather_rows(&xf, &last_rows, model.spec.hidden);
     let (hd, vocab) = (model.spec.hidden, model.spec.vocab_size);
     let mut all = vec![0f32; active.len() * vocab];
-    gemm(active.len(), hd, vocab, &hidden, false, &model.params.host()[model.layout.lm_head..][..vocab * hd], true, &mut all, false);
+    let w = model.params.weights().slice(model.layout.lm_head, vocab * hd);
+    gemm_w(active.len(), hd, vocab, &hidden, false, w, true, &mut all, false);
     for (i, &s) in active.iter().enumerate() {
         cache.lens[s] += new_tokens[s].len();
         logits[s] = all[i * vocab..(i + 1) * vocab].to_vec();

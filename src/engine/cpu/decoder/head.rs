@@ -2,7 +2,7 @@
 //! backward, and moving rows between the full and the scored set.
 use super::*;
 use crate::engine::cpu::pool::Buf;
-use crate::engine::cpu::gemm::gemm;
+use crate::engine::cpu::gemm::{gemm, gemm_w};
 use crate::engine::cpu::kernels::{self};
 use crate::model::Model;
 use rayon::prelude::*;
@@ -11,8 +11,8 @@ pub(super) fn final_norm(model: &Model, x: &[f32]) -> (Buf, Buf) {
     let hd = model.spec.hidden;
     let mut xf = Buf::scratch(x.len());
     let mut rstd = Buf::scratch(x.len() / hd);
-    let w = &model.params.host()[model.layout.final_norm..][..hd];
-    kernels::rmsnorm_forward(x, w, model.spec.rms_eps, &mut xf, &mut rstd);
+    let w = model.params.weights().f32s(model.layout.final_norm, hd);
+    kernels::rmsnorm_forward(x, &w, model.spec.rms_eps, &mut xf, &mut rstd);
     (xf, rstd)
 }
 
@@ -68,7 +68,7 @@ pub(super) fn lm_head_forward(
     mut softmax: Option<&mut [f32]>,
 ) {
     let (hd, vocab) = (model.spec.hidden, model.spec.vocab_size);
-    let w = &model.params.host()[model.layout.lm_head..][..vocab * hd];
+    let w = model.params.weights().slice(model.layout.lm_head, vocab * hd);
     let m = targets.len();
     let keep = softmax.is_some();
     let mut scratch = if keep { Buf::default() } else { Buf::zeros(LM_HEAD_ROWS.min(m) * vocab) };
@@ -78,7 +78,7 @@ pub(super) fn lm_head_forward(
             Some(all) => &mut all[r0 * vocab..(r0 + nr) * vocab],
             None => &mut scratch[..nr * vocab],
         };
-        gemm(nr, hd, vocab, &hidden[r0 * hd..], false, w, true, z, false);
+        gemm_w(nr, hd, vocab, &hidden[r0 * hd..], false, w, true, z, false);
         let stats: Vec<(f32, f32, f32, f32, bool)> = z
             .par_chunks_mut(vocab)
             .zip(targets[r0..r0 + nr].par_iter())
@@ -112,11 +112,11 @@ pub(super) fn lm_head_backward(
     dlogp: &[f32],
     mut base: Option<&mut [f32]>,
 ) -> Buf {
-    let (lay, p) = (&model.layout, model.params.host());
+    let (lay, p) = (&model.layout, model.params.weights());
     let (hd, vocab) = (model.spec.hidden, model.spec.vocab_size);
     let m = batch.scored_rows.len();
     // lm_head: dz = g · (onehot(target) − softmax(z)), from the kept softmax or recomputing z block by block.
-    let w_lm = &p[lay.lm_head..][..vocab * hd];
+    let w_lm = p.slice(lay.lm_head, vocab * hd);
     let mut d_hidden = Buf::zeros(m * hd);
     let mut scratch = if kept.is_some() { Buf::default() } else { Buf::zeros(LM_HEAD_ROWS.min(m) * vocab) };
     for r0 in (0..m).step_by(LM_HEAD_ROWS) {
@@ -126,7 +126,7 @@ pub(super) fn lm_head_backward(
             Some(all) => &mut all[r0 * vocab..(r0 + nr) * vocab],
             None => {
                 let z = &mut scratch[..nr * vocab];
-                gemm(nr, hd, vocab, xs, false, w_lm, true, z, false);
+                gemm_w(nr, hd, vocab, xs, false, w_lm, true, z, false);
                 z.par_chunks_mut(vocab).enumerate().for_each(|(i, zr)| {
                     let l = lse[r0 + i];
                     zr.iter_mut().for_each(|v| *v = kernels::exp_f32(*v - l));
@@ -140,7 +140,7 @@ pub(super) fn lm_head_backward(
             zr.iter_mut().for_each(|v| *v *= -g);
             zr[batch.scored_targets[row] as usize] += g;
         });
-        gemm(nr, vocab, hd, z, false, w_lm, false, &mut d_hidden[r0 * hd..][..nr * hd], false);
+        gemm_w(nr, vocab, hd, z, false, w_lm, false, &mut d_hidden[r0 * hd..][..nr * hd], false);
         if let Some(g) = base.as_deref_mut() {
             gemm(vocab, nr, hd, z, true, xs, false, &mut g[lay.lm_head..][..vocab * hd], true);
         }

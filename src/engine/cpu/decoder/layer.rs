@@ -1,7 +1,8 @@
 //! One decoder layer: its forward (saving a tape) beside its backward, and the layer stack.
 use super::*;
 use crate::engine::cpu::pool::Buf;
-use crate::engine::cpu::gemm::gemm;
+use crate::engine::cpu::gemm::{gemm, gemm_w};
+use crate::engine::cpu::weights::Weights;
 use crate::engine::cpu::kernels::{self, AttnShape, Rope};
 use crate::model::lora::{LoraModule, Target};
 use crate::model::Model;
@@ -73,9 +74,9 @@ pub(super) enum LayerRecord {
     Checkpoint(Buf),
 }
 
-pub(super) fn linear(x: &[f32], rows: usize, w: &[f32], in_dim: usize, out_dim: usize) -> Buf {
+pub(super) fn linear(x: &[f32], rows: usize, w: Weights, in_dim: usize, out_dim: usize) -> Buf {
     let mut y = Buf::scratch(rows * out_dim);
-    gemm(rows, in_dim, out_dim, x, false, w, true, &mut y, false);
+    gemm_w(rows, in_dim, out_dim, x, false, w, true, &mut y, false);
     y
 }
 
@@ -92,12 +93,12 @@ pub(super) fn run_layers(
     pass: Pass,
     last_layer_rows: Option<&[usize]>,
 ) -> (Buf, Vec<LayerRecord>, Vec<Buf>) {
-    let (p, lay, hd) = (model.params.host(), &model.layout, model.spec.hidden);
+    let (p, lay, hd) = (model.params.weights(), &model.layout, model.spec.hidden);
     // With checkpointing a layer keeps no tape of its own: its input is kept here and backward recomputes it.
     let layer_pass = Pass { keep_tape: pass.keep_tape && !pass.checkpoint, checkpoint: false, ..pass };
     let mut x = Buf::scratch(tokens.len() * hd);
     x.par_chunks_mut(hd).zip(tokens.par_iter()).for_each(|(row, &t)| {
-        row.copy_from_slice(&p[lay.embed + t as usize * hd..][..hd]);
+        p.copy_into(lay.embed + t as usize * hd, row);
     });
     let (mut records, mut kept_qkv) = (Vec::new(), Vec::new());
     let last = lay.layers.len().saturating_sub(1);
@@ -133,7 +134,7 @@ pub(super) fn layer_forward(
     let (keep_tape, keep_qkv) = (pass.keep_tape, pass.keep_cache);
     let lora = if pass.adapters { model.lora.as_ref() } else { None };
     let spec = &model.spec;
-    let p = model.params.host();
+    let p = model.params.weights();
     let lo = &model.layout.layers[l];
     let (n, hd) = (positions.len(), spec.hidden);
     let (qd, kvd, inter) = (spec.q_dim(), spec.kv_dim(), spec.intermediate);
@@ -147,9 +148,9 @@ pub(super) fn layer_forward(
         AttnShape { seq_starts, heads: spec.heads, kv_heads: spec.kv_heads, head_dim: spec.head_dim, window: spec.layer_windows[l] };
     let mut xn1 = Buf::scratch(n * hd);
     let mut rstd1 = Buf::scratch(n);
-    kernels::rmsnorm_forward(x, &p[lo.input_norm..][..hd], spec.rms_eps, &mut xn1, &mut rstd1);
+    kernels::rmsnorm_forward(x, &p.f32s(lo.input_norm, hd), spec.rms_eps, &mut xn1, &mut rstd1);
     // q, k and v weights are consecutive in the layout: one GEMM against the [q|k|v] stack.
-    let mut qkv = linear(&xn1, n, &p[lo.q..], hd, qkv_w);
+    let mut qkv = linear(&xn1, n, p.at(lo.q), hd, qkv_w);
     let mut lora_u = Vec::new();
     let adapters_of = |targets: &[Target]| -> Vec<&LoraModule> {
         lora.map(|lr| lr.layers[l].iter().filter(|m| targets.contains(&m.target)).collect()).unwrap_or_default()
@@ -158,7 +159,7 @@ pub(super) fn layer_forward(
         lora_u.push(lora_forward(lora.unwrap(), m, &xn1, n, &mut qkv, qkv_w));
     }
     if let Some(b) = lo.qkv_bias {
-        kernels::add_bias(&mut qkv, qkv_w, &p[b..][..qkv_w]);
+        kernels::add_bias(&mut qkv, qkv_w, &p.f32s(b, qkv_w));
     }
     let (mut qk_pre, mut qk_rstd) = (Buf::default(), Buf::default());
     if let (Some(qn), Some(kn)) = (lo.q_norm, lo.k_norm) {
@@ -166,7 +167,7 @@ pub(super) fn layer_forward(
             qk_pre = Buf::copy_of(&qkv);
         }
         qk_rstd = Buf::zeros(n * (spec.heads + spec.kv_heads));
-        let (wq, wk) = (&p[qn..][..spec.head_dim], &p[kn..][..spec.head_dim]);
+        let (wq, wk) = (&p.f32s(qn, spec.head_dim), &p.f32s(kn, spec.head_dim));
         kernels::head_rmsnorm_forward(&mut qkv, qkv_w, spec.heads, spec.kv_heads, wq, wk, spec.rms_eps, &mut qk_rstd);
     }
     rope.apply(&mut qkv, qkv_w, qd + kvd, positions, false);
@@ -193,22 +194,22 @@ pub(super) fn layer_forward(
         Some(rows) => (rows.len(), &att_out),
         None => (n, &att),
     };
-    gemm(n, qd, hd, att_in, false, &p[lo.o..], true, x, true);
+    gemm_w(n, qd, hd, att_in, false, p.at(lo.o), true, x, true);
     for m in adapters_of(&[Target::O]) {
         lora_u.push(lora_forward(lora.unwrap(), m, att_in, n, x, hd));
     }
     let mut xn2 = Buf::scratch(n * hd);
     let mut rstd2 = Buf::scratch(n);
-    kernels::rmsnorm_forward(x, &p[lo.post_norm..][..hd], spec.rms_eps, &mut xn2, &mut rstd2);
+    kernels::rmsnorm_forward(x, &p.f32s(lo.post_norm, hd), spec.rms_eps, &mut xn2, &mut rstd2);
     // gate and up weights are consecutive too: one GEMM against the [gate|up] stack.
-    let mut gate_up = linear(&xn2, n, &p[lo.gate..], hd, 2 * inter);
+    let mut gate_up = linear(&xn2, n, p.at(lo.gate), hd, 2 * inter);
     for m in adapters_of(&[Target::Gate, Target::Up]) {
         lora_u.push(lora_forward(lora.unwrap(), m, &xn2, n, &mut gate_up, 2 * inter));
     }
     let mut h = Buf::scratch(n * inter);
     kernels::swiglu_forward(&gate_up, inter, &mut h);
     let x_mid = if keep_tape { Buf::copy_of(x) } else { Buf::default() };
-    gemm(n, inter, hd, &h, false, &p[lo.down..], true, x, true);
+    gemm_w(n, inter, hd, &h, false, p.at(lo.down), true, x, true);
     for m in adapters_of(&[Target::Down]) {
         lora_u.push(lora_forward(lora.unwrap(), m, &h, n, x, hd));
     }
@@ -239,7 +240,7 @@ pub(super) fn layer_forward(
 /// `t.out_rows` when the layer kept just those), and the gradient at its input comes back. Weight gradients go
 /// to `sink`.
 pub(super) fn layer_backward(model: &Model, batch: &SeqBatch, l: usize, t: &LayerTape, rope: &Rope, mut dx: Buf, sink: &mut GradSink) -> Buf {
-    let (spec, p, lo) = (&model.spec, model.params.host(), &model.layout.layers[l]);
+    let (spec, p, lo) = (&model.spec, model.params.weights(), &model.layout.layers[l]);
     let lora = model.lora.as_ref();
     let (n, hd, inter) = (batch.n_tokens(), spec.hidden, spec.intermediate);
     let (qd, kvd) = (spec.q_dim(), spec.kv_dim());
@@ -260,7 +261,7 @@ pub(super) fn layer_backward(model: &Model, batch: &SeqBatch, l: usize, t: &Laye
         lora.map(|lr| lr.layers[l].iter().enumerate().filter(|(_, m)| targets.contains(&m.target)).collect())
             .unwrap_or_default()
     };
-    gemm(nr, hd, inter, &dx, false, &p[lo.down..], false, &mut dh, false);
+    gemm_w(nr, hd, inter, &dx, false, p.at(lo.down), false, &mut dh, false);
     if let Some(g) = sink.base.as_deref_mut() {
         gemm(hd, nr, inter, &dx, true, &t.h, false, &mut g[lo.down..][..hd * inter], true);
     }
@@ -271,7 +272,7 @@ pub(super) fn layer_backward(model: &Model, batch: &SeqBatch, l: usize, t: &Laye
     let mut dgate_up = Buf::scratch(nr * 2 * inter);
     kernels::swiglu_backward(&dh, &t.gate_up, inter, &mut dgate_up);
     let mut dxn2 = Buf::scratch(nr * hd);
-    gemm(nr, 2 * inter, hd, &dgate_up, false, &p[lo.gate..], false, &mut dxn2, false);
+    gemm_w(nr, 2 * inter, hd, &dgate_up, false, p.at(lo.gate), false, &mut dxn2, false);
     if let Some(g) = sink.base.as_deref_mut() {
         gemm(2 * inter, nr, hd, &dgate_up, true, &t.xn2, false, &mut g[lo.gate..][..2 * inter * hd], true);
     }
@@ -279,11 +280,11 @@ pub(super) fn layer_backward(model: &Model, batch: &SeqBatch, l: usize, t: &Laye
         let ag = sink.adapters.as_deref_mut().expect("adapter gradients");
         lora_backward(lora.unwrap(), m, &dgate_up, 2 * inter, &t.xn2, &t.lora_u[i], nr, ag, &mut dxn2);
     }
-    kernels::rmsnorm_backward(&dxn2, &t.x_mid, &p[lo.post_norm..][..hd], &t.rstd2, &mut dx, sink.norm_weights(lo.post_norm, hd));
+    kernels::rmsnorm_backward(&dxn2, &t.x_mid, &p.f32s(lo.post_norm, hd), &t.rstd2, &mut dx, sink.norm_weights(lo.post_norm, hd));
 
     // Attention block: x_mid = x_in + o(attention(rope(q(xn1)), rope(k(xn1)), v(xn1))).
     let mut datt = Buf::scratch(nr * qd);
-    gemm(nr, hd, qd, &dx, false, &p[lo.o..], false, &mut datt, false);
+    gemm_w(nr, hd, qd, &dx, false, p.at(lo.o), false, &mut datt, false);
     if let Some(g) = sink.base.as_deref_mut() {
         gemm(hd, nr, qd, &dx, true, att_in, false, &mut g[lo.o..][..hd * qd], true);
     }
@@ -302,7 +303,7 @@ pub(super) fn layer_backward(model: &Model, batch: &SeqBatch, l: usize, t: &Laye
     if let (Some(qn), Some(kn)) = (lo.q_norm, lo.k_norm) {
         let d = spec.head_dim;
         let (mut dwq, mut dwk) = (vec![0f32; d], vec![0f32; d]);
-        let (wq, wk) = (&p[qn..][..d], &p[kn..][..d]);
+        let (wq, wk) = (&p.f32s(qn, d), &p.f32s(kn, d));
         kernels::head_rmsnorm_backward(
             &mut dqkv, &t.qk_pre, qkv_w, spec.heads, spec.kv_heads, wq, wk, &t.qk_rstd, &mut dwq, &mut dwk,
         );
@@ -315,7 +316,7 @@ pub(super) fn layer_backward(model: &Model, batch: &SeqBatch, l: usize, t: &Laye
         kernels::bias_backward(&dqkv, qkv_w, &mut g[b..b + qkv_w]);
     }
     let mut dxn1 = Buf::scratch(n * hd);
-    gemm(n, qkv_w, hd, &dqkv, false, &p[lo.q..], false, &mut dxn1, false);
+    gemm_w(n, qkv_w, hd, &dqkv, false, p.at(lo.q), false, &mut dxn1, false);
     if let Some(g) = sink.base.as_deref_mut() {
         gemm(qkv_w, n, hd, &dqkv, true, &t.xn1, false, &mut g[lo.q..][..qkv_w * hd], true);
     }
@@ -323,6 +324,6 @@ pub(super) fn layer_backward(model: &Model, batch: &SeqBatch, l: usize, t: &Laye
         let ag = sink.adapters.as_deref_mut().expect("adapter gradients");
         lora_backward(lora.unwrap(), m, &dqkv, qkv_w, &t.xn1, &t.lora_u[i], n, ag, &mut dxn1);
     }
-    kernels::rmsnorm_backward(&dxn1, &t.x_in, &p[lo.input_norm..][..hd], &t.rstd1, &mut dx, sink.norm_weights(lo.input_norm, hd));
+    kernels::rmsnorm_backward(&dxn1, &t.x_in, &p.f32s(lo.input_norm, hd), &t.rstd1, &mut dx, sink.norm_weights(lo.input_norm, hd));
     dx
 }

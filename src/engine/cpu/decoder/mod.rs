@@ -6,7 +6,7 @@
 //! token's output), and the padding positions are never scored.
 use super::pool::Buf;
 use crate::engine::{Pass, ScoredOutput, SeqBatch};
-use super::gemm::gemm;
+use super::gemm::gemm_w;
 use super::kernels::{self, Rope};
 use crate::model::Model;
 
@@ -107,14 +107,14 @@ pub fn forward_logits(model: &Model, seqs: &[&[u32]]) -> Vec<Vec<f32>> {
     let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, Pass::INFERENCE, None);
     let (xf, _) = final_norm(model, &x);
     let (hd, vocab) = (model.spec.hidden, model.spec.vocab_size);
-    let w = &model.params.host()[model.layout.lm_head..][..vocab * hd];
+    let w = model.params.weights().slice(model.layout.lm_head, vocab * hd);
     batch
         .seq_starts
         .windows(2)
         .map(|r| {
             let rows = r[1] - r[0];
             let mut logits = vec![0f32; rows * vocab];
-            gemm(rows, hd, vocab, &xf[r[0] * hd..r[1] * hd], false, w, true, &mut logits, false);
+            gemm_w(rows, hd, vocab, &xf[r[0] * hd..r[1] * hd], false, w, true, &mut logits, false);
             logits
         })
         .collect()
@@ -157,14 +157,14 @@ pub fn forward_with_cache(model: &Model, batch: &SeqBatch, pass: Pass) -> (Score
 /// in the model's parameter layout.
 pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], grads: &mut [f32]) {
     let mut sink = GradSink::new(model, grads);
-    let (spec, lay, p) = (&model.spec, &model.layout, model.params.host());
+    let (spec, lay, p) = (&model.spec, &model.layout, model.params.weights());
     let hd = spec.hidden;
     let rope = Rope::cached(&spec.rope.inv_freq(spec.head_dim), batch.max_len().max(1));
     let softmax = tape.softmax.take();
     let d_hidden = lm_head_backward(model, batch, &tape.scored_hidden, &tape.lse, softmax, dlogp, sink.base.as_deref_mut());
     // The final norm and the last layer's output exist only at the scored rows (`m` of them).
     let mut dx = Buf::zeros(batch.scored_rows.len() * hd);
-    let w_final = &p[lay.final_norm..][..hd];
+    let w_final = &p.f32s(lay.final_norm, hd);
     kernels::rmsnorm_backward(&d_hidden, &tape.x_final, w_final, &tape.rstd_final, &mut dx, sink.norm_weights(lay.final_norm, hd));
     let records = std::mem::take(&mut tape.layers);
     for (l, record) in records.into_iter().enumerate().rev() {
