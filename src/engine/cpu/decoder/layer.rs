@@ -9,8 +9,9 @@ use crate::model::Model;
 use rayon::prelude::*;
 
 pub(super) struct LayerTape {
+    /// Each norm's input and inverse RMS: backward recomputes the normed rows from them (exactly, with
+    /// `rmsnorm_apply`), as it recomputes `h` from `gate_up`, rather than keeping them.
     pub(super) x_in: Buf,
-    pub(super) xn1: Buf,
     pub(super) rstd1: Buf,
     /// Fused `[q | k | v]` rows after RoPE, and the log-sum-exp of every (row, head) attention score row.
     pub(super) qkv: Buf,
@@ -20,14 +21,12 @@ pub(super) struct LayerTape {
     pub(super) qk_rstd: Buf,
     pub(super) att: Buf,
     pub(super) x_mid: Buf,
-    pub(super) xn2: Buf,
     pub(super) rstd2: Buf,
     /// Fused `[gate | up]` rows.
     pub(super) gate_up: Buf,
     /// Per adapter of the layer (in `Lora::layers` order): its input times Aᵀ, `[N, r]` (`[M, r]` after attention
     /// when the layer keeps only `out_rows`).
     pub(super) lora_u: Vec<Buf>,
-    pub(super) h: Buf,
     /// The last layer computes its output only at the rows that are scored (nothing reads the others): those
     /// rows, and the attention output gathered at them. From `x_mid` on, such a tape holds only these rows.
     pub(super) out_rows: Option<Vec<usize>>,
@@ -37,8 +36,8 @@ pub(super) struct LayerTape {
 impl LayerTape {
     /// Floats held, for checking `tape_floats` against what a pass really keeps.
     pub(super) fn floats(&self) -> usize {
-        let bufs = [&self.x_in, &self.xn1, &self.rstd1, &self.qkv, &self.attn_lse, &self.qk_pre, &self.qk_rstd, &self.att];
-        let rest = [&self.x_mid, &self.xn2, &self.rstd2, &self.gate_up, &self.h, &self.att_out];
+        let bufs = [&self.x_in, &self.rstd1, &self.qkv, &self.attn_lse, &self.qk_pre, &self.qk_rstd, &self.att];
+        let rest = [&self.x_mid, &self.rstd2, &self.gate_up, &self.att_out];
         bufs.iter().chain(&rest).map(|b| b.len()).sum::<usize>() + self.lora_u.iter().map(|b| b.len()).sum::<usize>()
     }
 }
@@ -49,13 +48,13 @@ pub(super) fn layer_tape_floats(model: &Model, l: usize, n: usize, m: usize, las
     let spec = &model.spec;
     let (hd, qd, inter) = (spec.hidden, spec.q_dim(), spec.intermediate);
     let qkv_w = qd + 2 * spec.kv_dim();
-    // x_in, xn1, rstd1, qkv, attn_lse, att; with q/k norms, qk_pre and qk_rstd.
-    let mut before = 2 * hd + 1 + qkv_w + spec.heads + qd;
+    // x_in, rstd1, qkv, attn_lse, att; with q/k norms, qk_pre and qk_rstd.
+    let mut before = hd + 1 + qkv_w + spec.heads + qd;
     if spec.qk_norm {
         before += qkv_w + spec.heads + spec.kv_heads;
     }
-    // x_mid, xn2, rstd2, gate_up, h; the last layer also gathers attention's output at its rows.
-    let after = 2 * hd + 1 + 3 * inter + if last { qd } else { 0 };
+    // x_mid, rstd2, gate_up; the last layer also gathers attention's output at its rows.
+    let after = hd + 1 + 2 * inter + if last { qd } else { 0 };
     let (mut lora_before, mut lora_after) = (0, 0);
     if let Some(lora) = &model.lora {
         for module in &lora.layers[l] {
@@ -217,7 +216,6 @@ pub(super) fn layer_forward(
     let out_rows = out_rows.map(|r| r.to_vec());
     let tape = keep_tape.then(|| LayerTape {
         x_in,
-        xn1,
         rstd1,
         qkv,
         attn_lse,
@@ -225,10 +223,8 @@ pub(super) fn layer_forward(
         qk_rstd,
         att,
         x_mid,
-        xn2,
         rstd2,
         gate_up,
-        h,
         lora_u,
         out_rows,
         att_out,
@@ -262,25 +258,32 @@ pub(super) fn layer_backward(model: &Model, batch: &SeqBatch, l: usize, t: &Laye
             .unwrap_or_default()
     };
     gemm_w(nr, hd, inter, &dx, false, p.at(lo.down), false, &mut dh, false);
+    let mut h = Buf::scratch(nr * inter);
+    kernels::swiglu_forward(&t.gate_up, inter, &mut h);
     if let Some(g) = sink.base.as_deref_mut() {
-        gemm(hd, nr, inter, &dx, true, &t.h, false, &mut g[lo.down..][..hd * inter], true);
+        gemm(hd, nr, inter, &dx, true, &h, false, &mut g[lo.down..][..hd * inter], true);
     }
     for (i, m) in adapters_of(&[Target::Down]) {
         let ag = sink.adapters.as_deref_mut().expect("adapter gradients");
-        lora_backward(lora.unwrap(), m, &dx, hd, &t.h, &t.lora_u[i], nr, ag, &mut dh);
+        lora_backward(lora.unwrap(), m, &dx, hd, &h, &t.lora_u[i], nr, ag, &mut dh);
     }
+    drop(h);
     let mut dgate_up = Buf::scratch(nr * 2 * inter);
     kernels::swiglu_backward(&dh, &t.gate_up, inter, &mut dgate_up);
     let mut dxn2 = Buf::scratch(nr * hd);
     gemm_w(nr, 2 * inter, hd, &dgate_up, false, p.at(lo.gate), false, &mut dxn2, false);
+    let w_post = p.f32s(lo.post_norm, hd);
+    let mut xn2 = Buf::scratch(nr * hd);
+    kernels::rmsnorm_apply(&t.x_mid, &w_post, &t.rstd2, &mut xn2);
     if let Some(g) = sink.base.as_deref_mut() {
-        gemm(2 * inter, nr, hd, &dgate_up, true, &t.xn2, false, &mut g[lo.gate..][..2 * inter * hd], true);
+        gemm(2 * inter, nr, hd, &dgate_up, true, &xn2, false, &mut g[lo.gate..][..2 * inter * hd], true);
     }
     for (i, m) in adapters_of(&[Target::Gate, Target::Up]) {
         let ag = sink.adapters.as_deref_mut().expect("adapter gradients");
-        lora_backward(lora.unwrap(), m, &dgate_up, 2 * inter, &t.xn2, &t.lora_u[i], nr, ag, &mut dxn2);
+        lora_backward(lora.unwrap(), m, &dgate_up, 2 * inter, &xn2, &t.lora_u[i], nr, ag, &mut dxn2);
     }
-    kernels::rmsnorm_backward(&dxn2, &t.x_mid, &p.f32s(lo.post_norm, hd), &t.rstd2, &mut dx, sink.norm_weights(lo.post_norm, hd));
+    drop((xn2, dgate_up));
+    kernels::rmsnorm_backward(&dxn2, &t.x_mid, &w_post, &t.rstd2, &mut dx, sink.norm_weights(lo.post_norm, hd));
 
     // Attention block: x_mid = x_in + o(attention(rope(q(xn1)), rope(k(xn1)), v(xn1))).
     let mut datt = Buf::scratch(nr * qd);
@@ -317,13 +320,17 @@ pub(super) fn layer_backward(model: &Model, batch: &SeqBatch, l: usize, t: &Laye
     }
     let mut dxn1 = Buf::scratch(n * hd);
     gemm_w(n, qkv_w, hd, &dqkv, false, p.at(lo.q), false, &mut dxn1, false);
+    let w_in = p.f32s(lo.input_norm, hd);
+    let mut xn1 = Buf::scratch(n * hd);
+    kernels::rmsnorm_apply(&t.x_in, &w_in, &t.rstd1, &mut xn1);
     if let Some(g) = sink.base.as_deref_mut() {
-        gemm(qkv_w, n, hd, &dqkv, true, &t.xn1, false, &mut g[lo.q..][..qkv_w * hd], true);
+        gemm(qkv_w, n, hd, &dqkv, true, &xn1, false, &mut g[lo.q..][..qkv_w * hd], true);
     }
     for (i, m) in adapters_of(&[Target::Q, Target::K, Target::V]) {
         let ag = sink.adapters.as_deref_mut().expect("adapter gradients");
-        lora_backward(lora.unwrap(), m, &dqkv, qkv_w, &t.xn1, &t.lora_u[i], n, ag, &mut dxn1);
+        lora_backward(lora.unwrap(), m, &dqkv, qkv_w, &xn1, &t.lora_u[i], n, ag, &mut dxn1);
     }
-    kernels::rmsnorm_backward(&dxn1, &t.x_in, &p.f32s(lo.input_norm, hd), &t.rstd1, &mut dx, sink.norm_weights(lo.input_norm, hd));
+    drop(xn1);
+    kernels::rmsnorm_backward(&dxn1, &t.x_in, &w_in, &t.rstd1, &mut dx, sink.norm_weights(lo.input_norm, hd));
     dx
 }

@@ -91,10 +91,22 @@ pub fn rmsnorm_forward(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], rstd: &mut
     y.par_chunks_mut(h).zip(x.par_chunks(h)).zip(rstd.par_iter_mut()).for_each(|((yr, xr), r)| {
         let ms = sum_of_squares(xr) / h as f32;
         *r = 1.0 / (ms + eps).sqrt();
-        for ((yv, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
-            *yv = wv * (xv * *r);
-        }
+        rmsnorm_row(xr, w, *r, yr);
     });
+}
+
+/// `rmsnorm_forward`'s output again from its input and `rstd`, bit for bit (backward recomputes it rather
+/// than keeping it on the tape).
+pub fn rmsnorm_apply(x: &[f32], w: &[f32], rstd: &[f32], y: &mut [f32]) {
+    let h = w.len();
+    y.par_chunks_mut(h).zip(x.par_chunks(h)).zip(rstd.par_iter()).for_each(|((yr, xr), &r)| rmsnorm_row(xr, w, r, yr));
+}
+
+#[inline]
+fn rmsnorm_row(x: &[f32], w: &[f32], rstd: f32, y: &mut [f32]) {
+    for ((yv, xv), wv) in y.iter_mut().zip(x).zip(w) {
+        *yv = wv * (xv * rstd);
+    }
 }
 
 /// Rows per partial sum in the weight-gradient reductions below: partials are formed per fixed block of rows and
