@@ -128,6 +128,13 @@ impl Trainer {
         let batch = batch.unwrap_or(&empty);
         let main = packed(&batch.main);
         let with_kl = self.with_kl();
+        // The reference first: its passes' buffers go back to the pool before the policy's tape exists, rather
+        // than adding to it (the numbers do not depend on the order).
+        let (reference, reference_kl) = if self.task == Task::Sft || batch.rows.is_empty() {
+            (Vec::new(), Vec::new())
+        } else {
+            timed(&mut times.reference_forward, || self.reference_logps(batch, &main))
+        };
         let (policy_out, tape, policy_kl) = if batch.rows.is_empty() {
             (ScoredOutput::default(), None, Vec::new())
         } else {
@@ -139,15 +146,10 @@ impl Trainer {
         ranks.sum_f64(&mut tokens);
         let num_tokens = tokens[0] as usize;
         let sum_over_ranks = |v: &mut [f64]| ranks.sum_f64(v);
-        let (reference, reference_kl, result) = if self.task == Task::Sft {
+        let result = if self.task == Task::Sft {
             let total = (num_tokens_before + num_tokens) as f64;
-            (Vec::new(), Vec::new(), crate::objective::sft_loss_across(&policy_out, main.n_seqs(), total, &sum_over_ranks))
+            crate::objective::sft_loss_across(&policy_out, main.n_seqs(), total, &sum_over_ranks)
         } else {
-            let (reference, reference_kl) = if batch.rows.is_empty() {
-                (Vec::new(), Vec::new())
-            } else {
-                timed(&mut times.reference_forward, || self.reference_logps(batch, &main))
-            };
             let lp = MicroBatchLogps {
                 labels: &batch.labels,
                 policy: &policy_out.seq_logps,
@@ -156,8 +158,7 @@ impl Trainer {
                 reference_kl: &reference_kl,
             };
             let total = (num_tokens_before + num_tokens) as f64;
-            let result = self.objective.evaluate_across(&lp, &policy_out, &main.scored_seq, total, &sum_over_ranks);
-            (reference, reference_kl, result)
+            self.objective.evaluate_across(&lp, &policy_out, &main.scored_seq, total, &sum_over_ranks)
         };
         if let (Some((g, divisor)), Some(tape)) = (grads, tape) {
             let d: Vec<f32> = result.dloss_dlogp.iter().map(|v| (v / divisor) as f32).collect();
