@@ -121,3 +121,32 @@ fn memory_plan_counts_what_each_mode_holds() {
     assert_eq!(pl.gradient_bytes, 4 * adapters);
     assert_eq!(pl.weight_bytes, 4 * (158_016 + adapters), "no second copy for the reference");
 }
+
+/// A LoRA base whose weights are all bf16 values is held in bf16 and trains the adapters exactly as the same
+/// base held in f32 does: the backward's products through the frozen weights widen them exactly too.
+#[test]
+fn a_lora_base_held_in_bf16_changes_no_number() {
+    let train = |frozen: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), &["optim=adamw_torch", "use_peft=true", "max_steps=2"]);
+        cfg.ref_model = None;
+        let mut t = Trainer::new(cfg, &Silent).unwrap();
+        let truncated: Vec<f32> = t.policy.params.to_host().iter().map(|v| f32::from_bits(v.to_bits() & 0xFFFF_0000)).collect();
+        t.policy.params = kto::engine::Buffer::from_host(truncated);
+        if frozen {
+            t.policy.params = t.policy.params.frozen_copy();
+        }
+        let bytes = t.policy.params.bytes();
+        let logs = t.train(&Silent).unwrap().log_history;
+        (t.policy.lora.unwrap().params, logs, bytes)
+    };
+    let (f32_adapters, f32_logs, f32_bytes) = train(false);
+    let (bf16_adapters, bf16_logs, bf16_bytes) = train(true);
+    assert_eq!(bf16_bytes * 2, f32_bytes, "the base is held in bf16");
+    assert_eq!(f32_adapters, bf16_adapters, "adapters after 2 AdamW steps");
+    for (a, b) in f32_logs.iter().zip(&bf16_logs) {
+        for (k, v) in a.iter().filter(|(k, _)| !k.starts_with("train_")) {
+            assert_eq!(v, &b[k], "{k}");
+        }
+    }
+}

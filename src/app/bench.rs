@@ -4,7 +4,7 @@
 use kto::config::TrainConfig;
 use kto::data::{PrepareOptions, Prepared, TokenizedRow};
 use kto::engine::cpu::gemm::gemm;
-use kto::model::random::random_model;
+use kto::model::random::random_bf16_model;
 use kto::model::ModelSpec;
 use kto::rng::Rng;
 use kto::train::{PhaseTimes, Trainer};
@@ -223,8 +223,10 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     };
     spec.check_dims().map_err(|e| anyhow::anyhow!("kto bench: {e}"))?;
     spec.layer_windows = vec![None; shape.layers];
-    // Policy, reference (or LoRA base), gradients and two AdamW moments, in f32.
-    let needed = spec.parameter_count().and_then(|n| n.checked_mul(5 * 4)).unwrap_or(usize::MAX);
+    // Full fine-tuning: the policy, its gradients and two AdamW moments in f32, the reference in bf16. LoRA: the
+    // frozen base in bf16 (the adapters are small).
+    let bytes_per_parameter = if opts.lora_r > 0 { 2 } else { 4 * 4 + 2 };
+    let needed = spec.parameter_count().and_then(|n| n.checked_mul(bytes_per_parameter)).unwrap_or(usize::MAX);
     if let Some(total) = physical_memory_bytes().filter(|&t| needed > t) {
         anyhow::bail!(
             "kto bench: this shape needs at least {:.1} GB for weights, gradients and optimizer state; the machine has {:.1} GB",
@@ -232,8 +234,9 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
             total as f64 / 1e9
         );
     }
-    let policy = random_model(&spec, 0);
-    let reference = if opts.lora_r > 0 { None } else { Some(random_model(&spec, 1)) };
+    // Weights as a hub checkpoint holds them (bf16 values), frozen ones held in bf16, as `kto train` does.
+    let policy = random_bf16_model(&spec, 0);
+    let reference = if opts.lora_r > 0 { None } else { Some(random_bf16_model(&spec, 1).frozen()) };
     let len = shape.prompt_len + shape.completion_len;
     let mut rng = Rng::from_state(7);
     let rows: Vec<TokenizedRow> = (0..shape.batch)
@@ -262,6 +265,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     if opts.lora_r > 0 {
         let all = kto::model::lora::Target::ALL;
         policy.lora = Some(kto::model::lora::Lora::new(&spec, opts.lora_r, 2.0 * opts.lora_r as f64, &all, 0));
+        policy.params = policy.params.frozen_copy();
     }
     // Under LoRA the reference is the frozen base inside the policy (no second model), as `kto train` does
     // without `ref_model`.

@@ -98,8 +98,11 @@ impl Buffer {
     }
 
     /// Runs `edit` on the values on the host and keeps what it wrote: download, edit, upload. The hook through
-    /// which MPI sums gradients and adapters are merged into weights.
+    /// which MPI sums gradients and adapters are merged into weights. Frozen bf16 values become f32 first.
     pub fn with_host_mut<R>(&mut self, edit: impl FnOnce(&mut [f32]) -> R) -> R {
+        if let Storage::HostBf16(v) = &self.0 {
+            self.0 = Storage::Host(v.iter().map(|x| x.widen()).collect());
+        }
         edit(self.host_mut())
     }
 
@@ -159,6 +162,11 @@ mod tests {
         frozen.fingerprint(&mut b);
         assert_eq!(a.finish(), b.finish());
         assert_eq!(a.finish(), Fingerprint::default().f32s(&exact).finish());
+        // Editing a frozen copy makes it f32 again, with the values it had.
+        let mut edited = frozen.clone();
+        edited.with_host_mut(|v| v[0] += 1.0);
+        assert_eq!(edited.bytes(), exact.len() * 4);
+        assert_eq!(edited.to_host()[1..], exact[1..]);
         // One value that is not a bf16 keeps the whole copy in f32.
         let mut inexact = exact;
         inexact[5] = 0.1;

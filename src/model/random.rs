@@ -15,3 +15,11 @@ pub fn random_model(spec: &ModelSpec, seed: u64) -> Model {
     }
     Model { spec: spec.clone(), layout, params: crate::engine::Buffer::from_host(params), lora: None }
 }
+
+/// `random_model` with each weight rounded to the nearest bf16, as a checkpoint on the hub stores it (so that
+/// frozen copies are held in bf16, as `kto train` holds a real model's).
+pub fn random_bf16_model(spec: &ModelSpec, seed: u64) -> Model {
+    let mut model = random_model(spec, seed);
+    model.params.with_host_mut(|p| p.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32()));
+    model
+}

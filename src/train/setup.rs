@@ -34,6 +34,8 @@ impl Trainer {
                 policy.num_parameters()
             ));
             policy.lora = Some(lora);
+            // The base never trains under LoRA: held in bf16 when its checkpoint is (no number changes).
+            policy.params = policy.params.frozen_copy();
         }
         let reference = match &cfg.ref_model {
             Some(dir) => {
