@@ -236,7 +236,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     }
     // Weights as a hub checkpoint holds them (bf16 values), frozen ones held in bf16, as `kto train` does.
     let policy = random_bf16_model(&spec, 0);
-    let reference = if opts.lora_r > 0 { None } else { Some(random_bf16_model(&spec, 1).frozen()) };
+    let reference = if opts.lora_r > 0 { None } else { Some(random_bf16_model(&spec, 1)) };
     let len = shape.prompt_len + shape.completion_len;
     let mut rng = Rng::from_state(7);
     let rows: Vec<TokenizedRow> = (0..shape.batch)
@@ -265,7 +265,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     if opts.lora_r > 0 {
         let all = kto::model::lora::Target::ALL;
         policy.lora = Some(kto::model::lora::Lora::new(&spec, opts.lora_r, 2.0 * opts.lora_r as f64, &all, 0));
-        policy.params = policy.params.frozen_copy();
+    } else {
+        policy.params = policy.params.thawed();
     }
     // Under LoRA the reference is the frozen base inside the policy (no second model), as `kto train` does
     // without `ref_model`.

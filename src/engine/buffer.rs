@@ -30,6 +30,19 @@ impl Buffer {
         Buffer(Storage::Host(values))
     }
 
+    /// A frozen buffer of bf16 values, given as their bits.
+    pub fn from_bf16_bits(values: Vec<u16>) -> Buffer {
+        Buffer(Storage::HostBf16(values))
+    }
+
+    /// The same values in f32 (trainable).
+    pub fn thawed(self) -> Buffer {
+        match self.0 {
+            Storage::HostBf16(v) => Buffer::from_host(v.iter().map(|x| x.widen()).collect()),
+            host => Buffer(host),
+        }
+    }
+
     pub fn zeros(len: usize) -> Buffer {
         Buffer::from_host(super::cpu::memory::zeroed(len))
     }
@@ -100,8 +113,8 @@ impl Buffer {
     /// Runs `edit` on the values on the host and keeps what it wrote: download, edit, upload. The hook through
     /// which MPI sums gradients and adapters are merged into weights. Frozen bf16 values become f32 first.
     pub fn with_host_mut<R>(&mut self, edit: impl FnOnce(&mut [f32]) -> R) -> R {
-        if let Storage::HostBf16(v) = &self.0 {
-            self.0 = Storage::Host(v.iter().map(|x| x.widen()).collect());
+        if let Storage::HostBf16(_) = &self.0 {
+            *self = std::mem::take(self).thawed();
         }
         edit(self.host_mut())
     }
