@@ -5,7 +5,7 @@ use kto::model::Model;
 use kto::train::{Silent, Trainer};
 use serde_json::{Map, Value};
 mod common;
-use common::{assert_logs_match, close, fixture, fixture_toml, json};
+use common::{assert_logs_match, assert_same_logs, close, fixture, fixture_toml, json};
 
 /// The fixture's KTOConfig plus `extra` overrides.
 fn fixture_config(out: &std::path::Path, extra: &[&str]) -> TrainConfig {
@@ -122,13 +122,7 @@ fn gradient_checkpointing_changes_no_number() {
     let (plain, logs_plain, _d1) = run("plain", &["optim=adamw_torch", "gradient_checkpointing=false"]);
     let (ckpt, logs_ckpt, _d2) = run("checkpointed", &["optim=adamw_torch", "gradient_checkpointing=true"]);
     assert_eq!(plain.policy.params, ckpt.policy.params, "weights after 3 AdamW steps");
-    for (a, b) in logs_plain.iter().zip(&logs_ckpt) {
-        for (k, v) in a {
-            if !k.starts_with("train_") {
-                assert_eq!(v, &b[k], "{k}");
-            }
-        }
-    }
+    assert_same_logs(&logs_plain, &logs_ckpt);
 }
 
 /// A reference whose weights are all bf16 values is held in bf16 (half its memory) and gives the run it gives
@@ -151,11 +145,7 @@ fn a_reference_held_in_bf16_changes_no_number() {
     let (bf16_weights, bf16_logs, bf16_bytes) = train(true);
     assert_eq!(bf16_bytes * 2, f32_bytes, "the frozen copy is held in bf16");
     assert_eq!(f32_weights, bf16_weights, "weights after 3 AdamW steps");
-    for (a, b) in f32_logs.iter().zip(&bf16_logs) {
-        for (k, v) in a.iter().filter(|(k, _)| !k.starts_with("train_")) {
-            assert_eq!(v, &b[k], "{k}");
-        }
-    }
+    assert_same_logs(&f32_logs, &bf16_logs);
 }
 
 #[test]

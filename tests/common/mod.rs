@@ -44,6 +44,17 @@ gradient_checkpointing = false
     )
 }
 
+/// Two runs logged the same values at every entry, bit for bit (`train_*` timings aside), in the same number of
+/// entries.
+pub fn assert_same_logs(a: &[Map<String, Value>], b: &[Map<String, Value>]) {
+    assert_eq!(a.len(), b.len(), "log entries");
+    for (x, y) in a.iter().zip(b) {
+        for (k, v) in x.iter().filter(|(k, _)| !k.starts_with("train_")) {
+            assert_eq!(v, &y[k], "{k}");
+        }
+    }
+}
+
 /// Every per-step entry of TRL's log_history has exactly the same keys in ours, each value within tolerance.
 pub fn assert_logs_match(got: &[Map<String, Value>], want: &[Value]) {
     let want_steps: Vec<&Map<String, Value>> =
