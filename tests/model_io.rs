@@ -40,6 +40,46 @@ fn sharded_bf16_and_f16_checkpoint_loads_like_the_f32_one() {
     }
 }
 
+/// A checkpoint stored all in bf16 loads for sampling as bf16 (half the bytes) with exactly the values `load`
+/// widens it to, and its sequence log-probs are the same bits; one tensor in f32 keeps the whole model in f32.
+#[test]
+fn a_bf16_checkpoint_loads_frozen_in_bf16_with_the_same_values() {
+    let m = Model::load(&fixture("policy")).unwrap();
+    let write = |f32_tensor: Option<usize>| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(fixture("policy/config.json"), dir.path().join("config.json")).unwrap();
+        let tensors: Vec<_> = m
+            .layout
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let data = &m.params.to_host()[t.range()];
+                let bf16: Vec<f32> = data.iter().map(|v| half::bf16::from_f32(*v).to_f32()).collect();
+                let (bytes, dtype): (Vec<u8>, Dtype) = if Some(i) == f32_tensor {
+                    (bf16.iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F32)
+                } else {
+                    (bf16.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(), Dtype::BF16)
+                };
+                (t.name.clone(), t.shape.clone(), bytes, dtype)
+            })
+            .collect();
+        write_shard(&dir.path().join("model.safetensors"), &tensors);
+        dir
+    };
+    let all_bf16 = write(None);
+    let trainable = Model::load(all_bf16.path()).unwrap();
+    let frozen = Model::load_frozen(all_bf16.path()).unwrap();
+    assert_eq!(frozen.params.bytes() * 2, trainable.params.bytes(), "held in bf16");
+    assert_eq!(frozen.params.to_host(), trainable.params.to_host());
+    let seqs: [&[u32]; 2] = [&[1, 5, 9, 2, 7], &[3, 4]];
+    let logits = |model: &Model| kto::engine::forward_logits(model, &seqs);
+    assert_eq!(logits(&frozen), logits(&trainable), "the same bits from bf16 weights");
+    let mixed = write(Some(3));
+    let frozen_mixed = Model::load_frozen(mixed.path()).unwrap();
+    assert_eq!(frozen_mixed.params.bytes(), trainable.params.bytes(), "a tensor stored in f32 keeps f32");
+}
+
 #[test]
 fn tied_embeddings_load_without_lm_head_and_round_trip() {
     let m = Model::load(&fixture("policy")).unwrap();

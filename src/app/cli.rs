@@ -112,7 +112,8 @@ fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
     if !(args.temperature >= 0.0 && args.top_p > 0.0 && args.top_p <= 1.0) {
         anyhow::bail!("--temperature must be >= 0 and --top-p in (0, 1]");
     }
-    let mut model = kto::model::Model::load(&args.model)?;
+    // Sampling never trains: bf16 weights stay bf16 (the same numbers, half the bytes a token reads).
+    let mut model = kto::model::Model::load_frozen(&args.model)?;
     if let Some(adapter) = &args.adapter {
         model.lora = Some(kto::model::lora::Lora::load_peft(adapter, &model.spec)?);
     }

@@ -10,6 +10,11 @@ use super::cpu::weights::{exact_bf16, Weights, Widen};
 use crate::fingerprint::Fingerprint;
 use std::borrow::Cow;
 
+/// The bf16 bits of `values` when every one of them is exactly a bf16.
+fn exact_bf16s(values: &[f32]) -> Option<Vec<u16>> {
+    values.iter().map(|&x| exact_bf16(x)).collect()
+}
+
 #[derive(Clone, PartialEq)]
 enum Storage {
     /// Host memory, read and written by the CPU backend in place.
@@ -51,11 +56,16 @@ impl Buffer {
     /// stored in bf16, not yet trained), else in f32.
     pub fn frozen_copy(&self) -> Buffer {
         match &self.0 {
-            Storage::Host(v) => match v.iter().map(|&x| exact_bf16(x)).collect::<Option<Vec<u16>>>() {
-                Some(b) => Buffer(Storage::HostBf16(b)),
-                None => self.clone(),
-            },
+            Storage::Host(v) => exact_bf16s(v).map_or_else(|| self.clone(), |b| Buffer(Storage::HostBf16(b))),
             Storage::HostBf16(_) => self.clone(),
+        }
+    }
+
+    /// `frozen_copy`, consuming the buffer (no copy when it stays as it is).
+    pub fn frozen(self) -> Buffer {
+        match &self.0 {
+            Storage::Host(v) => exact_bf16s(v).map_or(self, |b| Buffer(Storage::HostBf16(b))),
+            Storage::HostBf16(_) => self,
         }
     }
 

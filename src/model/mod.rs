@@ -452,6 +452,6 @@ impl Model {
 
     /// `frozen_copy`, consuming the model.
     pub fn frozen(self) -> Model {
-        Model { params: self.params.frozen_copy(), lora: None, ..self }
+        Model { params: self.params.frozen(), lora: None, ..self }
     }
 }

@@ -34,40 +34,30 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Err(Error::model(dir, "no model.safetensors or model.safetensors.index.json in the folder"))
 }
 
-/// How many values the tensors of a safetensors file hold, from its header alone (8 bytes of length, then JSON).
-fn stored_elements(file: &Path) -> Result<usize> {
-    use std::io::Read;
-    let bad = |msg: String| Error::model(file, format!("invalid safetensors file: {msg}"));
-    let mut f = std::fs::File::open(file).map_err(|e| Error::file(file, e))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|e| bad(format!("no header ({e})")))?;
-    let len = u64::from_le_bytes(len);
-    let size = f.metadata().map_err(|e| Error::file(file, e))?.len();
-    if len > size.saturating_sub(8) || len > 100 << 20 {
-        return Err(bad(format!("header of {len} bytes in a file of {size}")));
-    }
-    let mut header = vec![0u8; len as usize];
-    f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
-    let header: HashMap<String, serde_json::Value> = serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
-    let mut total = 0usize;
-    for (name, info) in header.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
-        let shape = info.get("shape").and_then(|s| s.as_array()).ok_or_else(|| bad(format!("tensor {name} has no shape")))?;
-        let n = shape.iter().try_fold(1usize, |acc, d| d.as_u64().and_then(|d| acc.checked_mul(d as usize)));
-        total = total.saturating_add(n.ok_or_else(|| bad(format!("tensor {name} has an invalid shape")))?);
-    }
-    Ok(total)
-}
-
 /// Converts one stored tensor to f32 into `dst`.
 pub(crate) fn convert_to_f32(file: &Path, name: &str, dtype: Dtype, data: &[u8], dst: &mut [f32]) -> Result<()> {
-    let width = match dtype {
-        Dtype::F32 => 4,
-        Dtype::BF16 | Dtype::F16 => 2,
-        other => return Err(Error::model(file, format!("tensor {name}: dtype {other:?} is not supported (f32, bf16, f16)"))),
-    };
-    if data.len() != dst.len() * width {
+    if !matches!(dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+        return Err(Error::model(file, format!("tensor {name}: dtype {dtype:?} is not supported (f32, bf16, f16)")));
+    }
+    if data.len() != dst.len() * stored_width(dtype) {
         return Err(Error::model(file, format!("tensor {name}: {} bytes for {} elements", data.len(), dst.len())));
     }
+    widen_into(dtype, data, dst);
+    Ok(())
+}
+
+/// Bytes a value of a supported dtype (f32, bf16, f16) takes.
+fn stored_width(dtype: Dtype) -> usize {
+    if dtype == Dtype::F32 {
+        4
+    } else {
+        2
+    }
+}
+
+/// `data` (values of `dtype`, little-endian, as many as `dst` holds) in f32.
+fn widen_into(dtype: Dtype, data: &[u8], dst: &mut [f32]) {
+    let width = stored_width(dtype);
     for (d, chunk) in dst.iter_mut().zip(data.chunks_exact(width)) {
         *d = match dtype {
             Dtype::F32 => f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]),
@@ -75,68 +65,146 @@ pub(crate) fn convert_to_f32(file: &Path, name: &str, dtype: Dtype, data: &[u8],
             _ => half::f16::from_le_bytes([chunk[0], chunk[1]]).to_f32(),
         };
     }
-    Ok(())
+}
+
+/// A safetensors file mapped into memory: its tensors are read from the page cache where they lie, with no
+/// copy of the file in between.
+fn map_file(file: &Path) -> Result<memmap2::Mmap> {
+    let f = std::fs::File::open(file).map_err(|e| Error::file(file, e))?;
+    let mut options = memmap2::MmapOptions::new();
+    #[cfg(target_os = "linux")]
+    options.populate(); // one fault-in of the whole file instead of a fault per page
+    // SAFETY: the map is read-only and lives only while the model loads; a file changed underneath gives wrong
+    // values (then rejected or trained on), not undefined behaviour of ours beyond what reading it would give.
+    unsafe { options.map(&f) }.map_err(|e| Error::file(file, format!("cannot map: {e}")))
+}
+
+/// One stored tensor and the parameter slot it fills.
+struct Stored<'a> {
+    file: &'a Path,
+    name: String,
+    view: safetensors::tensor::TensorView<'a>,
+    slot: usize,
+}
+
+/// Values converted at a time by one thread: a large tensor (the embedding) is split over the cores.
+const CONVERT_CHUNK: usize = 1 << 20;
+
+/// Fills `params` (the layout's flat buffer of the model in `dir`) from `stored`, the tensors in parallel, each with `convert`
+/// (stored bytes to values; false when a value is not finite).
+fn fill<T: Send>(
+    dir: &Path,
+    params: &mut [T],
+    layout: &ParamLayout,
+    stored: &[Stored],
+    convert: impl Fn(Dtype, &[u8], &mut [T]) -> bool + Sync,
+) -> Result<()> {
+    use rayon::prelude::*;
+    // The layout's tensors lie one after another: split the buffer into their slices.
+    let mut slices: Vec<Option<&mut [T]>> = Vec::with_capacity(layout.tensors.len());
+    let mut rest = params;
+    for t in &layout.tensors {
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(t.len());
+        slices.push(Some(head));
+        rest = tail;
+    }
+    let mut work = Vec::with_capacity(stored.len());
+    for s in stored {
+        let dst = slices[s.slot].take().ok_or_else(|| Error::model(s.file, format!("tensor {} is stored twice", s.name)))?;
+        let w = stored_width(s.view.dtype());
+        if s.view.data().len() != dst.len() * w {
+            return Err(Error::model(s.file, format!("tensor {}: {} bytes for {} elements", s.name, s.view.data().len(), dst.len())));
+        }
+        work.extend(dst.chunks_mut(CONVERT_CHUNK).zip(s.view.data().chunks(CONVERT_CHUNK * w)).map(|(d, b)| (s, d, b)));
+    }
+    if let Some(i) = slices.iter().position(|s| s.is_some()) {
+        return Err(Error::model(dir, format!("tensor {} is missing from the weights", layout.tensors[i].name)));
+    }
+    work.into_par_iter().try_for_each(|(s, dst, bytes)| {
+        if convert(s.view.dtype(), bytes, dst) {
+            Ok(())
+        } else {
+            Err(Error::model(s.file, format!("tensor {} holds a non-finite value", s.name)))
+        }
+    })
 }
 
 impl Model {
-    /// Loads `config.json` and the safetensors weights of a Hugging Face model folder; computes in f32.
+    /// Loads `config.json` and the safetensors weights of a Hugging Face model folder in f32 (trainable).
     pub fn load(dir: &Path) -> Result<Model> {
+        Self::load_as(dir, false)
+    }
+
+    /// `load` for weights that never train (sampling, a reference): held in bf16 when every tensor is stored in
+    /// bf16, as hub checkpoints are. The same values (the engine widens them exactly where it reads them) in
+    /// half the memory, and half the bytes each decoded token reads.
+    pub fn load_frozen(dir: &Path) -> Result<Model> {
+        Self::load_as(dir, true)
+    }
+
+    fn load_as(dir: &Path, frozen: bool) -> Result<Model> {
         if !dir.is_dir() {
             return Err(Error::model(dir, "not a folder"));
         }
         let spec = ModelSpec::from_folder(dir)?;
         let files = weight_files(dir)?;
+        let maps = files.iter().map(|f| map_file(f)).collect::<Result<Vec<_>>>()?;
+        let tables = files
+            .iter()
+            .zip(&maps)
+            .map(|(f, m)| SafeTensors::deserialize(m).map_err(|e| Error::model(f, format!("invalid safetensors file: {e}"))))
+            .collect::<Result<Vec<_>>>()?;
         // Before anything of the config's size is allocated: the files must hold at least that many values.
-        let mut stored = 0usize;
-        for file in &files {
-            stored = stored.saturating_add(stored_elements(file)?);
-        }
+        let stored_values = tables.iter().flat_map(|t| t.tensors()).fold(0usize, |n, (_, v)| n.saturating_add(v.shape().iter().product()));
         let wanted = spec.parameter_count().unwrap_or(usize::MAX);
-        if wanted > stored {
+        if wanted > stored_values {
             return Err(Error::model(
                 dir,
-                format!("config.json implies {wanted} parameters but the safetensors files hold {stored} values"),
+                format!("config.json implies {wanted} parameters but the safetensors files hold {stored_values} values"),
             ));
         }
         let layout = ParamLayout::new(&spec);
-        let mut params = crate::engine::cpu::memory::zeroed(layout.total);
-        let mut found = vec![false; layout.tensors.len()];
         let by_name: HashMap<&str, usize> =
             layout.tensors.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
-        for file in files {
-            let bytes = std::fs::read(&file).map_err(|e| Error::file(&file, e))?;
-            let st = SafeTensors::deserialize(&bytes)
-                .map_err(|e| Error::model(&file, format!("invalid safetensors file: {e}")))?;
-            for (name, view) in st.tensors() {
+        let mut stored = Vec::new();
+        for (file, table) in files.iter().zip(&tables) {
+            for (name, view) in table.tensors() {
                 // Tied checkpoints sometimes carry lm_head.weight anyway; the embedding is the one used.
-                let Some(&i) = by_name.get(name.as_str()) else {
-                    if name == "lm_head.weight" && spec.tied_embeddings {
+                let Some(&slot) = by_name.get(name.as_str()) else {
+                    if (name == "lm_head.weight" && spec.tied_embeddings) || name.ends_with("rotary_emb.inv_freq") {
                         continue;
                     }
-                    if name.ends_with("rotary_emb.inv_freq") {
-                        continue;
-                    }
-                    return Err(Error::model(&file, format!("unexpected tensor {name} for this architecture")));
+                    return Err(Error::model(file, format!("unexpected tensor {name} for this architecture")));
                 };
-                let slot = &layout.tensors[i];
-                if view.shape() != slot.shape.as_slice() {
+                if view.shape() != layout.tensors[slot].shape.as_slice() {
                     return Err(Error::model(
-                        &file,
-                        format!("tensor {name} has shape {:?}, config.json implies {:?}", view.shape(), slot.shape),
+                        file,
+                        format!("tensor {name} has shape {:?}, config.json implies {:?}", view.shape(), layout.tensors[slot].shape),
                     ));
                 }
-                let dst = &mut params[slot.range()];
-                convert_to_f32(&file, &name, view.dtype(), view.data(), dst)?;
-                if let Some(bad) = dst.iter().find(|v| !v.is_finite()) {
-                    return Err(Error::model(&file, format!("tensor {name} holds a non-finite value ({bad})")));
+                if !matches!(view.dtype(), Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+                    return Err(Error::model(file, format!("tensor {name}: dtype {:?} is not supported (f32, bf16, f16)", view.dtype())));
                 }
-                found[i] = true;
+                stored.push(Stored { file, name, view, slot });
             }
         }
-        if let Some(i) = found.iter().position(|f| !f) {
-            return Err(Error::model(dir, format!("tensor {} is missing from the weights", layout.tensors[i].name)));
-        }
-        Ok(Model { spec, layout, params: crate::engine::Buffer::from_host(params), lora: None })
+        let params = if frozen && stored.iter().all(|s| s.view.dtype() == Dtype::BF16) {
+            let mut bits = crate::engine::cpu::memory::zeroed::<u16>(layout.total);
+            fill(dir, &mut bits, &layout, &stored, |_, bytes, dst| {
+                dst.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(d, b)| *d = u16::from_le_bytes([b[0], b[1]]));
+                // bf16 is finite unless its exponent bits are all ones.
+                dst.iter().all(|b| b & 0x7F80 != 0x7F80)
+            })?;
+            crate::engine::Buffer::from_bf16_bits(bits)
+        } else {
+            let mut values = crate::engine::cpu::memory::zeroed::<f32>(layout.total);
+            fill(dir, &mut values, &layout, &stored, |dtype, bytes, dst| {
+                widen_into(dtype, bytes, dst);
+                dst.iter().all(|v| v.is_finite())
+            })?;
+            crate::engine::Buffer::from_host(values)
+        };
+        Ok(Model { spec, layout, params, lora: None })
     }
 
     /// Writes the weights as a safetensors file in f32 with `{"format": "pt"}` metadata, as `save_pretrained`

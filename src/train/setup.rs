@@ -22,7 +22,9 @@ impl Trainer {
         }
         check_inputs_exist(&cfg)?;
         let tokenizer = TextTokenizer::load(cfg.tokenizer_dir())?;
-        let mut policy = Model::load(&cfg.model)?;
+        // Under LoRA the base never trains: loaded as frozen weights (bf16 when its checkpoint is, no number
+        // changes), so a 7B base never exists in f32.
+        let mut policy = if cfg.use_peft { Model::load_frozen(&cfg.model)?.frozen() } else { Model::load(&cfg.model)? };
         if cfg.use_peft {
             let lora = crate::model::lora::Lora::new(&policy.spec, cfg.lora_r, cfg.lora_alpha, &cfg.lora_targets(), cfg.seed);
             obs.info(&format!(
@@ -34,19 +36,17 @@ impl Trainer {
                 policy.num_parameters()
             ));
             policy.lora = Some(lora);
-            // The base never trains under LoRA: held in bf16 when its checkpoint is (no number changes).
-            policy.params = policy.params.frozen_copy();
         }
         let reference = match &cfg.ref_model {
             Some(dir) => {
-                let r = Model::load(dir)?;
+                let r = Model::load_frozen(dir)?.frozen();
                 if r.spec.vocab_size != policy.spec.vocab_size {
                     return Err(Error::model(
                         dir,
                         format!("vocab_size {} differs from the policy's {}", r.spec.vocab_size, policy.spec.vocab_size),
                     ));
                 }
-                Some(r.frozen())
+                Some(r)
             }
             // SFT has no reference; under LoRA the reference is the frozen base inside the policy: no second copy.
             None if cfg.use_peft || task == Task::Sft => None,

@@ -8,15 +8,16 @@ const HUGE_MIN_BYTES: usize = 8 << 20;
 const HUGE_PAGE: usize = 2 << 20;
 
 /// `len` zeros, their pages not yet touched, advised to huge pages when large.
-pub fn zeroed(len: usize) -> Vec<f32> {
-    let v = vec![0f32; len];
+pub fn zeroed<T: bytemuck::Zeroable + Clone>(len: usize) -> Vec<T> {
+    // A zero of a primitive type allocates zeroed memory (calloc): no page is touched here.
+    let v = vec![T::zeroed(); len];
     advise_huge_pages(&v);
     v
 }
 
 /// Asks for huge pages over the whole 2 MiB-aligned part of `v`'s allocation. Only advice: it changes no value,
 /// and an error (no THP support) leaves ordinary pages.
-fn advise_huge_pages(v: &[f32]) {
+fn advise_huge_pages<T>(v: &[T]) {
     #[cfg(target_os = "linux")]
     {
         let bytes = std::mem::size_of_val(v);
