@@ -26,7 +26,7 @@ impl Default for SamplingOptions {
 }
 
 /// Prompts run through the model together (bounds the KV cache's memory).
-const GENERATION_BATCH: usize = 64;
+const GENERATION_BATCH: usize = crate::engine::cpu::skinny::SKINNY_ROWS;
 
 /// Token ids from the most to the least likely (ties: lower id first), the first `top_k` of them (0: all).
 /// Sorting one u64 per token (the logit's order-preserving bits above the id) is several times faster than a
@@ -48,38 +48,56 @@ fn descending_key(logit: f32, id: usize) -> u64 {
     ((!ascending as u64) << 32) | id as u64
 }
 
-/// Picks the next token from `logits` as `opts` says.
+/// Picks the next token from `logits` as `opts` says: among the kept tokens (all of them, or the top-k and
+/// then the nucleus), walked in id order, as transformers' multinomial draw over the filtered distribution
+/// walks them. Without top-k or top-p nothing is sorted: one pass of exponentials over the vocabulary.
 fn sample(logits: &[f32], opts: &SamplingOptions, stream: &mut SplitMix) -> u32 {
-    let argmax = || logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
     if opts.temperature <= 0.0 {
-        return argmax() as u32;
+        return logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
     }
-    let order = candidates(logits, opts.top_k);
-    let max = logits[order[0]] as f64;
-    let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / opts.temperature as f64).exp()).collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
+    let filtered = (opts.top_k > 0 && opts.top_k < logits.len()) || opts.top_p < 1.0;
+    let kept: Option<Vec<usize>> = filtered.then(|| nucleus(logits, opts));
+    let max = match &kept {
+        Some(ids) => ids.iter().map(|&i| logits[i]).fold(f32::NEG_INFINITY, f32::max),
+        None => logits.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+    } as f64;
+    let t = opts.temperature as f64;
+    let weight = |i: usize| ((logits[i] as f64 - max) / t).exp();
+    let weights: Vec<f64> = match &kept {
+        Some(ids) => ids.iter().map(|&i| weight(i)).collect(),
+        None => (0..logits.len()).map(weight).collect(),
+    };
+    let id = |n: usize| kept.as_ref().map_or(n, |ids| ids[n]) as u32;
+    let mut u = stream.uniform() * weights.iter().sum::<f64>();
+    for (n, w) in weights.iter().enumerate() {
+        if u < *w {
+            return id(n);
+        }
+        u -= w;
+    }
+    id(weights.len() - 1)
+}
+
+/// The ids top-k and then top-p keep, ascending.
+fn nucleus(logits: &[f32], opts: &SamplingOptions) -> Vec<usize> {
+    let mut order = candidates(logits, opts.top_k);
     if opts.top_p < 1.0 {
         // transformers: drop tokens once the probability before them already reaches top_p (keep at least one).
+        let max = logits[order[0]] as f64;
+        let probs: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / opts.temperature as f64).exp()).collect();
+        let total: f64 = probs.iter().sum();
         let (mut cum, mut keep) = (0.0, 0);
         for p in &probs {
             if keep > 0 && cum >= opts.top_p as f64 {
                 break;
             }
-            cum += p;
+            cum += p / total;
             keep += 1;
         }
-        probs.truncate(keep);
+        order.truncate(keep);
     }
-    let total: f64 = probs.iter().sum();
-    let mut u = stream.uniform() * total;
-    for (i, p) in probs.iter().enumerate() {
-        if u < *p {
-            return order[i] as u32;
-        }
-        u -= p;
-    }
-    order[probs.len() - 1] as u32
+    order.sort_unstable();
+    order
 }
 
 /// Continues each prompt (token ids) until `eos_id` or `max_new_tokens`; returns the new tokens of each, the
@@ -98,7 +116,7 @@ pub fn generate_ids_with(model: &Model, adapters: bool, prompts: &[Vec<u32>], eo
 }
 
 /// The next token of every sequence not `done`, each from its own stream, the sequences split over one thread
-/// per core (sampling sorts the whole vocabulary: for a batch of prompts, a sizeable share of a decode step).
+/// per core (sampling takes an exponential of every logit: for a batch of prompts, a share of a decode step).
 fn sample_each(logits: &[Vec<f32>], done: &[bool], opts: &SamplingOptions, streams: &mut [SplitMix]) -> Vec<Option<u32>> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let share = logits.len().div_ceil(threads).max(1);

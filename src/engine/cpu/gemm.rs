@@ -6,6 +6,7 @@
 //! cores and kernels that already run in parallel never oversubscribe them.
 use super::isa::{self, Isa};
 use super::kernels::SharedMut;
+use super::skinny::{skinny, SKINNY_ROWS};
 use super::weights::{Weights, Widen};
 use rayon::prelude::*;
 
@@ -26,7 +27,7 @@ pub fn gemm_with(isa: Isa, m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b
         return;
     }
     if m <= SKINNY_ROWS && !a_t && b_t {
-        return skinny(m, k, n, a, b, c, accumulate);
+        return skinny(isa, m, k, n, a, b, c, accumulate);
     }
     let (rsa, csa) = if a_t { (1, m) } else { (k, 1) };
     let (rsb, csb) = if b_t { (1, k) } else { (n, 1) };
@@ -90,7 +91,7 @@ pub fn gemm_bf16_with(isa: Isa, m: usize, k: usize, n: usize, a: &[f32], a_t: bo
         return;
     }
     if m <= SKINNY_ROWS && !a_t && b_t {
-        return skinny(m, k, n, a, b, c, accumulate);
+        return skinny(isa, m, k, n, a, b, c, accumulate);
     }
     let (rsa, csa) = if a_t { (1, m) } else { (k, 1) };
     #[cfg(target_arch = "x86_64")]
@@ -134,46 +135,6 @@ fn trivial(isa: Isa, m: usize, k: usize, n: usize, a: &[f32], b_len: usize, c: &
         return true;
     }
     false
-}
-
-/// Products with at most this many rows against a weight stored `[n, k]` (decoding a token per sequence) take
-/// `skinny`: packing the weight for a few rows would cost more than the product.
-const SKINNY_ROWS: usize = 4;
-
-/// `c[m,n] (+)= a[m,k] · bᵀ` for `b` stored `[n,k]` and small `m`: each row of `b` is streamed once, for all `m`
-/// rows of `a` at a time, and the columns split over the threads. Memory-bound, as decoding is.
-fn skinny<T: Widen>(m: usize, k: usize, n: usize, a: &[f32], b: &[T], c: &mut [f32], accumulate: bool) {
-    const LANES: usize = 16;
-    let threads = rayon::current_num_threads();
-    let cols_per_task = n.div_ceil(threads * 8).max(16);
-    let c_ptr = SharedMut(c.as_mut_ptr());
-    (0..n.div_ceil(cols_per_task)).into_par_iter().for_each(|t| {
-        let (j0, j1) = (t * cols_per_task, (t * cols_per_task + cols_per_task).min(n));
-        for j in j0..j1 {
-            let w = &b[j * k..(j + 1) * k];
-            for i in 0..m {
-                let x = &a[i * k..(i + 1) * k];
-                // Independent lanes, so the compiler vectorises without reordering a sum it may not reorder.
-                let mut lanes = [0f32; LANES];
-                let (wc, xc) = (w.chunks_exact(LANES), x.chunks_exact(LANES));
-                let (wr, xr) = (wc.remainder(), xc.remainder());
-                for (wv, xv) in wc.zip(xc) {
-                    for l in 0..LANES {
-                        lanes[l] += wv[l].widen() * xv[l];
-                    }
-                }
-                let mut sum = lanes.iter().sum::<f32>();
-                for (wv, xv) in wr.iter().zip(xr) {
-                    sum += wv.widen() * xv;
-                }
-                // SAFETY: task t alone writes columns j0..j1 of c, inside the m×n checked by the caller.
-                unsafe {
-                    let dst = c_ptr.ptr().add(i * n + j);
-                    *dst = if accumulate { *dst + sum } else { sum };
-                }
-            }
-        }
-    });
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod kernels;
 pub mod memory;
 pub mod pool;
 pub mod reference;
+pub mod skinny;
 pub mod update;
 pub mod weights;
 #[cfg(target_arch = "x86_64")]
