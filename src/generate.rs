@@ -25,8 +25,9 @@ impl Default for SamplingOptions {
     }
 }
 
-/// Prompts run through the model together (bounds the KV cache's memory).
-const GENERATION_BATCH: usize = crate::engine::cpu::skinny::SKINNY_ROWS;
+/// Prompts run through the model together (bounds the KV cache's memory; a larger batch would gain nothing:
+/// at this many rows decoding is bound by arithmetic, not by reading the weights).
+pub const GENERATION_BATCH: usize = crate::engine::cpu::skinny::SKINNY_ROWS;
 
 /// Token ids from the most to the least likely (ties: lower id first), the first `top_k` of them (0: all).
 /// Sorting one u64 per token (the logit's order-preserving bits above the id) is several times faster than a
@@ -147,6 +148,26 @@ fn sample_each(logits: &[Vec<f32>], done: &[bool], opts: &SamplingOptions, strea
 
 /// One batch of prompts through the KV cache; `first` is the index of its first prompt (its random stream).
 fn generate_batch(model: &Model, adapters: bool, chunk: &[Vec<u32>], first: usize, eos_id: u32, opts: &SamplingOptions) -> Vec<Vec<u32>> {
+    generate_batch_observed(model, adapters, chunk, first, eos_id, opts, &mut || {})
+}
+
+/// `generate_ids` for at most one generation batch of prompts, calling `on_step` after each token is sampled
+/// for every sequence still running (the first call ends the prompt's pass: time to first token).
+pub fn generate_ids_observed(model: &Model, prompts: &[Vec<u32>], eos_id: u32, opts: &SamplingOptions, on_step: &mut dyn FnMut()) -> Vec<Vec<u32>> {
+    assert!(prompts.len() <= GENERATION_BATCH, "at most {GENERATION_BATCH} prompts are sampled together");
+    generate_batch_observed(model, true, prompts, 0, eos_id, opts, on_step)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn generate_batch_observed(
+    model: &Model,
+    adapters: bool,
+    chunk: &[Vec<u32>],
+    first: usize,
+    eos_id: u32,
+    opts: &SamplingOptions,
+    on_step: &mut dyn FnMut(),
+) -> Vec<Vec<u32>> {
     {
         let capacity = chunk.iter().map(|p| p.len()).max().unwrap_or(0) + opts.max_new_tokens;
         let mut cache = KvCache::new(model, chunk.len(), capacity.max(1));
@@ -159,6 +180,7 @@ fn generate_batch(model: &Model, adapters: bool, chunk: &[Vec<u32>], first: usiz
             let slices: Vec<&[u32]> = feed.iter().map(|f| f.as_slice()).collect();
             let logits = extend_kv(model, &mut cache, &slices);
             let tokens = sample_each(&logits, &done, opts, &mut streams);
+            on_step();
             for s in 0..chunk.len() {
                 feed[s].clear();
                 let Some(token) = tokens[s] else { continue };

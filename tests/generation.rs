@@ -103,3 +103,21 @@ fn sampling_is_reproducible_and_independent_of_the_batch() {
     assert_ne!(all, other, "another seed samples differently");
     assert!(all.iter().all(|g| g.len() <= 16 && !g.contains(&2)));
 }
+
+/// `kto bench --generate` times loading a folder and sampling from it, and reports every step it made.
+#[test]
+fn bench_generate_times_load_first_token_and_decoding() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kto"))
+        .args(["bench", "--generate", "--batch", "3", "--prompt-len", "5", "--new-tokens", "4", "--model"])
+        .arg(data("trl-tiny/policy"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(line["decode_steps"], 3, "{stdout}");
+    assert_eq!(line["batch"], 3);
+    for key in ["load_s", "first_token_s", "decode_tokens_per_s", "weights_read_gb_per_s", "copy_read_gb_per_s"] {
+        assert!(line[key].as_f64().is_some_and(|v| v > 0.0 && v.is_finite()), "{key}: {stdout}");
+    }
+}

@@ -82,6 +82,16 @@ pub struct BenchOptions {
     /// Gradient checkpointing (off by default, like bench_trl.py's KTO run).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Bench sampling instead of training: load time, time to first token, decode tokens/s and the bandwidth
+    /// weights are read at (`--batch` defaults to 1 and `--prompt-len` to 32 here).
+    #[arg(long)]
+    pub generate: bool,
+    /// With `--generate`: a model folder to load (timed) and sample from, instead of the preset's random model.
+    #[arg(long, requires = "generate")]
+    pub model: Option<std::path::PathBuf>,
+    /// With `--generate`: tokens sampled after each prompt.
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
 }
 
 impl BenchOptions {
@@ -102,8 +112,31 @@ impl BenchOptions {
         }
     }
 
+    /// The model of the preset and flags, or why it cannot be made.
+    pub(super) fn spec(&self) -> anyhow::Result<ModelSpec> {
+        let shape = self.shape();
+        let mut spec = ModelSpec {
+            vocab_size: shape.vocab,
+            hidden: shape.hidden,
+            intermediate: shape.intermediate,
+            layers: shape.layers,
+            heads: shape.heads,
+            kv_heads: shape.kv_heads,
+            head_dim: shape.hidden / shape.heads.max(1),
+            rms_eps: 1e-6,
+            rope: kto::model::RopeSpec::plain(shape.rope_theta),
+            qkv_bias: shape.qkv_bias,
+            qk_norm: false,
+            layer_windows: Vec::new(),
+            tied_embeddings: shape.tied_embeddings,
+        };
+        spec.check_dims().map_err(|e| anyhow::anyhow!("kto bench: {e}"))?;
+        spec.layer_windows = vec![None; shape.layers];
+        Ok(spec)
+    }
+
     /// Options that could not make a model or a batch are refused before anything is allocated.
-    fn check(&self) -> anyhow::Result<()> {
+    pub(super) fn check(&self) -> anyhow::Result<()> {
         let s = self.shape();
         let at_least = [
             ("--vocab", s.vocab, 4),
@@ -112,7 +145,7 @@ impl BenchOptions {
             ("--layers", s.layers, 1),
             ("--heads", s.heads, 1),
             ("--kv-heads", s.kv_heads, 1),
-            ("--batch", s.batch, 2),
+            ("--batch", s.batch, if self.generate { 1 } else { 2 }),
             ("--prompt-len", s.prompt_len, 1),
             ("--completion-len", s.completion_len, 1),
             ("--steps", self.steps, 1),
@@ -136,7 +169,7 @@ impl BenchOptions {
 }
 
 /// The CPU's model name, where the system says (Linux).
-fn cpu_model() -> String {
+pub(super) fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
@@ -195,6 +228,9 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
+    if opts.generate {
+        return super::bench_generate::run(opts);
+    }
     // Under `mpirun` (with the `mpi` feature) each rank takes an equal share of the batch and the gradients are
     // summed over the ranks every step: data-parallel scaling of the same global batch.
     let ranks = kto::dist::Ranks::from_launcher()?;
@@ -206,23 +242,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         kto::engine::cpu::update::set_threads(t).map_err(|e| anyhow::anyhow!("--threads: {e}"))?;
     }
     opts.check()?;
-    let mut spec = ModelSpec {
-        vocab_size: shape.vocab,
-        hidden: shape.hidden,
-        intermediate: shape.intermediate,
-        layers: shape.layers,
-        heads: shape.heads,
-        kv_heads: shape.kv_heads,
-        head_dim: shape.hidden / shape.heads,
-        rms_eps: 1e-6,
-        rope: kto::model::RopeSpec::plain(shape.rope_theta),
-        qkv_bias: shape.qkv_bias,
-        qk_norm: false,
-        layer_windows: Vec::new(),
-        tied_embeddings: shape.tied_embeddings,
-    };
-    spec.check_dims().map_err(|e| anyhow::anyhow!("kto bench: {e}"))?;
-    spec.layer_windows = vec![None; shape.layers];
+    let spec = opts.spec()?;
     // Full fine-tuning: the policy, its gradients and two AdamW moments in f32, the reference in bf16. LoRA: the
     // frozen base in bf16 (the adapters are small).
     let bytes_per_parameter = if opts.lora_r > 0 { 2 } else { 4 * 4 + 2 };

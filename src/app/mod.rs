@@ -2,6 +2,7 @@
 //! dependencies (clap, indicatif, signal-hook, plotters: the `cli` feature): the commands (`cli`), `kto bench`,
 //! `kto demo` and `kto plot`.
 pub mod bench;
+mod bench_generate;
 pub mod cli;
 pub mod demo;
 pub mod plot;
