@@ -49,56 +49,75 @@ fn descending_key(logit: f32, id: usize) -> u64 {
     ((!ascending as u64) << 32) | id as u64
 }
 
-/// Picks the next token from `logits` as `opts` says: among the kept tokens (all of them, or the top-k and
-/// then the nucleus), walked in id order, as transformers' multinomial draw over the filtered distribution
-/// walks them. Without top-k or top-p nothing is sorted: one pass of exponentials over the vocabulary.
+/// Picks the next token from `logits` as `opts` says: the draw walks the kept tokens from the most to the
+/// least likely. Without top-k or top-p only as much of that order is sorted as the walk reaches (a trained
+/// model's draw usually ends in the first block), not the whole vocabulary.
 fn sample(logits: &[f32], opts: &SamplingOptions, stream: &mut SplitMix) -> u32 {
     if opts.temperature <= 0.0 {
         return logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
     }
-    let filtered = (opts.top_k > 0 && opts.top_k < logits.len()) || opts.top_p < 1.0;
-    let kept: Option<Vec<usize>> = filtered.then(|| nucleus(logits, opts));
-    let max = match &kept {
-        Some(ids) => ids.iter().map(|&i| logits[i]).fold(f32::NEG_INFINITY, f32::max),
-        None => logits.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-    } as f64;
-    let t = opts.temperature as f64;
-    let weight = |i: usize| ((logits[i] as f64 - max) / t).exp();
-    let weights: Vec<f64> = match &kept {
-        Some(ids) => ids.iter().map(|&i| weight(i)).collect(),
-        None => (0..logits.len()).map(weight).collect(),
-    };
-    let id = |n: usize| kept.as_ref().map_or(n, |ids| ids[n]) as u32;
-    let mut u = stream.uniform() * weights.iter().sum::<f64>();
-    for (n, w) in weights.iter().enumerate() {
-        if u < *w {
-            return id(n);
-        }
-        u -= w;
+    if opts.top_k == 0 && opts.top_p >= 1.0 {
+        return sample_unfiltered(logits, opts.temperature, stream);
     }
-    id(weights.len() - 1)
-}
-
-/// The ids top-k and then top-p keep, ascending.
-fn nucleus(logits: &[f32], opts: &SamplingOptions) -> Vec<usize> {
-    let mut order = candidates(logits, opts.top_k);
+    let order = candidates(logits, opts.top_k);
+    let max = logits[order[0]] as f64;
+    let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / opts.temperature as f64).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
     if opts.top_p < 1.0 {
         // transformers: drop tokens once the probability before them already reaches top_p (keep at least one).
-        let max = logits[order[0]] as f64;
-        let probs: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / opts.temperature as f64).exp()).collect();
-        let total: f64 = probs.iter().sum();
         let (mut cum, mut keep) = (0.0, 0);
         for p in &probs {
             if keep > 0 && cum >= opts.top_p as f64 {
                 break;
             }
-            cum += p / total;
+            cum += p;
             keep += 1;
         }
-        order.truncate(keep);
+        probs.truncate(keep);
     }
-    order.sort_unstable();
-    order
+    let total: f64 = probs.iter().sum();
+    let mut u = stream.uniform() * total;
+    for (i, p) in probs.iter().enumerate() {
+        if u < *p {
+            return order[i] as u32;
+        }
+        u -= p;
+    }
+    order[probs.len() - 1] as u32
+}
+
+/// Tokens sorted at a time by `sample_unfiltered`'s walk.
+const WALK_BLOCK: usize = 64;
+
+/// `sample` over the whole vocabulary: one pass of exponentials for the total, then the walk from the most
+/// likely token down, a block of the order at a time (each block selected from the rest, then sorted).
+fn sample_unfiltered(logits: &[f32], temperature: f32, stream: &mut SplitMix) -> u32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let weight = |id: usize| ((logits[id] as f64 - max) / temperature as f64).exp();
+    let total: f64 = (0..logits.len()).map(weight).sum();
+    let mut u = stream.uniform() * total;
+    let mut keys: Vec<u64> = logits.iter().enumerate().map(|(id, &v)| descending_key(v, id)).collect();
+    let mut rest = &mut keys[..];
+    let mut last = 0;
+    while !rest.is_empty() {
+        let take = WALK_BLOCK.min(rest.len());
+        if take < rest.len() {
+            rest.select_nth_unstable(take - 1);
+        }
+        let (block, tail) = std::mem::take(&mut rest).split_at_mut(take);
+        block.sort_unstable();
+        for &key in block.iter() {
+            last = (key & 0xFFFF_FFFF) as usize;
+            let w = weight(last);
+            if u < w {
+                return last as u32;
+            }
+            u -= w;
+        }
+        rest = tail;
+    }
+    last as u32
 }
 
 /// Continues each prompt (token ids) until `eos_id` or `max_new_tokens`; returns the new tokens of each, the
@@ -271,6 +290,19 @@ mod tests {
         assert_eq!(candidates(&logits, 0), want);
         for k in [1, 2, 50, 1004, 1005, 5000] {
             assert_eq!(candidates(&logits, k), want[..k.min(want.len())], "top_k {k}");
+        }
+    }
+
+    /// The block-wise walk over the whole vocabulary draws what the fully sorted walk draws (top_k = vocab
+    /// sorts all of it), over several blocks and ties.
+    #[test]
+    fn the_unfiltered_walk_draws_what_the_sorted_walk_draws() {
+        let logits: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 61) as f32 / 15.0).collect();
+        let (mut a, mut b) = (SplitMix::new(9, 2), SplitMix::new(9, 2));
+        let full = SamplingOptions { top_k: 0, ..Default::default() };
+        let sorted = SamplingOptions { top_k: logits.len(), ..Default::default() };
+        for draw in 0..3000 {
+            assert_eq!(sample(&logits, &full, &mut a), sample(&logits, &sorted, &mut b), "draw {draw}");
         }
     }
 
