@@ -87,11 +87,13 @@ fn sample(logits: &[f32], opts: &SamplingOptions, stream: &mut SplitMix) -> u32 
     order[probs.len() - 1] as u32
 }
 
-/// Tokens sorted at a time by `sample_unfiltered`'s walk.
+/// Tokens sorted first by `sample_unfiltered`'s walk; each further block is four times the last, so a flat
+/// distribution costs a few selections more than one full sort, not one per block.
 const WALK_BLOCK: usize = 64;
 
 /// `sample` over the whole vocabulary: one pass of exponentials for the total, then the walk from the most
-/// likely token down, a block of the order at a time (each block selected from the rest, then sorted).
+/// likely token down, a block of the order at a time (each block selected from the rest, then sorted; blocks
+/// grow fourfold).
 fn sample_unfiltered(logits: &[f32], temperature: f32, stream: &mut SplitMix) -> u32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let weight = |id: usize| ((logits[id] as f64 - max) / temperature as f64).exp();
@@ -99,9 +101,10 @@ fn sample_unfiltered(logits: &[f32], temperature: f32, stream: &mut SplitMix) ->
     let mut u = stream.uniform() * total;
     let mut keys: Vec<u64> = logits.iter().enumerate().map(|(id, &v)| descending_key(v, id)).collect();
     let mut rest = &mut keys[..];
-    let mut last = 0;
+    let (mut last, mut block_len) = (0, WALK_BLOCK);
     while !rest.is_empty() {
-        let take = WALK_BLOCK.min(rest.len());
+        let take = block_len.min(rest.len());
+        block_len *= 4;
         if take < rest.len() {
             rest.select_nth_unstable(take - 1);
         }
