@@ -50,8 +50,8 @@ fn descending_key(logit: f32, id: usize) -> u64 {
 }
 
 /// Picks the next token from `logits` as `opts` says: the draw walks the kept tokens from the most to the
-/// least likely. Without top-k or top-p only as much of that order is sorted as the walk reaches (a trained
-/// model's draw usually ends in the first block), not the whole vocabulary.
+/// least likely. Without top-k or top-p only the part of that order the draw lands in is sorted, not the
+/// whole vocabulary.
 fn sample(logits: &[f32], opts: &SamplingOptions, stream: &mut SplitMix) -> u32 {
     if opts.temperature <= 0.0 {
         return logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
@@ -87,38 +87,46 @@ fn sample(logits: &[f32], opts: &SamplingOptions, stream: &mut SplitMix) -> u32 
     order[probs.len() - 1] as u32
 }
 
-/// Tokens sorted first by `sample_unfiltered`'s walk; each further block is four times the last, so a flat
-/// distribution costs a few selections more than one full sort, not one per block.
-const WALK_BLOCK: usize = 64;
+/// Buckets per nat of `sample_unfiltered`'s coarse order, and how many (the last holds the rest of the tail).
+const BUCKETS_PER_NAT: f64 = 16.0;
+const BUCKETS: usize = 1024;
 
-/// `sample` over the whole vocabulary: one pass of exponentials for the total, then the walk from the most
-/// likely token down, a block of the order at a time (each block selected from the rest, then sorted; blocks
-/// grow fourfold).
+/// `sample` over the whole vocabulary, walking from the most likely token down without sorting it all: the
+/// tokens fall into buckets by how far below the maximum their scaled logit is (monotone in the logit), the
+/// walk passes whole buckets by their summed weight, and only the bucket the draw lands in is sorted.
 fn sample_unfiltered(logits: &[f32], temperature: f32, stream: &mut SplitMix) -> u32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let weight = |id: usize| ((logits[id] as f64 - max) / temperature as f64).exp();
-    let total: f64 = (0..logits.len()).map(weight).sum();
+    let t = temperature as f64;
+    let bucket = |v: f32| (((max - v as f64) / t * BUCKETS_PER_NAT) as usize).min(BUCKETS - 1);
+    let mut mass = vec![0f64; BUCKETS];
+    let mut total = 0.0;
+    for &v in logits {
+        let w = ((v as f64 - max) / t).exp();
+        mass[bucket(v)] += w;
+        total += w;
+    }
     let mut u = stream.uniform() * total;
-    let mut keys: Vec<u64> = logits.iter().enumerate().map(|(id, &v)| descending_key(v, id)).collect();
-    let mut rest = &mut keys[..];
-    let (mut last, mut block_len) = (0, WALK_BLOCK);
-    while !rest.is_empty() {
-        let take = block_len.min(rest.len());
-        block_len *= 4;
-        if take < rest.len() {
-            rest.select_nth_unstable(take - 1);
-        }
-        let (block, tail) = std::mem::take(&mut rest).split_at_mut(take);
-        block.sort_unstable();
-        for &key in block.iter() {
-            last = (key & 0xFFFF_FFFF) as usize;
-            let w = weight(last);
-            if u < w {
-                return last as u32;
+    let mut landed = BUCKETS - 1;
+    for (b, &m) in mass.iter().enumerate() {
+        if m > 0.0 {
+            landed = b;
+            if u < m {
+                break;
             }
-            u -= w;
+            u -= m;
         }
-        rest = tail;
+    }
+    let mut keys: Vec<u64> =
+        logits.iter().enumerate().filter(|&(_, &v)| bucket(v) == landed).map(|(id, &v)| descending_key(v, id)).collect();
+    keys.sort_unstable();
+    let mut last = 0;
+    for key in keys {
+        last = (key & 0xFFFF_FFFF) as usize;
+        let w = ((logits[last] as f64 - max) / t).exp();
+        if u < w {
+            break;
+        }
+        u -= w;
     }
     last as u32
 }
@@ -296,11 +304,12 @@ mod tests {
         }
     }
 
-    /// The block-wise walk over the whole vocabulary draws what the fully sorted walk draws (top_k = vocab
-    /// sorts all of it), over several blocks and ties.
+    /// The bucketed walk over the whole vocabulary draws what the fully sorted walk draws (top_k = vocab
+    /// sorts all of it), over many buckets, ties and a far tail.
     #[test]
     fn the_unfiltered_walk_draws_what_the_sorted_walk_draws() {
-        let logits: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 61) as f32 / 15.0).collect();
+        let mut logits: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 61) as f32 / 15.0).collect();
+        logits[17] = -200.0;
         let (mut a, mut b) = (SplitMix::new(9, 2), SplitMix::new(9, 2));
         let full = SamplingOptions { top_k: 0, ..Default::default() };
         let sorted = SamplingOptions { top_k: logits.len(), ..Default::default() };
