@@ -296,6 +296,8 @@ pub unsafe fn sgemm_strided_with(
     if isa != Isa::Portable && csc == 1 && (beta == 0.0 || beta == 1.0) && m > 0 && n > 0 && k > 0 {
         return x86(isa, m, k, n, a, rsa, csa, b, rsb, csb, alpha, beta == 1.0, c, rsc, false);
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa; // only the portable set exists here
     matrixmultiply::sgemm(
         m, k, n, alpha, a, rsa as isize, csa as isize, b, rsb as isize, csb as isize, beta, c, rsc as isize, csc as isize,
     );
