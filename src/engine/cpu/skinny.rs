@@ -23,6 +23,8 @@ type Lanes = [f32; LANES];
 const TILE_COLS: usize = 8;
 /// Depth of a block: the tile's slice of it (16 KiB) stays in L1 while every row of A passes over it.
 const BLOCK_DEPTH: usize = 512;
+/// Products with at most this many rows read bf16 weights in place, widening them in registers.
+const IN_PLACE_ROWS: usize = 8;
 /// Rows of A multiplied by the tile together (AVX-512: 24 accumulators and 8 weight vectors in registers).
 const ROW_GROUP: usize = 3;
 
@@ -53,42 +55,59 @@ struct Columns {
     accumulate: bool,
 }
 
-/// One task's columns, a tile of them at a time.
+/// One task's columns, a tile of them at a time. Their weights are read in place, except bf16 weights
+/// multiplied by more than `IN_PLACE_ROWS` rows: those are widened once into an f32 tile, which every row
+/// group then reads (widening them again for each group would cost more than the copy).
 #[inline(always)]
 fn columns<T: Widen>(isa: Isa, m: usize, k: usize, a: &[f32], b: &[T], out: Columns) {
-    let full = k / LANES * LANES;
-    let mut tile = vec![0f32; TILE_COLS * k];
+    let widen_once = T::BF16 && m > IN_PLACE_ROWS;
+    let mut tile = vec![0f32; if widen_once { TILE_COLS * k } else { 0 }];
     let mut acc = vec![[0f32; LANES]; m * TILE_COLS];
     for jt in (out.j0..out.j1).step_by(TILE_COLS) {
         let cols = TILE_COLS.min(out.j1 - jt);
         // A short last tile repeats its first column; the repeats are not written.
-        for (u, dst) in tile.chunks_exact_mut(k).enumerate() {
-            let j = jt + if u < cols { u } else { 0 };
-            dst.iter_mut().zip(&b[j * k..(j + 1) * k]).for_each(|(d, s)| *d = s.widen());
-        }
-        acc.fill([0.0; LANES]);
-        // The next tile's weights are fetched from memory while this one is multiplied, a share before each
-        // block of work: fetching them only when they are widened would leave the memory idle meanwhile.
+        let weights: [&[T]; TILE_COLS] = std::array::from_fn(|u| &b[(jt + if u < cols { u } else { 0 }) * k..][..k]);
+        // The next tile's weights are fetched from memory while this one is multiplied.
         let next = &b[(jt + TILE_COLS).min(out.j1) * k..(jt + 2 * TILE_COLS).min(out.j1) * k];
-        let pieces = full.div_ceil(BLOCK_DEPTH) * m.div_ceil(ROW_GROUP);
-        let mut piece = 0;
-        for p0 in (0..full).step_by(BLOCK_DEPTH) {
-            let depth = BLOCK_DEPTH.min(full - p0);
-            for (g, acc) in acc.chunks_mut(ROW_GROUP * TILE_COLS).enumerate() {
-                prefetch(&next[next.len() * piece / pieces..next.len() * (piece + 1) / pieces]);
-                piece += 1;
-                lanes(isa, &a[g * ROW_GROUP * k..], k, &tile, p0, depth, acc);
+        let tile_out = Columns { j0: jt, j1: jt + cols, ..out };
+        if widen_once {
+            for (dst, src) in tile.chunks_exact_mut(k).zip(weights) {
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.widen());
             }
+            let widened: [&[f32]; TILE_COLS] = std::array::from_fn(|u| &tile[u * k..][..k]);
+            tile_product(isa, m, k, a, widened, next, &mut acc, tile_out);
+        } else {
+            tile_product(isa, m, k, a, weights, next, &mut acc, tile_out);
         }
-        for i in 0..m {
-            let x = &a[i * k..(i + 1) * k];
-            for u in 0..cols {
-                let sum = tail(x, &tile[u * k..(u + 1) * k], full, reduce(&acc[i * TILE_COLS + u]));
-                // SAFETY: only this task writes columns j0..j1 of c, inside the m×n checked by the caller.
-                unsafe {
-                    let dst = out.c.ptr().add(i * out.n + jt + u);
-                    *dst = if out.accumulate { *dst + sum } else { sum };
-                }
+    }
+}
+
+/// Columns `out.j0..out.j1` (at most a tile; `weights[u]` holds column `j0 + u`) of every row of A.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn tile_product<W: Widen, T>(isa: Isa, m: usize, k: usize, a: &[f32], weights: [&[W]; TILE_COLS], next: &[T], acc: &mut [Lanes], out: Columns) {
+    let full = k / LANES * LANES;
+    acc.fill([0.0; LANES]);
+    // A share of the next tile is fetched before each block of work: fetching it only when it is reached
+    // would leave the memory idle meanwhile.
+    let pieces = full.div_ceil(BLOCK_DEPTH) * m.div_ceil(ROW_GROUP);
+    let mut piece = 0;
+    for p0 in (0..full).step_by(BLOCK_DEPTH) {
+        let depth = BLOCK_DEPTH.min(full - p0);
+        for (g, acc) in acc.chunks_mut(ROW_GROUP * TILE_COLS).enumerate() {
+            prefetch(&next[next.len() * piece / pieces..next.len() * (piece + 1) / pieces]);
+            piece += 1;
+            lanes(isa, &a[g * ROW_GROUP * k..], k, weights, p0, depth, acc);
+        }
+    }
+    for i in 0..m {
+        let x = &a[i * k..(i + 1) * k];
+        for (u, w) in weights.iter().enumerate().take(out.j1 - out.j0) {
+            let sum = tail(x, w, full, reduce(&acc[i * TILE_COLS + u]));
+            // SAFETY: only this task writes columns j0..j1 of c, inside the m×n checked by the caller.
+            unsafe {
+                let dst = out.c.ptr().add(i * out.n + out.j0 + u);
+                *dst = if out.accumulate { *dst + sum } else { sum };
             }
         }
     }
@@ -115,35 +134,37 @@ fn prefetch<T>(data: &[T]) {
     let _ = data;
 }
 
-/// For the rows `r` of `xs` (row `r` at `r·k`; `acc.len() / TILE_COLS` of them) and the tile's rows `u`:
+/// For the rows `r` of `xs` (row `r` at `r·k`; `acc.len() / TILE_COLS` of them) and the tile's columns `u`:
 /// lane `l` of `acc[r·TILE_COLS + u]` adds `x_r[p] · w_u[p]` by fused multiply-add for `p ≡ l (mod 16)` in
 /// `p0..p0 + depth` (a multiple of 16), in increasing `p`.
-fn lanes(isa: Isa, xs: &[f32], k: usize, tile: &[f32], p0: usize, depth: usize, acc: &mut [Lanes]) {
+fn lanes<W: Widen>(isa: Isa, xs: &[f32], k: usize, weights: [&[W]; TILE_COLS], p0: usize, depth: usize, acc: &mut [Lanes]) {
     let rows = acc.len() / TILE_COLS;
-    assert!(xs.len() >= (rows - 1) * k + p0 + depth && tile.len() == TILE_COLS * k && p0 + depth <= k);
+    assert!(xs.len() >= (rows - 1) * k + p0 + depth && weights.iter().all(|w| w.len() == k) && p0 + depth <= k);
     #[cfg(target_arch = "x86_64")]
-    match isa {
-        // SAFETY: the CPU runs the set (the caller checked `isa.supported()`); the bounds are asserted above.
-        Isa::Avx512 => {
-            return unsafe {
-                match rows {
-                    1 => lanes_avx512::<1>(xs.as_ptr(), k, tile.as_ptr(), p0, depth, acc),
-                    2 => lanes_avx512::<2>(xs.as_ptr(), k, tile.as_ptr(), p0, depth, acc),
-                    _ => lanes_avx512::<ROW_GROUP>(xs.as_ptr(), k, tile.as_ptr(), p0, depth, acc),
-                }
-            };
+    {
+        let w = weights.map(|w| w.as_ptr());
+        match isa {
+            // SAFETY: the CPU runs the set (the caller checked `isa.supported()`); the bounds are asserted above.
+            Isa::Avx512 => {
+                return unsafe {
+                    match rows {
+                        1 => lanes_avx512::<1, W>(xs.as_ptr(), k, w, p0, depth, acc),
+                        2 => lanes_avx512::<2, W>(xs.as_ptr(), k, w, p0, depth, acc),
+                        _ => lanes_avx512::<ROW_GROUP, W>(xs.as_ptr(), k, w, p0, depth, acc),
+                    }
+                };
+            }
+            Isa::Avx2 => return unsafe { lanes_avx2(xs.as_ptr(), k, w, p0, depth, acc) },
+            Isa::Portable => {}
         }
-        Isa::Avx2 => return unsafe { lanes_avx2(xs.as_ptr(), k, tile.as_ptr(), p0, depth, acc) },
-        Isa::Portable => {}
     }
     let _ = isa;
     for (r, acc) in acc.chunks_exact_mut(TILE_COLS).enumerate() {
         let x = &xs[r * k..][p0..p0 + depth];
-        for (u, lanes) in acc.iter_mut().enumerate() {
-            let w = &tile[u * k..][p0..p0 + depth];
-            for (xc, wc) in x.chunks_exact(LANES).zip(w.chunks_exact(LANES)) {
+        for (lanes, w) in acc.iter_mut().zip(weights) {
+            for (xc, wc) in x.chunks_exact(LANES).zip(w[p0..p0 + depth].chunks_exact(LANES)) {
                 for l in 0..LANES {
-                    lanes[l] = xc[l].mul_add(wc[l], lanes[l]);
+                    lanes[l] = xc[l].mul_add(wc[l].widen(), lanes[l]);
                 }
             }
         }
@@ -160,9 +181,9 @@ fn reduce(lanes: &Lanes) -> f32 {
 
 /// The positions after the last multiple of 16, added to `sum` by fused multiply-add.
 #[inline(always)]
-fn tail(x: &[f32], w: &[f32], from: usize, mut sum: f32) -> f32 {
+fn tail<W: Widen>(x: &[f32], w: &[W], from: usize, mut sum: f32) -> f32 {
     for p in from..x.len() {
-        sum = x[p].mul_add(w[p], sum);
+        sum = x[p].mul_add(w[p].widen(), sum);
     }
     sum
 }
@@ -170,18 +191,44 @@ fn tail(x: &[f32], w: &[f32], from: usize, mut sum: f32) -> f32 {
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+/// 16 weights as f32: loaded, or bf16 loaded and widened (a bf16 is the upper half of its f32).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn load16<W: Widen>(w: *const W) -> __m512 {
+    if W::BF16 {
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(w.cast()))))
+    } else {
+        _mm512_loadu_ps(w.cast())
+    }
+}
+
+/// 8 weights as f32, as `load16`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn load8<W: Widen>(w: *const W) -> __m256 {
+    if W::BF16 {
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(w.cast()))))
+    } else {
+        _mm256_loadu_ps(w.cast())
+    }
+}
+
 /// `lanes` for R rows: R × 8 accumulators and the 8 weight vectors of a step in registers, one load of A per
 /// row and step.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn lanes_avx512<const R: usize>(xs: *const f32, k: usize, tile: *const f32, p0: usize, depth: usize, acc: &mut [Lanes]) {
+unsafe fn lanes_avx512<const R: usize, W: Widen>(xs: *const f32, k: usize, ws: [*const W; TILE_COLS], p0: usize, depth: usize, acc: &mut [Lanes]) {
     let mut sums: [[__m512; TILE_COLS]; R] = std::array::from_fn(|r| std::array::from_fn(|u| _mm512_loadu_ps(acc[r * TILE_COLS + u].as_ptr())));
     for p in (p0..p0 + depth).step_by(LANES) {
-        let w: [__m512; TILE_COLS] = std::array::from_fn(|u| _mm512_loadu_ps(tile.add(u * k + p)));
-        for (r, sums) in sums.iter_mut().enumerate() {
-            let x = _mm512_loadu_ps(xs.add(r * k + p));
-            for (s, w) in sums.iter_mut().zip(&w) {
-                *s = _mm512_fmadd_ps(x, *w, *s);
+        // R rows of A and one weight vector at a time: with all 8 weight vectors held, 3 rows' 24 sums would
+        // need 33 registers of 32.
+        let x: [__m512; R] = std::array::from_fn(|r| _mm512_loadu_ps(xs.add(r * k + p)));
+        for (u, w) in ws.iter().enumerate() {
+            let w = load16(w.add(p));
+            for (sums, x) in sums.iter_mut().zip(&x) {
+                sums[u] = _mm512_fmadd_ps(*x, w, sums[u]);
             }
         }
     }
@@ -195,7 +242,7 @@ unsafe fn lanes_avx512<const R: usize>(xs: *const f32, k: usize, tile: *const f3
 /// `lanes` one row at a time: each output's 16 lanes are two 8-lane registers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn lanes_avx2(xs: *const f32, k: usize, tile: *const f32, p0: usize, depth: usize, acc: &mut [Lanes]) {
+unsafe fn lanes_avx2<W: Widen>(xs: *const f32, k: usize, ws: [*const W; TILE_COLS], p0: usize, depth: usize, acc: &mut [Lanes]) {
     for (r, acc) in acc.chunks_exact_mut(TILE_COLS).enumerate() {
         for (h, half) in acc.chunks_exact_mut(TILE_COLS / 2).enumerate() {
             let u0 = h * TILE_COLS / 2;
@@ -204,9 +251,9 @@ unsafe fn lanes_avx2(xs: *const f32, k: usize, tile: *const f32, p0: usize, dept
             for p in (p0..p0 + depth).step_by(LANES) {
                 let (x0, x1) = (_mm256_loadu_ps(xs.add(r * k + p)), _mm256_loadu_ps(xs.add(r * k + p + 8)));
                 for (u, s) in sums.iter_mut().enumerate() {
-                    let w = tile.add((u0 + u) * k + p);
-                    s[0] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w), s[0]);
-                    s[1] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w.add(8)), s[1]);
+                    let w = ws[u0 + u].add(p);
+                    s[0] = _mm256_fmadd_ps(x0, load8(w), s[0]);
+                    s[1] = _mm256_fmadd_ps(x1, load8(w.add(8)), s[1]);
                 }
             }
             for (u, s) in sums.iter().enumerate() {

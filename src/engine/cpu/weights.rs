@@ -13,10 +13,13 @@ pub enum Weights<'a> {
 
 /// An element that widens to f32 exactly.
 pub trait Widen: Copy + Send + Sync + 'static {
+    /// Whether the element is a bf16 (`u16`), else an f32: kernels that load vectors pick their load by it.
+    const BF16: bool;
     fn widen(self) -> f32;
 }
 
 impl Widen for f32 {
+    const BF16: bool = false;
     #[inline(always)]
     fn widen(self) -> f32 {
         self
@@ -24,6 +27,7 @@ impl Widen for f32 {
 }
 
 impl Widen for u16 {
+    const BF16: bool = true;
     /// A bf16 is the upper half of the f32 of the same value.
     #[inline(always)]
     fn widen(self) -> f32 {
