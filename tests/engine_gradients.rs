@@ -44,6 +44,7 @@ fn tiny_variant(tied: bool, seed: u64, v: Variant) -> Model {
         qkv_bias: v.qkv_bias,
         qk_norm: v.qk_norm,
         layer_windows: vec![v.window, None],
+        padding_idx: None,
         tied_embeddings: tied,
     };
     let layout = ParamLayout::new(&spec);
@@ -134,6 +135,41 @@ fn every_parameter_tensor_matches_finite_differences_untied() {
 #[test]
 fn every_parameter_tensor_matches_finite_differences_tied() {
     check(true);
+}
+
+/// transformers' `nn.Embedding(padding_idx = pad_token_id)`: the lookup adds nothing to the padding token's row
+/// (token 2 appears twice in the batch); the LM head's share still reaches it when the embeddings are tied; every
+/// other row is unchanged.
+#[test]
+fn the_padding_row_gets_no_gradient_from_the_lookup() {
+    let coef = [0.7f32, -1.3, 0.45];
+    let b = batch();
+    for tied in [false, true] {
+        let grads = |padding_idx| {
+            let mut model = tiny_model(tied, 11);
+            model.spec.padding_idx = padding_idx;
+            let (_, tape) = forward(&model, &b, true);
+            let mut g = kto::engine::Buffer::zeros(model.layout.total);
+            backward(&model, &b, tape.unwrap(), &coef, &mut g);
+            (g.to_host().into_owned(), model)
+        };
+        let ((with, model), (without, _)) = (grads(Some(2)), grads(None));
+        let embed = model.layout.tensors.iter().find(|t| t.name == "model.embed_tokens.weight").unwrap();
+        let hd = model.spec.hidden;
+        for tok in 0..model.spec.vocab_size {
+            let row = embed.offset + tok * hd..embed.offset + (tok + 1) * hd;
+            if tok != 2 {
+                assert_eq!(with[row.clone()], without[row], "row {tok} changed (tied={tied})");
+            } else if tied {
+                // Only the LM head's share: what the lookup added is gone, so the row differs but is not zero.
+                assert_ne!(with[row.clone()], without[row.clone()], "tied: the lookup's share was kept");
+                assert!(with[row].iter().any(|g| *g != 0.0), "tied: the LM head's share was dropped");
+            } else {
+                assert!(with[row.clone()].iter().all(|g| *g == 0.0), "untied: the padding row has a gradient");
+                assert!(without[row].iter().any(|g| *g != 0.0), "the batch does not use token 2");
+            }
+        }
+    }
 }
 
 #[test]

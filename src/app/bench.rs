@@ -128,6 +128,7 @@ impl BenchOptions {
             qkv_bias: shape.qkv_bias,
             qk_norm: false,
             layer_windows: Vec::new(),
+            padding_idx: None,
             tied_embeddings: shape.tied_embeddings,
         };
         spec.check_dims().map_err(|e| anyhow::anyhow!("kto bench: {e}"))?;

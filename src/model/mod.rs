@@ -9,6 +9,7 @@ pub mod weights;
 use crate::error::{Error, Result};
 use serde::Deserialize;
 use std::path::Path;
+use serde_json::Value;
 
 /// The most parameters a model may have (4 TiB in f32): a bound that refuses absurd shapes (a `num_hidden_layers`
 /// of 10^12) before anything of their size is allocated, far above any model a CPU trains.
@@ -105,6 +106,7 @@ struct HfConfig {
     use_sliding_window: Option<bool>,
     max_window_layers: Option<usize>,
     layer_types: Option<Vec<String>>,
+    pad_token_id: Option<Value>,
 }
 
 fn default_rms_eps() -> f64 {
@@ -131,6 +133,9 @@ pub struct ModelSpec {
     /// Per layer: the sliding attention window (a token sees itself and the `window − 1` before it), or `None`
     /// for full causal attention (Mistral's `sliding_window`, Qwen's `layer_types`).
     pub layer_windows: Vec<Option<usize>>,
+    /// `config.json`'s `pad_token_id`: transformers builds the embedding as `nn.Embedding(padding_idx=...)`, whose
+    /// row for that token gets no gradient from the lookup (with tied embeddings, the LM head's still reaches it).
+    pub padding_idx: Option<u32>,
 }
 
 impl ModelSpec {
@@ -196,6 +201,7 @@ impl ModelSpec {
             qkv_bias: model_type == "qwen2" || c.attention_bias == Some(true),
             qk_norm: model_type == "qwen3",
             layer_windows: Vec::new(),
+            padding_idx: c.pad_token_id.as_ref().and_then(Value::as_u64).and_then(|id| u32::try_from(id).ok()),
         };
         if !(spec.rope.theta > 0.0 && spec.rope.theta.is_finite()) {
             return Err(format!("rope_theta must be positive, got {}", spec.rope.theta));
@@ -309,6 +315,7 @@ impl ModelSpec {
             qkv_bias: false,
             qk_norm: false,
             layer_windows: vec![None; layers],
+            padding_idx: None,
         }
     }
 

@@ -180,9 +180,10 @@ pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], 
         };
         dx = layer_backward(model, batch, l, &t, &rope, dx, &mut sink);
     }
-    // Embedding rows gather the gradient of every token that used them.
+    // Embedding rows gather the gradient of every token that used them, except the padding row (transformers'
+    // `nn.Embedding(padding_idx = pad_token_id)`), which the lookup never updates.
     if let Some(g) = sink.base.as_deref_mut() {
-        for (r, &tok) in batch.tokens.iter().enumerate() {
+        for (r, &tok) in batch.tokens.iter().enumerate().filter(|&(_, &tok)| Some(tok) != spec.padding_idx) {
             let row = &mut g[lay.embed + tok as usize * hd..][..hd];
             row.iter_mut().zip(&dx[r * hd..][..hd]).for_each(|(a, b)| *a += b);
         }
