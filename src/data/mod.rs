@@ -5,6 +5,7 @@ pub mod over_ranks;
 pub mod prepare;
 pub mod read;
 pub mod tokenizer;
+mod tokenizer_class;
 
 pub use format::{examples_from_rows, examples_from_rows_skipping, Content, Example};
 pub use prepare::{collate, prepare, Batch, PrepareOptions, Prepared, TokenizedRow};

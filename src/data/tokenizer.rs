@@ -15,7 +15,7 @@ pub struct TextTokenizer {
 }
 
 /// A special token in `tokenizer_config.json` is a string or an `AddedToken` object with `"content"`.
-fn token_string(v: Option<&Value>) -> Option<String> {
+pub(super) fn token_string(v: Option<&Value>) -> Option<String> {
     match v? {
         Value::String(s) => Some(s.clone()),
         Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
@@ -34,7 +34,7 @@ impl TextTokenizer {
         if !tok_path.is_file() {
             return Err(Error::file(&tok_path, "not found (a Hugging Face fast tokenizer file is required)"));
         }
-        let inner = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| Error::file(&tok_path, e))?;
+        let mut inner = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| Error::file(&tok_path, e))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: serde_json::Map<String, Value> = if cfg_path.is_file() {
             let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::file(&cfg_path, e))?;
@@ -42,6 +42,7 @@ impl TextTokenizer {
         } else {
             Default::default()
         };
+        super::tokenizer_class::apply_class(&mut inner, &cfg).map_err(|e| Error::file(&cfg_path, e))?;
         let bos_token = token_string(cfg.get("bos_token"));
         let eos_token = token_string(cfg.get("eos_token"))
             .ok_or_else(|| Error::file(&cfg_path, "no \"eos_token\": KTO appends it to every completion"))?;
