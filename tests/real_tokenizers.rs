@@ -12,7 +12,7 @@ use kto::train::{Silent, Trainer};
 use serde_json::Value;
 use std::path::PathBuf;
 
-const TOKENIZERS: &[&str] = &["qwen2.5-0.5b-instruct", "phi-3-mini-4k-instruct", "smollm2-135m-instruct"];
+const TOKENIZERS: &[&str] = &["qwen2.5-0.5b-instruct", "phi-3-mini-4k-instruct", "smollm2-135m-instruct", "qwen3-template"];
 
 fn dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/real-tokenizers").join(name)

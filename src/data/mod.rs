@@ -1,8 +1,10 @@
 //! Data: read rows → unpaired examples → tokenized rows with KL partners → collated micro-batches.
 //! Knows nothing of the model beyond its tokenizer.
+pub mod chat_template;
 pub mod format;
 pub mod over_ranks;
 pub mod prepare;
+mod python_json;
 pub mod read;
 pub mod tokenizer;
 mod tokenizer_class;

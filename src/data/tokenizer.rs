@@ -1,5 +1,6 @@
 //! The tokenizer of a Hugging Face folder (`tokenizer.json` + `tokenizer_config.json`) and its chat template,
 //! rendered with minijinja the way transformers renders it.
+use super::chat_template::ChatTemplate;
 use crate::error::{Error, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -10,7 +11,8 @@ pub struct TextTokenizer {
     pub eos_token: String,
     pub eos_id: u32,
     pub pad_id: u32,
-    chat: Option<minijinja::Environment<'static>>,
+    /// The chat template and the file it came from (named in its errors).
+    chat: Option<(ChatTemplate, std::path::PathBuf)>,
     special_tokens: serde_json::Map<String, Value>,
 }
 
@@ -74,7 +76,10 @@ impl TextTokenizer {
             (t, &cfg_path)
         };
         let chat = match template {
-            Some(src) => Some(chat_environment(src).map_err(|e| Error::file(template_path, format!("chat template: {e}")))?),
+            Some(src) => Some((
+                ChatTemplate::new(src).map_err(|e| Error::file(template_path, format!("chat template: {e}")))?,
+                template_path.clone(),
+            )),
             None => None,
         };
         Ok(TextTokenizer { inner, bos_token, eos_token, eos_id, pad_id, chat, special_tokens })
@@ -117,33 +122,8 @@ impl TextTokenizer {
         tools: Option<&Value>,
         kwargs: Option<&serde_json::Map<String, Value>>,
     ) -> std::result::Result<String, String> {
-        let env = self.chat.as_ref().ok_or("the tokenizer has no chat_template, so message lists cannot be used")?;
-        let mut ctx = self.special_tokens.clone();
-        if let Some(kw) = kwargs {
-            ctx.extend(kw.clone());
-        }
-        ctx.insert("messages".into(), Value::Array(messages.to_vec()));
-        ctx.insert("add_generation_prompt".into(), Value::Bool(add_generation_prompt));
-        ctx.insert("tools".into(), tools.cloned().unwrap_or(Value::Null));
-        let tmpl = env.get_template("chat").map_err(|e| e.to_string())?;
-        tmpl.render(minijinja::Value::from_serialize(&ctx)).map_err(|e| format!("chat template: {e}"))
+        let (chat, path) = self.chat.as_ref().ok_or("the tokenizer has no chat_template, so message lists cannot be used")?;
+        chat.render(messages, add_generation_prompt, tools, &self.special_tokens, kwargs)
+            .map_err(|e| format!("chat template {}: {e}", path.display()))
     }
-}
-
-/// A minijinja environment that behaves like transformers' chat-template sandbox: trim_blocks, lstrip_blocks,
-/// loop controls, `raise_exception`, `strftime_now`, Python string methods.
-fn chat_environment(src: String) -> std::result::Result<minijinja::Environment<'static>, minijinja::Error> {
-    let mut env = minijinja::Environment::new();
-    env.set_trim_blocks(true);
-    env.set_lstrip_blocks(true);
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-    });
-    env.add_function("strftime_now", |_fmt: String| -> String {
-        // Deterministic training data matters more than the wall clock; templates use this for a date line.
-        String::new()
-    });
-    env.add_template_owned("chat", src)?;
-    Ok(env)
 }
