@@ -4,7 +4,8 @@
 //! 3 SGD steps. Qwen2.5 (byte-level BPE, `Qwen2Tokenizer`), Phi-3 (SentencePiece-style BPE, `LlamaTokenizer`:
 //! transformers prepends "▁" only at the start of the input, not after each special token as the file's own
 //! normalizer would) and SmolLM2 (`GPT2Tokenizer`; its pad token is its EOS, so the embedding row of
-//! `pad_token_id` gets no gradient from the lookup, as `nn.Embedding(padding_idx)` does).
+//! `pad_token_id` gets no gradient from the lookup, as `nn.Embedding(padding_idx)` does); and the Qwen2.5 tokenizer
+//! with Qwen3's template, whose empty `<think>` block belongs to the completion.
 mod common;
 use common::assert_logs_match;
 use kto::config::TrainConfig;
