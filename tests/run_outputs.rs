@@ -251,7 +251,7 @@ fn a_stop_request_ends_the_precomputation_and_evaluation() {
     let eval = format!("eval_dataset=\"{}\"", fixture("kto.jsonl").display());
     let sets: Vec<String> = [eval.as_str(), "eval_strategy=steps", "eval_steps=1", "max_steps=3"].iter().map(|s| s.to_string()).collect();
     let mut t = Trainer::new(TrainConfig::from_toml(&base, &sets).unwrap(), &kto::train::Silent).unwrap();
-    assert!(t.evaluate_unless_stopped(&StopNow).is_none());
+    assert!(t.evaluate_unless_stopped(0, &StopNow).is_none());
     match t.train(&StopNow) {
         Err(kto::Error::Interrupted { step: 1, checkpoint }) => assert!(checkpoint.ends_with("checkpoint-1")),
         other => panic!("expected a stop after step 1, got {:?}", other.map(|s| s.steps)),

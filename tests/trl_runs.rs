@@ -167,15 +167,18 @@ fn evaluation_logs_eval_metrics_and_precomputed_eval_reference_agrees() {
     for k in ["eval_kl", "eval_entropy", "eval_rewards/chosen", "eval_rewards/margins", "eval_logps/rejected", "eval_runtime"] {
         assert!(e.contains_key(k), "{k} missing from {e:?}");
     }
-    assert!(!e.contains_key("eval_num_tokens"), "num_tokens is not updated in eval");
-    // The eval set equals the training set here, with the same batch size: eval_loss is the mean of the
-    // micro-batch losses under the final weights.
-    let mut losses = Vec::new();
+    // TRL logs the training tokens seen so far under eval_num_tokens (tests/trl_eval.rs checks it against TRL).
+    let train_tokens = logs.iter().rev().find_map(|m| m.get("num_tokens")).unwrap();
+    assert_eq!(e["eval_num_tokens"].as_f64(), train_tokens.as_f64(), "eval_num_tokens is the training count");
+    // The eval set equals the training set here, in the same batches (the last one short: 23 rows): eval_loss is
+    // the micro-batch losses under the final weights, each counted once per row, as transformers' loop takes it.
+    let (mut weighted, mut rows_seen) = (0.0, 0);
     for rows in t.epoch_batches() {
-        losses.push(t.micro_batch(&t.collate_eval(&rows), 0, None, &mut Default::default()).loss);
+        weighted += t.micro_batch(&t.collate_eval(&rows), 0, None, &mut Default::default()).loss * rows.len() as f64;
+        rows_seen += rows.len();
     }
-    let mean = losses.iter().sum::<f64>() / losses.len() as f64;
-    assert!((e["eval_loss"].as_f64().unwrap() - mean).abs() < 1e-12);
+    let mean = weighted / rows_seen as f64;
+    assert!((e["eval_loss"].as_f64().unwrap() - mean).abs() < 1e-12, "{} vs {mean}", e["eval_loss"]);
 
     // With precomputed reference log-probs the eval set gets its own cache and the same numbers.
     let mut with_pre = extra.clone();

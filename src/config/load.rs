@@ -113,6 +113,9 @@ impl TrainConfig {
         if self.dataset_num_proc.is_some_and(|n| n > 1) {
             return bad("dataset_num_proc > 1 is not supported: TRL would then rotate KL pairs inside shards".into());
         }
+        if self.eval_on_start && self.eval_dataset.is_none() {
+            return bad("eval_on_start = true needs an eval_dataset".into());
+        }
         if self.generate_during_eval && self.eval_dataset.is_none() {
             return bad("generate_during_eval = true needs an eval_dataset".into());
         }

@@ -34,6 +34,10 @@ pub struct TrainConfig {
     pub eval_steps: Option<usize>,
     #[serde(default = "d_batch")]
     pub per_device_eval_batch_size: usize,
+    /// Evaluate once before the first step (logged at the step training starts from), as transformers'
+    /// `eval_on_start`.
+    #[serde(default)]
+    pub eval_on_start: bool,
     /// Column names in the data files, mapped to TRL's `prompt`, `completion` and `label`.
     #[serde(default = "d_prompt_col")]
     pub prompt_column: String,

@@ -11,18 +11,22 @@ impl Trainer {
     }
 
     /// Runs the eval set in batches of `per_device_eval_batch_size` without gradients: TRL's eval metrics with an
-    /// `eval_` prefix (unweighted means over eval batches) and `eval_loss`.
-    pub fn evaluate(&self) -> Map<String, Value> {
-        self.evaluate_unless_stopped(&Silent).unwrap_or_default()
+    /// `eval_` prefix (unweighted means over eval batches), `eval_loss` as transformers' evaluation loop takes it
+    /// (each batch's loss repeated once per row, then the mean: a short last batch weighs less), and
+    /// `eval_num_tokens`, which TRL sets to the training tokens seen so far (`num_tokens_so_far`), not the eval
+    /// set's.
+    pub fn evaluate(&self, num_tokens_so_far: usize) -> Map<String, Value> {
+        self.evaluate_unless_stopped(num_tokens_so_far, &Silent).unwrap_or_default()
     }
 
     /// `evaluate`, checking between eval batches whether the user asked to stop (then `None`).
-    pub fn evaluate_unless_stopped(&self, obs: &dyn Observer) -> Option<Map<String, Value>> {
+    pub fn evaluate_unless_stopped(&self, num_tokens_so_far: usize, obs: &dyn Observer) -> Option<Map<String, Value>> {
         let mut entry = Map::new();
         let Some(eval) = &self.eval_data else { return Some(entry) };
         let t = Instant::now();
         let mut acc = MetricAccumulator::default();
         let mut losses = Vec::new();
+        let mut loss_sum = 0.0;
         let rows: Vec<usize> = (0..eval.rows.len()).collect();
         for chunk in rows.chunks(self.cfg.per_device_eval_batch_size) {
             if obs.stop_requested() {
@@ -30,6 +34,7 @@ impl Trainer {
             }
             let rec = self.micro_batch(&self.collate_eval(chunk), 0, None, &mut PhaseTimes::default());
             losses.push(rec.loss);
+            loss_sum += rec.loss * chunk.len() as f64;
             for (k, v) in &rec.metrics {
                 if *k != "num_tokens" {
                     acc.add(k, *v);
@@ -37,8 +42,12 @@ impl Trainer {
             }
         }
         let secs = t.elapsed().as_secs_f64();
-        entry.insert("eval_loss".into(), (losses.iter().sum::<f64>() / losses.len().max(1) as f64).into());
-        for (k, v) in acc.drain_means() {
+        entry.insert("eval_loss".into(), (loss_sum / eval.rows.len().max(1) as f64).into());
+        let mut metrics = acc.drain_means();
+        // In TRL's key order: num_tokens comes after entropy.
+        let at = metrics.iter().position(|(k, _)| k == "entropy").map_or(metrics.len(), |i| i + 1);
+        metrics.insert(at, ("num_tokens".to_string(), num_tokens_so_far as f64));
+        for (k, v) in metrics {
             entry.insert(format!("eval_{k}"), v.into());
         }
         entry.insert("eval_runtime".into(), secs.into());

@@ -48,6 +48,15 @@ impl Trainer {
         let mut epoch = step / updates_per_epoch;
         let mut skip_groups = step % updates_per_epoch;
         obs.start(self.max_steps);
+        if self.cfg.eval_on_start {
+            let Some(mut entry) = self.evaluate_unless_stopped(state.num_tokens, obs) else {
+                obs.finish();
+                return Err(Error::StoppedEarly("during the evaluation before training (eval_on_start); no step was taken".into()));
+            };
+            entry.insert("epoch".into(), state.epoch_progress.into());
+            entry.insert("step".into(), step.into());
+            metrics.write(entry)?;
+        }
         'run: while step < self.max_steps {
             for (g, group) in epoch_batches.chunks(per_step).enumerate().skip(skip_groups) {
                 crate::engine::zero(&mut grads);
@@ -123,7 +132,7 @@ impl Trainer {
                 // A stop during evaluation drops that evaluation; the step itself is done and checkpointed.
                 let mut stopped_in_eval = false;
                 if self.cfg.eval_strategy == Strategy::Steps && step % eval_every == 0 {
-                    match self.evaluate_unless_stopped(obs) {
+                    match self.evaluate_unless_stopped(state.num_tokens, obs) {
                         Some(mut entry) => {
                             entry.insert("epoch".into(), state.epoch_progress.into());
                             entry.insert("step".into(), step.into());
