@@ -22,6 +22,7 @@ pub mod optim;
 pub mod output;
 pub mod rng;
 pub mod run_identity;
+pub mod schedule;
 pub mod tensorboard;
 pub mod train;
 

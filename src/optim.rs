@@ -1,5 +1,5 @@
 //! Optimizers with PyTorch's semantics over the flat parameter buffer, gradient clipping as
-//! `clip_grad_norm_`, and transformers' learning-rate schedules.
+//! `clip_grad_norm_` (the schedules are in `schedule.rs`).
 use crate::model::TensorSlot;
 use crate::engine::{self, AdamWStep, Buffer};
 
@@ -99,49 +99,9 @@ pub fn clip_coefficient(norm: f64, max_norm: f64) -> f32 {
     1.0
 }
 
-/// `lr_scheduler_type`, with transformers' names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Schedule {
-    Constant,
-    ConstantWithWarmup,
-    Linear,
-    Cosine,
-}
-
-impl Schedule {
-    /// The factor on the base learning rate for the update after `step` completed updates (transformers'
-    /// `LambdaLR` lambdas; `Constant` ignores warm-up, as transformers' `constant` does).
-    pub fn factor(self, step: usize, warmup: usize, total: usize) -> f64 {
-        let (s, w, t) = (step as f64, warmup as f64, total as f64);
-        if self != Schedule::Constant && step < warmup {
-            return s / w.max(1.0);
-        }
-        match self {
-            Schedule::Constant | Schedule::ConstantWithWarmup => 1.0,
-            Schedule::Linear => ((t - s) / (t - w).max(1.0)).max(0.0),
-            Schedule::Cosine => {
-                let progress = (s - w) / (t - w).max(1.0);
-                (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn schedules_follow_transformers() {
-        assert_eq!(Schedule::Linear.factor(0, 0, 10), 1.0);
-        assert!((Schedule::Linear.factor(5, 0, 10) - 0.5).abs() < 1e-12);
-        assert_eq!(Schedule::Linear.factor(1, 2, 10), 0.5);
-        assert!((Schedule::Linear.factor(6, 2, 10) - 0.5).abs() < 1e-12);
-        assert!((Schedule::Cosine.factor(6, 2, 10) - 0.5).abs() < 1e-12);
-        assert_eq!(Schedule::ConstantWithWarmup.factor(1, 4, 10), 0.25);
-        assert_eq!(Schedule::Constant.factor(1, 4, 10), 1.0);
-    }
 
     #[test]
     fn clipping_scales_to_max_norm_and_reports_the_norm_before() {

@@ -113,6 +113,14 @@ impl TrainConfig {
         if self.dataset_num_proc.is_some_and(|n| n > 1) {
             return bad("dataset_num_proc > 1 is not supported: TRL would then rotate KL pairs inside shards".into());
         }
+        let schedule = crate::schedule::LrSchedule {
+            kind: self.lr_scheduler_type,
+            kwargs: self.lr_scheduler_kwargs.clone(),
+            base_lr: self.learning_rate,
+            warmup: 0,
+            total: 0,
+        };
+        schedule.check().map_err(Error::Config)?;
         if self.eval_on_start && self.eval_dataset.is_none() {
             return bad("eval_on_start = true needs an eval_dataset".into());
         }

@@ -2,7 +2,8 @@
 //! defaults (compute is always fp32 on the CPU). Unknown keys and wrong types are errors that name the key.
 //! The keys and their defaults are here; reading, overrides and range checks are in `load`.
 use crate::objective::LossType;
-use crate::optim::{OptimKind, OptimName, Schedule};
+use crate::optim::{OptimKind, OptimName};
+use crate::schedule::{Schedule, ScheduleKwargs};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -84,9 +85,15 @@ pub struct TrainConfig {
     /// `"adamw_torch_fused"` (default), `"adamw_torch"` or `"sgd"`.
     #[serde(default = "d_optim")]
     pub optim: OptimName,
-    /// `"linear"` (default), `"constant"`, `"constant_with_warmup"` or `"cosine"`.
+    /// transformers' names: `"linear"` (default), `"constant"`, `"constant_with_warmup"`, `"cosine"`,
+    /// `"cosine_with_restarts"`, `"polynomial"`, `"inverse_sqrt"`, `"cosine_with_min_lr"`,
+    /// `"cosine_warmup_with_min_lr"`, `"warmup_stable_decay"`.
     #[serde(default = "d_sched")]
     pub lr_scheduler_type: Schedule,
+    /// The schedule function's own arguments (`num_cycles`, `lr_end`, `power`, `timescale`, `min_lr`, ...): a
+    /// table, or a JSON object in a string as transformers also takes it.
+    #[serde(default, deserialize_with = "schedule_kwargs")]
+    pub lr_scheduler_kwargs: ScheduleKwargs,
     /// Warm-up in optimizer steps; a value below 1 is a fraction of the total steps (transformers 5).
     #[serde(default)]
     pub warmup_steps: f64,
@@ -113,6 +120,9 @@ pub struct TrainConfig {
     pub seed: u64,
     #[serde(default = "d_logging_steps")]
     pub logging_steps: usize,
+    /// Also log the first step (transformers' `logging_first_step`).
+    #[serde(default)]
+    pub logging_first_step: bool,
     /// Must be `"sequential"` for `kto`: the KL pairs are fixed chunks of consecutive rows.
     #[serde(default = "d_sampling")]
     pub train_sampling_strategy: String,
@@ -260,6 +270,22 @@ fn d_lr() -> f64 {
 fn d_optim() -> OptimName {
     OptimName::AdamwTorchFused
 }
+/// `lr_scheduler_kwargs` as a table or as a string holding a JSON object.
+fn schedule_kwargs<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<ScheduleKwargs, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum TableOrJson {
+        Json(String),
+        Table(toml::Table),
+    }
+    use serde::de::Error as _;
+    let value = match TableOrJson::deserialize(d)? {
+        TableOrJson::Json(text) => serde_json::from_str::<serde_json::Value>(&text).map_err(D::Error::custom)?,
+        TableOrJson::Table(t) => serde_json::to_value(t).map_err(D::Error::custom)?,
+    };
+    serde_json::from_value(value).map_err(D::Error::custom)
+}
+
 fn d_sched() -> Schedule {
     Schedule::Linear
 }

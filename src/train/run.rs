@@ -114,7 +114,7 @@ impl Trainer {
                 state.steps_since_log += 1;
                 state.total_loss += step_loss;
                 obs.step(step, step_loss);
-                if step % self.cfg.logging_steps == 0 {
+                if step % self.cfg.logging_steps == 0 || (step == 1 && self.cfg.logging_first_step) {
                     let mut entry = Map::new();
                     entry.insert("loss".into(), (state.loss_since_log / state.steps_since_log as f64).into());
                     entry.insert("grad_norm".into(), grad_norm.into());
@@ -175,6 +175,10 @@ impl Trainer {
         summary.insert("train_steps_per_second".into(), (step as f64 / runtime).into());
         summary.insert("train_tokens".into(), state.num_tokens.into());
         summary.insert("train_loss".into(), train_loss.into());
+        // As TRL: metrics of steps after the last logged one go into the summary (their means).
+        for (k, v) in acc.drain_means() {
+            summary.insert(k, v.into());
+        }
         summary.insert("epoch".into(), state.epoch_progress.into());
         summary.insert("step".into(), step.into());
         // The model first: a summary line in metrics.jsonl means the final model is in place.

@@ -179,12 +179,23 @@ impl Trainer {
         }
     }
 
+    /// The learning-rate schedule over this run's steps (which a resume or a data-parallel run may change).
+    pub fn lr_schedule(&self) -> LrSchedule {
+        LrSchedule {
+            kind: self.schedule,
+            kwargs: self.cfg.lr_scheduler_kwargs.clone(),
+            base_lr: self.cfg.learning_rate,
+            warmup: self.warmup,
+            total: self.max_steps,
+        }
+    }
+
     /// Clips `grads`, updates the policy with the learning rate of update number `step` (0-based), and returns
     /// (gradient norm before clipping, learning rate used).
     pub fn apply_update(&mut self, grads: &Buffer, step: usize) -> (f64, f64) {
         let t = Instant::now();
         let grad_norm = grad_norm(grads);
-        let lr = self.cfg.learning_rate * self.schedule.factor(step, self.warmup, self.max_steps);
+        let lr = self.cfg.learning_rate * self.lr_schedule().factor(step);
         if grad_norm.is_finite() {
             let coef = clip_coefficient(grad_norm, self.cfg.max_grad_norm);
             let params = match &mut self.policy.lora {

@@ -148,3 +148,29 @@ pub fn assert_one_line_error(result: (bool, String), must_contain: &[&str]) {
         assert!(last.contains(m), "error line {last:?} should mention {m:?}");
     }
 }
+
+/// Our log history against TRL's, entry for entry: a step or evaluation entry has exactly TRL's keys, each value
+/// within tolerance (timings only present); the run's summary has every key of TRL's but `total_flos`
+/// (`train_loss`, and the metrics of steps after the last logged one), timings again only present.
+pub fn assert_history_matches(got: &[Map<String, Value>], want: &[Value], label: &str) {
+    let timing = |k: &str| k.ends_with("_runtime") || k.ends_with("_per_second");
+    assert_eq!(got.len(), want.len(), "{label}: log entries");
+    for (g, w) in got.iter().zip(want) {
+        let (w, step) = (w.as_object().unwrap(), &w["step"]);
+        let summary = w.contains_key("train_runtime");
+        if !summary {
+            let mut keys: Vec<&String> = g.keys().collect();
+            let mut want_keys: Vec<&String> = w.keys().collect();
+            keys.sort();
+            want_keys.sort();
+            assert_eq!(keys, want_keys, "{label} step {step}: keys");
+        }
+        for (k, wv) in w.iter().filter(|(k, _)| !(summary && *k == "total_flos")) {
+            let gv = g.get(k).unwrap_or_else(|| panic!("{label} step {step}: no {k}"));
+            if !timing(k) {
+                let (gv, wv) = (gv.as_f64().unwrap(), wv.as_f64().unwrap());
+                assert!(close(gv, wv), "{label} step {step} {k}: ours {gv} vs TRL {wv}");
+            }
+        }
+    }
+}

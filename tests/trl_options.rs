@@ -1,0 +1,60 @@
+//! Trainer options against real TRL 1.16 (tests/data/options, made by scripts/make_option_fixtures.py) on the
+//! trl-tiny fixture: every learning-rate schedule with its `lr_scheduler_kwargs`, `logging_first_step` (5 steps
+//! logged every 2: the summary then carries step 5's metrics, as TRL's does) and `max_grad_norm = 0`.
+mod common;
+use common::{assert_history_matches, fixture};
+use kto::config::TrainConfig;
+use kto::train::{Silent, Trainer};
+use serde_json::Value;
+
+#[test]
+fn options_match_trl_runs() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/options/expected.json");
+    let runs: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(runs.as_object().unwrap().len(), 9, "the fixture's option sets");
+    for (name, run) in runs.as_object().unwrap() {
+        let out = tempfile::tempdir().unwrap();
+        let mut toml = format!(
+            "model = {:?}\nref_model = {:?}\ntokenizer = {:?}\ntrain_dataset = {:?}\noutput_dir = {:?}\nsave_strategy = \"no\"\n",
+            fixture("policy").display().to_string(),
+            fixture("reference").display().to_string(),
+            fixture("tokenizer").display().to_string(),
+            fixture("kto.jsonl").display().to_string(),
+            out.path().join("run").display().to_string()
+        );
+        for (key, value) in run["hyperparameters"].as_object().unwrap() {
+            // A JSON object is written as a TOML inline table.
+            let value = match value {
+                Value::Object(m) => format!("{{ {} }}", m.iter().map(|(k, v)| format!("{k} = {v}")).collect::<Vec<_>>().join(", ")),
+                v => v.to_string(),
+            };
+            toml += &format!("{key} = {value}\n");
+        }
+        let cfg = TrainConfig::from_toml(&toml, &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let got = Trainer::new(cfg, &Silent).unwrap().train(&Silent).unwrap().log_history;
+        assert_history_matches(&got, run["log_history"].as_array().unwrap(), name);
+    }
+}
+
+#[test]
+fn schedule_kwargs_are_checked_and_also_read_from_a_json_string() {
+    let base = format!(
+        "model = {:?}\ntrain_dataset = {:?}\n",
+        fixture("policy").display().to_string(),
+        fixture("kto.jsonl").display().to_string()
+    );
+    let load = |extra: &str| TrainConfig::from_toml(&format!("{base}{extra}"), &[]).map(|c| c.lr_scheduler_kwargs);
+    let from_json = load("lr_scheduler_type = \"cosine\"\nlr_scheduler_kwargs = '{\"num_cycles\": 2}'\n").unwrap();
+    assert_eq!(from_json.num_cycles, Some(2.0));
+    let refused = [
+        ("lr_scheduler_type = \"linear\"\nlr_scheduler_kwargs = { num_cycles = 2 }\n", "num_cycles"),
+        ("lr_scheduler_type = \"cosine_with_min_lr\"\n", "min_lr"),
+        ("lr_scheduler_type = \"polynomial\"\nlearning_rate = 1e-8\n", "lr_end"),
+        ("lr_scheduler_type = \"warmup_stable_decay\"\n", "num_decay_steps"),
+        ("lr_scheduler_kwargs = { nonsense = 1 }\n", "nonsense"),
+    ];
+    for (extra, named) in refused {
+        let err = load(extra).expect_err(extra).to_string();
+        assert!(err.contains(named) && !err.contains('\n'), "{extra}: {err}");
+    }
+}
