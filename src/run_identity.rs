@@ -34,6 +34,8 @@ const MAY_CHANGE: &[&str] = &[
     "eval_dataset",
     "eval_strategy",
     "eval_steps",
+    "eval_on_start",
+    "logging_first_step",
     "per_device_eval_batch_size",
     "report_to",
     "disable_tqdm",
@@ -87,7 +89,13 @@ impl RunIdentity {
         keys.dedup();
         for k in keys {
             let (a, b) = (other.settings.get(k), self.settings.get(k));
-            if a != b {
+            // A key newer than one side's kto, at its empty default on the other, is the same run.
+            let unset = |v: Option<&Value>| match v {
+                None | Some(Value::Null) | Some(Value::Bool(false)) => true,
+                Some(Value::Object(m)) => m.values().all(Value::is_null),
+                _ => false,
+            };
+            if a != b && !(unset(a) && unset(b)) {
                 let show = |v: Option<&Value>| v.map_or("unset".to_string(), |v| v.to_string());
                 diff.push(format!("{k} ({} vs {})", show(a), show(b)));
             }
@@ -132,5 +140,32 @@ impl RunIdentity {
             ));
         }
         Ok(theirs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(settings: Value) -> RunIdentity {
+        RunIdentity {
+            task: "train".into(),
+            settings: settings.as_object().unwrap().clone(),
+            train_data: "d".into(),
+            initial_weights: "w".into(),
+            reference_weights: "none".into(),
+            planned_steps: 3,
+        }
+    }
+
+    /// A checkpoint written before a key existed resumes when the key is at its empty default; a set value
+    /// still differs.
+    #[test]
+    fn a_key_newer_than_the_checkpoint_differs_only_when_set() {
+        let old = identity(serde_json::json!({"beta": 0.1}));
+        let unset = identity(serde_json::json!({"beta": 0.1, "lr_scheduler_kwargs": {"num_cycles": null}, "new_flag": false}));
+        assert!(unset.differences(&old).is_empty(), "{:?}", unset.differences(&old));
+        let set = identity(serde_json::json!({"beta": 0.1, "lr_scheduler_kwargs": {"num_cycles": 2.0}}));
+        assert_eq!(set.differences(&old), ["lr_scheduler_kwargs (unset vs {\"num_cycles\":2.0})"]);
     }
 }
