@@ -3,7 +3,8 @@
 
 On the trl-tiny fixture (tests/data/trl-tiny: policy, separate reference, kto.jsonl), SGD, 5 steps of batch 4 with
 one warm-up step, one run per option set: each learning-rate scheduler with its `lr_scheduler_kwargs`,
-`logging_first_step`, and `max_grad_norm = 0` (no clipping). Writes each run's settings and log_history.
+`logging_first_step`, `max_grad_norm = 0` (no clipping), and with kto.jsonl as the eval set too: the final
+step's evaluation and `logging_strategy` / `eval_strategy` = "epoch".  Writes each run's settings and log_history.
 usage: make_option_fixtures.py OUT_DIR (peer venv: ../shared/peer/setup.sh)
 """
 import json, os, sys, tempfile
@@ -29,7 +30,15 @@ RUNS = {
                                 lr_scheduler_kwargs={"num_decay_steps": 2, "min_lr_ratio": 0.1, "decay_type": "linear"}),
     "logging_first_step": dict(lr_scheduler_type="linear", logging_steps=2, logging_first_step=True),
     "no_clipping": dict(lr_scheduler_type="constant", max_grad_norm=0.0, learning_rate=0.5),
+    # With an eval set (kto.jsonl itself, "eval": true below): the last step is evaluated though 5 % 2 != 0;
+    # per-epoch logging and evaluation over 2 epochs (6 steps each), and cut short in the second (max_steps = 8).
+    "final_step_eval": dict(lr_scheduler_type="linear", eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=8),
+    "epoch_strategies": dict(lr_scheduler_type="linear", max_steps=-1, num_train_epochs=2, logging_strategy="epoch",
+                             eval_strategy="epoch", per_device_eval_batch_size=8),
+    "epoch_strategies_cut": dict(lr_scheduler_type="linear", max_steps=8, logging_strategy="epoch", eval_strategy="epoch",
+                                 per_device_eval_batch_size=8),
 }
+WITH_EVAL = {"final_step_eval", "epoch_strategies", "epoch_strategies_cut"}
 out = {}
 for name, extra in RUNS.items():
     hp = {**base, **extra}
@@ -39,8 +48,9 @@ for name, extra in RUNS.items():
     args = KTOConfig(output_dir=tempfile.mkdtemp(), save_strategy="no", report_to="none", bf16=False, use_cpu=True,
                      gradient_checkpointing=False, disable_tqdm=True, **hp)
     ds = load_dataset("json", data_files=os.path.join(tiny, "kto.jsonl"), split="train")
-    tr = KTOTrainer(model=policy, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
+    evals = ds if name in WITH_EVAL else None
+    tr = KTOTrainer(model=policy, ref_model=ref, args=args, train_dataset=ds, eval_dataset=evals, processing_class=tok)
     tr.train()
-    out[name] = {"hyperparameters": hp, "log_history": tr.state.log_history}
+    out[name] = {"hyperparameters": hp, "eval": evals is not None, "log_history": tr.state.log_history}
     print(name, [(h.get("step"), h.get("learning_rate"), h.get("grad_norm")) for h in tr.state.log_history])
 json.dump(out, open(os.path.join(sys.argv[1], "expected.json"), "w"), indent=1)

@@ -28,6 +28,7 @@ const MAY_CHANGE: &[&str] = &[
     "max_steps",
     "num_train_epochs",
     "logging_steps",
+    "logging_strategy",
     "save_strategy",
     "save_steps",
     "save_total_limit",

@@ -1,6 +1,8 @@
 //! Trainer options against real TRL 1.16 (tests/data/options, made by scripts/make_option_fixtures.py) on the
 //! trl-tiny fixture: every learning-rate schedule with its `lr_scheduler_kwargs`, `logging_first_step` (5 steps
-//! logged every 2: the summary then carries step 5's metrics, as TRL's does) and `max_grad_norm = 0`.
+//! logged every 2: the summary then carries step 5's metrics, as TRL's does), `max_grad_norm = 0`, the last
+//! step's evaluation under `eval_strategy = "steps"`, and `logging_strategy` / `eval_strategy` = `"epoch"` over
+//! two whole epochs and over one cut short by `max_steps`.
 mod common;
 use common::{assert_history_matches, fixture};
 use kto::config::TrainConfig;
@@ -11,7 +13,7 @@ use serde_json::Value;
 fn options_match_trl_runs() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/options/expected.json");
     let runs: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    assert_eq!(runs.as_object().unwrap().len(), 9, "the fixture's option sets");
+    assert_eq!(runs.as_object().unwrap().len(), 12, "the fixture's option sets");
     for (name, run) in runs.as_object().unwrap() {
         let out = tempfile::tempdir().unwrap();
         let mut toml = format!(
@@ -22,6 +24,9 @@ fn options_match_trl_runs() {
             fixture("kto.jsonl").display().to_string(),
             out.path().join("run").display().to_string()
         );
+        if run["eval"] == true {
+            toml += &format!("eval_dataset = {:?}\n", fixture("kto.jsonl").display().to_string());
+        }
         for (key, value) in run["hyperparameters"].as_object().unwrap() {
             // A JSON object is written as a TOML inline table.
             let value = match value {
@@ -57,4 +62,25 @@ fn schedule_kwargs_are_checked_and_also_read_from_a_json_string() {
         let err = load(extra).expect_err(extra).to_string();
         assert!(err.contains(named) && !err.contains('\n'), "{extra}: {err}");
     }
+}
+
+/// `save_strategy = "epoch"` checkpoints at the end of each epoch (transformers' `on_epoch_end`), the one cut short
+/// by `max_steps` included: 23 rows in batches of 4 make 6 steps an epoch.
+#[test]
+fn epoch_saving_checkpoints_at_each_epoch_end() {
+    let out = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "model = {:?}\ntrain_dataset = {:?}\noutput_dir = {:?}\noptim = \"sgd\"\nper_device_train_batch_size = 4\nmax_length = 64\nmax_steps = 8\nsave_strategy = \"epoch\"\nlogging_steps = 1\n",
+        fixture("policy").display().to_string(),
+        fixture("kto.jsonl").display().to_string(),
+        out.path().join("run").display().to_string()
+    );
+    Trainer::new(TrainConfig::from_toml(&toml, &[]).unwrap(), &Silent).unwrap().train(&Silent).unwrap();
+    let mut saved: Vec<String> = std::fs::read_dir(out.path().join("run"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    saved.sort();
+    assert_eq!(saved, ["checkpoint-6", "checkpoint-8"]);
 }

@@ -127,8 +127,9 @@ impl TrainConfig {
         if self.generate_during_eval && self.eval_dataset.is_none() {
             return bad("generate_during_eval = true needs an eval_dataset".into());
         }
-        if self.eval_strategy == Strategy::Steps && self.eval_dataset.is_none() {
-            return bad("eval_strategy = \"steps\" needs an eval_dataset".into());
+        if self.eval_strategy != Strategy::No && self.eval_dataset.is_none() {
+            let name = serde_json::to_value(self.eval_strategy).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+            return bad(format!("eval_strategy = \"{name}\" needs an eval_dataset"));
         }
         if self.eval_steps == Some(0) || self.per_device_eval_batch_size == 0 {
             return bad("eval_steps and per_device_eval_batch_size must be at least 1".into());

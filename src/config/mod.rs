@@ -24,10 +24,11 @@ pub struct TrainConfig {
     /// JSON Lines, JSON or Parquet file (or a folder of them) of `{prompt, completion, label}`,
     /// `{prompt, chosen, rejected}` or `{chosen, rejected}`.
     pub train_dataset: PathBuf,
-    /// Held-out data in the same formats; evaluated every `eval_steps` with `eval_strategy = "steps"`.
+    /// Held-out data in the same formats; evaluated every `eval_steps` with `eval_strategy = "steps"` (and at the
+    /// last step), or at the end of each epoch with `"epoch"`.
     #[serde(default)]
     pub eval_dataset: Option<PathBuf>,
-    /// `"no"` (transformers' default) or `"steps"`.
+    /// `"no"` (transformers' default), `"steps"` or `"epoch"`.
     #[serde(default)]
     pub eval_strategy: Strategy,
     /// Default: `logging_steps`.
@@ -120,6 +121,9 @@ pub struct TrainConfig {
     pub seed: u64,
     #[serde(default = "d_logging_steps")]
     pub logging_steps: usize,
+    /// `"steps"` (default: every `logging_steps`), `"epoch"` (at the end of each epoch) or `"no"`.
+    #[serde(default = "d_save_strategy")]
+    pub logging_strategy: Strategy,
     /// Also log the first step (transformers' `logging_first_step`).
     #[serde(default)]
     pub logging_first_step: bool,
@@ -200,13 +204,14 @@ pub struct TrainConfig {
     pub purpose: Purpose,
 }
 
-/// `eval_strategy` / `save_strategy`: transformers' `IntervalStrategy` (`"epoch"` is not supported).
+/// `logging_strategy` / `eval_strategy` / `save_strategy`: transformers' `IntervalStrategy`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
     #[default]
     No,
     Steps,
+    Epoch,
 }
 
 /// `report_to`: where metrics go besides `metrics.jsonl`.
@@ -323,6 +328,7 @@ fn d_completion_col() -> String {
 fn d_label_col() -> String {
     "label".into()
 }
+/// `"steps"`: transformers' default for logging and saving.
 fn d_save_strategy() -> Strategy {
     Strategy::Steps
 }

@@ -114,7 +114,15 @@ impl Trainer {
                 state.steps_since_log += 1;
                 state.total_loss += step_loss;
                 obs.step(step, step_loss);
-                if step % self.cfg.logging_steps == 0 || (step == 1 && self.cfg.logging_first_step) {
+                // transformers' DefaultFlowCallback: "steps" strategies act every N steps (evaluation and saving
+                // also at the last step), "epoch" ones at the end of each epoch, the last one cut short included.
+                let epoch_ends = g + 1 == updates_per_epoch || step == self.max_steps;
+                let due = |strategy: Strategy, every: usize| match strategy {
+                    Strategy::No => false,
+                    Strategy::Steps => step % every == 0,
+                    Strategy::Epoch => epoch_ends,
+                };
+                if due(self.cfg.logging_strategy, self.cfg.logging_steps) || (step == 1 && self.cfg.logging_first_step) {
                     let mut entry = Map::new();
                     entry.insert("loss".into(), (state.loss_since_log / state.steps_since_log as f64).into());
                     entry.insert("grad_norm".into(), grad_norm.into());
@@ -131,7 +139,8 @@ impl Trainer {
                 let eval_every = self.cfg.eval_steps.unwrap_or(self.cfg.logging_steps);
                 // A stop during evaluation drops that evaluation; the step itself is done and checkpointed.
                 let mut stopped_in_eval = false;
-                if self.cfg.eval_strategy == Strategy::Steps && step % eval_every == 0 {
+                let final_step = step == self.max_steps && self.cfg.eval_strategy == Strategy::Steps;
+                if due(self.cfg.eval_strategy, eval_every) || final_step {
                     match self.evaluate_unless_stopped(state.num_tokens, obs) {
                         Some(mut entry) => {
                             entry.insert("epoch".into(), state.epoch_progress.into());
@@ -146,9 +155,9 @@ impl Trainer {
                 }
                 let stop_requested = stopped_in_eval || obs.stop_requested();
                 let interrupted = if world > 1 { ranks.any(stop_requested) } else { stop_requested };
-                let saving = self.cfg.save_strategy == Strategy::Steps;
-                let periodic = saving && step % self.cfg.save_steps == 0;
-                if periodic || interrupted || (step == self.max_steps && saving) {
+                let periodic = due(self.cfg.save_strategy, self.cfg.save_steps);
+                let last = step == self.max_steps && self.cfg.save_strategy == Strategy::Steps;
+                if periodic || interrupted || last {
                     state.global_step = step;
                     state.pending_metrics = acc.values.clone();
                     let dir = if root { self.write_checkpoint(&state)? } else { checkpoint::checkpoint_dir(&out_dir, step) };
