@@ -32,6 +32,7 @@ const MAY_CHANGE: &[&str] = &[
     "save_strategy",
     "save_steps",
     "save_total_limit",
+    "save_only_model",
     "eval_dataset",
     "eval_strategy",
     "eval_steps",

@@ -84,3 +84,25 @@ fn epoch_saving_checkpoints_at_each_epoch_end() {
     saved.sort();
     assert_eq!(saved, ["checkpoint-6", "checkpoint-8"]);
 }
+
+/// `save_only_model = true`: checkpoints hold the model but no optimizer state, and resuming an AdamW run from one
+/// is refused in one line that says why and what to do instead.
+#[test]
+fn save_only_model_checkpoints_cannot_continue_adamw() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, common::fixture_toml(&dir.path().join("out"))).unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["train", cfg, "--set", "optim=adamw_torch", "--set", "save_steps=1", "--set", "save_only_model=true"];
+        args.extend_from_slice(extra);
+        common::kto(&args)
+    };
+    let (ok, stderr) = run(&["--set", "max_steps=2"]);
+    assert!(ok, "{stderr}");
+    let checkpoint = dir.path().join("out/checkpoint-2");
+    assert!(checkpoint.join("model.safetensors").is_file() && checkpoint.join("trainer_state.json").is_file());
+    assert!(!checkpoint.join("optimizer.safetensors").exists(), "save_only_model wrote the optimizer state");
+    let resumed = run(&["--set", "max_steps=3", "--set", "resume_from_checkpoint=true"]);
+    common::assert_one_line_error(resumed, &["checkpoint-2", "save_only_model", "no optimizer state"]);
+}

@@ -140,6 +140,10 @@ pub struct TrainConfig {
     /// Keep at most this many checkpoints (the oldest go first).
     #[serde(default)]
     pub save_total_limit: Option<usize>,
+    /// Checkpoints without the optimizer state (transformers' `save_only_model`): smaller, and a resume from one
+    /// refuses to continue an AdamW run, whose moments are gone (its model can still start a new run).
+    #[serde(default)]
+    pub save_only_model: bool,
     /// A checkpoint folder to continue from, or `true` for the latest in `output_dir`.
     #[serde(default)]
     pub resume_from_checkpoint: Option<toml::Value>,

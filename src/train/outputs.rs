@@ -19,7 +19,7 @@ impl Trainer {
             if let Some(identity) = &self.identity {
                 identity.write(dir)?;
             }
-            if !self.optimizer.exp_avg.is_empty() {
+            if !self.optimizer.exp_avg.is_empty() && !self.cfg.save_only_model {
                 let (m, v) = (self.optimizer.exp_avg.to_host(), self.optimizer.exp_avg_sq.to_host());
                 let views = vec![
                     ("exp_avg".to_string(), f32_view(&m)?),
@@ -126,6 +126,12 @@ impl Trainer {
         }
         if !self.optimizer.exp_avg.is_empty() {
             let path = dir.join(checkpoint::OPTIMIZER_FILE);
+            if !path.exists() {
+                return Err(Error::file(
+                    dir,
+                    "holds no optimizer state (saved with save_only_model = true), so this AdamW run cannot continue from it; start a new run with model set to this folder",
+                ));
+            }
             let bytes = std::fs::read(&path).map_err(|e| Error::file(&path, e))?;
             let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::file(&path, e))?;
             for (name, dst) in [("exp_avg", &mut self.optimizer.exp_avg), ("exp_avg_sq", &mut self.optimizer.exp_avg_sq)] {
