@@ -105,4 +105,10 @@ fn save_only_model_checkpoints_cannot_continue_adamw() {
     assert!(!checkpoint.join("optimizer.safetensors").exists(), "save_only_model wrote the optimizer state");
     let resumed = run(&["--set", "max_steps=3", "--set", "resume_from_checkpoint=true"]);
     common::assert_one_line_error(resumed, &["checkpoint-2", "save_only_model", "no optimizer state"]);
+    // SGD keeps no state: such checkpoints resume.
+    let (ok, stderr) = run(&["--set", "optim=sgd", "--set", "overwrite_output_dir=true", "--set", "max_steps=2"]);
+    assert!(ok, "{stderr}");
+    let again = ["--set", "optim=sgd", "--set", "max_steps=3", "--set", "resume_from_checkpoint=true"];
+    let (ok, stderr) = run(&again);
+    assert!(ok && stderr.contains("resuming from"), "{stderr}");
 }
