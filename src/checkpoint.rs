@@ -21,6 +21,11 @@ pub struct RunState {
     pub pending_metrics: Vec<(String, Vec<f64>)>,
     /// The optimizer's step counter (AdamW bias correction).
     pub optimizer_steps: u64,
+    /// The best value of `metric_for_best_model` so far, and the step it was evaluated at.
+    #[serde(default)]
+    pub best_metric: Option<f64>,
+    #[serde(default)]
+    pub best_global_step: Option<usize>,
 }
 
 pub const STATE_FILE: &str = "trainer_state.json";
@@ -48,7 +53,9 @@ pub fn list(output_dir: &Path) -> Vec<(usize, PathBuf)> {
 }
 
 /// Writes a checkpoint through `write_contents` (which fills the given folder) into a temporary folder, then
-/// renames it to `checkpoint-N`; keeps at most `keep` checkpoints (oldest removed).
+/// renames it to `checkpoint-N`; keeps at most `keep` checkpoints (oldest removed), never the best one
+/// (`state.best_global_step`): as transformers, it counts as the newest, and with `keep = 1` two are kept while the
+/// best is not the newest.
 pub fn save(
     output_dir: &Path,
     state: &RunState,
@@ -67,8 +74,16 @@ pub fn save(
     }
     std::fs::rename(&tmp, &final_dir).map_err(|e| Error::file(&final_dir, format!("cannot rename checkpoint into place: {e}")))?;
     if let Some(keep) = keep {
-        let all = list(output_dir);
-        for (_, old) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+        let mut all = list(output_dir);
+        let mut keep = keep.max(1);
+        if let Some(best) = all.iter().position(|(step, _)| Some(*step) == state.best_global_step) {
+            if keep == 1 && best + 1 != all.len() {
+                keep = 2;
+            }
+            let entry = all.remove(best);
+            all.push(entry);
+        }
+        for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
             remove_dir_whole(old)?;
         }
     }

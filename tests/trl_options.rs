@@ -2,7 +2,8 @@
 //! trl-tiny fixture: every learning-rate schedule with its `lr_scheduler_kwargs`, `logging_first_step` (5 steps
 //! logged every 2: the summary then carries step 5's metrics, as TRL's does), `max_grad_norm = 0`, the last
 //! step's evaluation under `eval_strategy = "steps"`, and `logging_strategy` / `eval_strategy` = `"epoch"` over
-//! two whole epochs and over one cut short by `max_steps`.
+//! two whole epochs and over one cut short by `max_steps`; `load_best_model_at_end` with rotation
+//! (`save_total_limit`).
 mod common;
 use common::{assert_history_matches, fixture};
 use kto::config::TrainConfig;
@@ -13,11 +14,11 @@ use serde_json::Value;
 fn options_match_trl_runs() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/options/expected.json");
     let runs: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    assert_eq!(runs.as_object().unwrap().len(), 12, "the fixture's option sets");
+    assert_eq!(runs.as_object().unwrap().len(), 13, "the fixture's option sets");
     for (name, run) in runs.as_object().unwrap() {
         let out = tempfile::tempdir().unwrap();
         let mut toml = format!(
-            "model = {:?}\nref_model = {:?}\ntokenizer = {:?}\ntrain_dataset = {:?}\noutput_dir = {:?}\nsave_strategy = \"no\"\n",
+            "model = {:?}\nref_model = {:?}\ntokenizer = {:?}\ntrain_dataset = {:?}\noutput_dir = {:?}\n",
             fixture("policy").display().to_string(),
             fixture("reference").display().to_string(),
             fixture("tokenizer").display().to_string(),
@@ -38,6 +39,22 @@ fn options_match_trl_runs() {
         let cfg = TrainConfig::from_toml(&toml, &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
         let got = Trainer::new(cfg, &Silent).unwrap().train(&Silent).unwrap().log_history;
         assert_history_matches(&got, run["log_history"].as_array().unwrap(), name);
+        if let Some(best) = run.get("best") {
+            // load_best_model_at_end: TRL's best step's checkpoint survives the rotation and is the final model.
+            let run_dir = out.path().join("run");
+            let mut kept: Vec<String> = std::fs::read_dir(&run_dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("checkpoint-"))
+                .collect();
+            kept.sort();
+            let want: Vec<&str> = best["checkpoints"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+            assert_eq!(kept, want, "{name}: checkpoints kept");
+            let best_dir = run_dir.join(format!("checkpoint-{}", best["step"]));
+            let weights = |d: &std::path::Path| kto::model::Model::load(d).unwrap().params.to_host().into_owned();
+            assert!(weights(&run_dir) == weights(&best_dir), "{name}: the final model is not the best checkpoint's");
+            assert!(weights(&run_dir) != weights(&run_dir.join("checkpoint-5")), "{name}: the last step is not the best here");
+        }
     }
 }
 
@@ -111,4 +128,24 @@ fn save_only_model_checkpoints_cannot_continue_adamw() {
     let again = ["--set", "optim=sgd", "--set", "max_steps=3", "--set", "resume_from_checkpoint=true"];
     let (ok, stderr) = run(&again);
     assert!(ok && stderr.contains("resuming from"), "{stderr}");
+}
+
+/// `load_best_model_at_end` needs evaluation and saving on one schedule, and a metric the evaluation logs.
+#[test]
+fn load_best_model_at_end_is_checked() {
+    let base = format!(
+        "model = {:?}\ntrain_dataset = {:?}\neval_dataset = {:?}\nload_best_model_at_end = true\n",
+        fixture("policy").display().to_string(),
+        fixture("kto.jsonl").display().to_string(),
+        fixture("kto.jsonl").display().to_string()
+    );
+    let load = |extra: &str| TrainConfig::from_toml(&format!("{base}{extra}"), &[]);
+    let err = load("eval_strategy = \"steps\"\nsave_strategy = \"epoch\"\n").unwrap_err().to_string();
+    assert!(err.contains("eval_strategy and save_strategy"), "{err}");
+    let err = load("eval_strategy = \"steps\"\neval_steps = 2\nsave_steps = 3\n").unwrap_err().to_string();
+    assert!(err.contains("multiple of eval_steps"), "{err}");
+    let cfg = load("eval_strategy = \"steps\"\neval_steps = 2\nsave_steps = 4\nmetric_for_best_model = \"rewards/margins\"\n").unwrap();
+    assert_eq!(cfg.best_metric(), Some(("eval_rewards/margins".to_string(), true)));
+    let cfg = load("eval_strategy = \"epoch\"\nsave_strategy = \"epoch\"\n").unwrap();
+    assert_eq!(cfg.best_metric(), Some(("eval_loss".to_string(), false)));
 }

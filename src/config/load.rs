@@ -121,6 +121,15 @@ impl TrainConfig {
             total: 0,
         };
         schedule.check().map_err(Error::Config)?;
+        if self.load_best_model_at_end {
+            if self.eval_strategy == Strategy::No || self.eval_strategy != self.save_strategy {
+                return bad("load_best_model_at_end = true needs eval_strategy and save_strategy to be the same, \"steps\" or \"epoch\"".into());
+            }
+            let eval_every = self.eval_steps.unwrap_or(self.logging_steps);
+            if self.save_strategy == Strategy::Steps && eval_every > 0 && self.save_steps % eval_every != 0 {
+                return bad(format!("load_best_model_at_end = true needs save_steps ({}) to be a multiple of eval_steps ({eval_every})", self.save_steps));
+            }
+        }
         if self.eval_on_start && self.eval_dataset.is_none() {
             return bad("eval_on_start = true needs an eval_dataset".into());
         }

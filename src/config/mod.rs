@@ -144,6 +144,17 @@ pub struct TrainConfig {
     /// refuses to continue an AdamW run, whose moments are gone (its model can still start a new run).
     #[serde(default)]
     pub save_only_model: bool,
+    /// At the end, load the checkpoint whose evaluation scored best on `metric_for_best_model` and save that as
+    /// the final model (transformers' `load_best_model_at_end`; evaluation and saving must be on the same
+    /// schedule).
+    #[serde(default)]
+    pub load_best_model_at_end: bool,
+    /// An evaluation metric, with or without its `eval_` prefix; default `"loss"` when `load_best_model_at_end`.
+    #[serde(default)]
+    pub metric_for_best_model: Option<String>,
+    /// Default: true unless the metric's name ends in `loss`.
+    #[serde(default)]
+    pub greater_is_better: Option<bool>,
     /// A checkpoint folder to continue from, or `true` for the latest in `output_dir`.
     #[serde(default)]
     pub resume_from_checkpoint: Option<toml::Value>,
@@ -371,6 +382,18 @@ impl TrainConfig {
         self.tokenizer.as_deref().unwrap_or(&self.model)
     }
     /// Warm-up steps for a run of `total` optimizer steps, as transformers' `get_warmup_steps`.
+    /// The metric that picks the best checkpoint (`eval_`-prefixed) and whether more is better, when one is tracked.
+    pub fn best_metric(&self) -> Option<(String, bool)> {
+        let name = match &self.metric_for_best_model {
+            Some(m) => m.clone(),
+            None if self.load_best_model_at_end => "loss".into(),
+            None => return None,
+        };
+        let name = if name.starts_with("eval_") { name } else { format!("eval_{name}") };
+        let greater = self.greater_is_better.unwrap_or(!name.ends_with("loss"));
+        Some((name, greater))
+    }
+
     pub fn warmup_for(&self, total: usize) -> usize {
         if self.warmup_steps >= 1.0 {
             self.warmup_steps as usize

@@ -143,6 +143,7 @@ impl Trainer {
                 if due(self.cfg.eval_strategy, eval_every) || final_step {
                     match self.evaluate_unless_stopped(state.num_tokens, obs) {
                         Some(mut entry) => {
+                            self.track_best(&entry, step, &mut state)?;
                             entry.insert("epoch".into(), state.epoch_progress.into());
                             entry.insert("step".into(), step.into());
                             metrics.write(entry)?;
@@ -175,6 +176,9 @@ impl Trainer {
             skip_groups = 0;
             epoch += 1;
         }
+        if self.cfg.load_best_model_at_end {
+            self.load_best(&state, obs)?;
+        }
         let runtime = start.elapsed().as_secs_f64();
         let train_loss = state.total_loss / step.max(1) as f64;
         let samples = step * per_step * self.cfg.per_device_train_batch_size;
@@ -198,5 +202,41 @@ impl Trainer {
         ranks.barrier();
         obs.finish();
         Ok(TrainSummary { log_history: metrics.history, steps: step, train_loss, runtime_s: runtime })
+    }
+}
+
+impl Trainer {
+    /// transformers' `_determine_best_metric`: a strictly better `metric_for_best_model` makes this step the best.
+    fn track_best(&self, evaluation: &Map<String, Value>, step: usize, state: &mut RunState) -> Result<()> {
+        let Some((name, greater)) = self.cfg.best_metric() else { return Ok(()) };
+        let Some(value) = evaluation.get(&name).and_then(Value::as_f64) else {
+            let known: Vec<&str> = evaluation.keys().map(String::as_str).collect();
+            return Err(Error::Config(format!("metric_for_best_model: {name} is not an evaluation metric; they are {}", known.join(", "))));
+        };
+        let better = match state.best_metric {
+            None => true,
+            Some(best) if greater => value > best,
+            Some(best) => value < best,
+        };
+        if better {
+            state.best_metric = Some(value);
+            state.best_global_step = Some(step);
+        }
+        Ok(())
+    }
+
+    /// `load_best_model_at_end`: the weights (or adapters) of the best step's checkpoint, when it was saved.
+    fn load_best(&mut self, state: &RunState, obs: &dyn Observer) -> Result<()> {
+        let Some(step) = state.best_global_step else { return Ok(()) };
+        let dir = checkpoint::checkpoint_dir(&self.cfg.output_dir, step);
+        if !dir.join(checkpoint::STATE_FILE).is_file() {
+            return Ok(());
+        }
+        obs.info(&format!("loading the best model from {} ({} = {})", dir.display(), self.cfg.best_metric().map(|m| m.0).unwrap_or_default(), state.best_metric.unwrap_or(f64::NAN)));
+        match &mut self.policy.lora {
+            Some(lora) => lora.params = crate::model::lora::Lora::load_peft(&dir, &self.policy.spec)?.params,
+            None => self.policy.params = Model::load(&dir)?.params,
+        }
+        Ok(())
     }
 }
