@@ -100,7 +100,11 @@ fn unknown_config_key_and_missing_file_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("run.toml");
     std::fs::write(&cfg, fixture_toml(&dir.path().join("out")) + "learning_rat = 1.0\n").unwrap();
-    assert_one_line_error(kto(&["train", cfg.to_str().unwrap()]), &["run.toml", "learning_rat"]);
+    // The line lists the keys that are accepted, so a user sees at once what a pasted TRL recipe lacks.
+    assert_one_line_error(
+        kto(&["train", cfg.to_str().unwrap()]),
+        &["run.toml", "learning_rat", "expected one of", "learning_rate", "lr_scheduler_kwargs", "load_best_model_at_end"],
+    );
     assert_one_line_error(kto(&["train", "/nonexistent/run.toml"]), &["/nonexistent/run.toml"]);
     std::fs::write(&cfg, fixture_toml(&dir.path().join("out"))).unwrap();
     assert_one_line_error(
