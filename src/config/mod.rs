@@ -381,7 +381,6 @@ impl TrainConfig {
     pub fn tokenizer_dir(&self) -> &Path {
         self.tokenizer.as_deref().unwrap_or(&self.model)
     }
-    /// Warm-up steps for a run of `total` optimizer steps, as transformers' `get_warmup_steps`.
     /// The metric that picks the best checkpoint (`eval_`-prefixed) and whether more is better, when one is tracked.
     pub fn best_metric(&self) -> Option<(String, bool)> {
         let name = match &self.metric_for_best_model {
@@ -394,6 +393,7 @@ impl TrainConfig {
         Some((name, greater))
     }
 
+    /// Warm-up steps for a run of `total` optimizer steps, as transformers' `get_warmup_steps`.
     pub fn warmup_for(&self, total: usize) -> usize {
         if self.warmup_steps >= 1.0 {
             self.warmup_steps as usize
