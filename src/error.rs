@@ -16,6 +16,10 @@ pub enum Error {
     /// The model folder, its config or one of its tensors does not fit what the engine supports.
     #[error("model {}: {msg}", path.display())]
     Model { path: PathBuf, msg: String },
+    /// A model or data set named by hub ID cannot be found, reached or downloaded; `id` is the repository (or
+    /// its file) and the message says what to do.
+    #[error("{id}: {msg}")]
+    Hub { id: String, msg: String },
     /// Training cannot go on (a non-finite loss, an empty data set after filtering, ...).
     #[error("{0}")]
     Train(String),

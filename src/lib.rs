@@ -16,6 +16,7 @@ pub mod fault;
 pub mod files;
 pub mod fingerprint;
 pub mod generate;
+pub mod hub;
 pub mod model;
 pub mod objective;
 pub mod optim;

@@ -27,9 +27,12 @@ impl TrainConfig {
         Self::load_for(Purpose::Sft, path, overrides)
     }
 
+    /// Reads a TOML file, or a TRL YAML recipe (`.yaml`, `.yml`), and applies the overrides.
     pub fn load_for(purpose: Purpose, path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
-        Self::from_toml_for(purpose, &text, overrides).map_err(|e| match e {
+        let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
+        let table = if yaml { yaml_table(&text) } else { toml_table(&text) };
+        table.and_then(|t| Self::from_table_for(purpose, t, overrides)).map_err(|e| match e {
             Error::Config(msg) => Error::file(path, msg),
             other => other,
         })
@@ -40,11 +43,16 @@ impl TrainConfig {
     }
 
     pub fn from_toml_for(purpose: Purpose, text: &str, overrides: &[String]) -> Result<Self> {
+        Self::from_table_for(purpose, toml_table(text)?, overrides)
+    }
+
+    /// The config of the keys in `table` (TRL's keys kto does not implement taken out, see `trl_keys`) and
+    /// the overrides, after the range checks.
+    pub fn from_table_for(purpose: Purpose, mut table: toml::Table, overrides: &[String]) -> Result<Self> {
         let defaults = match purpose {
             Purpose::Kto => vec![],
             Purpose::Sft => vec![("learning_rate", toml::Value::Float(2e-5))],
         };
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| Error::Config(one_line(&e.to_string())))?;
         for (key, value) in &defaults {
             table.entry(key.to_string()).or_insert_with(|| value.clone());
         }
@@ -54,9 +62,11 @@ impl TrainConfig {
                 .ok_or_else(|| Error::Config(format!("--set {item:?}: expected KEY=VALUE")))?;
             table.insert(key.trim().to_string(), parse_override_value(value.trim()));
         }
+        let ignored = super::trl_keys::adapt(&mut table)?;
         let mut cfg: TrainConfig =
             TrainConfig::deserialize(table).map_err(|e| Error::Config(one_line(&e.to_string())))?;
         cfg.purpose = purpose;
+        cfg.ignored_trl_keys = ignored;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -130,13 +140,18 @@ impl TrainConfig {
                 return bad(format!("load_best_model_at_end = true needs save_steps ({}) to be a multiple of eval_steps ({eval_every})", self.save_steps));
             }
         }
-        if self.eval_on_start && self.eval_dataset.is_none() {
+        if self.train_dataset.as_os_str().is_empty() == self.dataset_name.is_none() {
+            return bad("set train_dataset (a file or folder) or dataset_name (a hub data set), one of them".into());
+        }
+        // dataset_name's test split becomes the eval set when evaluation is on.
+        let evaluated = self.eval_dataset.is_some() || (self.dataset_name.is_some() && self.eval_strategy != Strategy::No);
+        if self.eval_on_start && !evaluated {
             return bad("eval_on_start = true needs an eval_dataset".into());
         }
-        if self.generate_during_eval && self.eval_dataset.is_none() {
+        if self.generate_during_eval && !evaluated {
             return bad("generate_during_eval = true needs an eval_dataset".into());
         }
-        if self.eval_strategy != Strategy::No && self.eval_dataset.is_none() {
+        if self.eval_strategy != Strategy::No && !evaluated {
             let name = serde_json::to_value(self.eval_strategy).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
             return bad(format!("eval_strategy = \"{name}\" needs an eval_dataset"));
         }
@@ -162,6 +177,48 @@ impl TrainConfig {
         }
         Ok(())
     }
+}
+
+fn toml_table(text: &str) -> Result<toml::Table> {
+    toml::from_str(text).map_err(|e| Error::Config(one_line(&e.to_string())))
+}
+
+/// A TRL YAML recipe as a table of keys. As TRL's parser: `env` sets environment variables first, and a key
+/// at `null` keeps its default (`max_length: null` is TRL's "no limit", kto's 0). PyYAML reads `5e-7` as a
+/// string that argparse then converts, so such numbers are taken as numbers.
+fn yaml_table(text: &str) -> Result<toml::Table> {
+    let value: serde_json::Value = serde_yaml_ng::from_str(text).map_err(|e| Error::Config(one_line(&e.to_string())))?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(Error::Config("a YAML recipe is a mapping of keys to values".into()));
+    };
+    let mut table = toml::Table::new();
+    for (key, value) in map {
+        let value = match (key.as_str(), value) {
+            ("env", serde_json::Value::Object(vars)) => {
+                for (name, v) in vars {
+                    let v = v.as_str().map(String::from).unwrap_or_else(|| v.to_string());
+                    std::env::set_var(name, v);
+                }
+                continue;
+            }
+            ("max_length", serde_json::Value::Null) => serde_json::Value::from(0),
+            (_, serde_json::Value::Null) => continue,
+            (_, serde_json::Value::String(s)) if looks_like_exponent(&s) => s.parse::<f64>().map(serde_json::Value::from).unwrap_or(serde_json::Value::String(s)),
+            (_, v) => v,
+        };
+        let value = toml::Value::try_from(&value).map_err(|e| Error::Config(format!("{key}: {e}")))?;
+        table.insert(key, value);
+    }
+    Ok(table)
+}
+
+/// `5e-7`, `1.5E+3`: floats YAML 1.1 leaves as strings.
+fn looks_like_exponent(s: &str) -> bool {
+    let Some((mantissa, exponent)) = s.split_once(['e', 'E']) else { return false };
+    let digits = |t: &str| !t.is_empty() && t.chars().all(|c| c.is_ascii_digit());
+    let mantissa = mantissa.trim_start_matches(['+', '-']);
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    digits(whole) && (fraction.is_empty() || digits(fraction)) && digits(exponent.trim_start_matches(['+', '-']))
 }
 
 fn one_line(s: &str) -> String {

@@ -8,22 +8,42 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 mod load;
+mod trl_keys;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     // ---- what to train on ----
-    /// Hugging Face model folder of the policy (`config.json`, safetensors weights, tokenizer files).
+    /// The policy: a Hugging Face model folder (`config.json`, safetensors weights, tokenizer files) or a hub
+    /// ID (`Qwen/Qwen2.5-0.5B-Instruct`), found in the Hugging Face cache or downloaded into it. TRL's name
+    /// `model_name_or_path` is taken too.
+    #[serde(alias = "model_name_or_path")]
     pub model: PathBuf,
+    /// The branch, tag or commit of hub IDs (`model`, `ref_model`, `tokenizer`).
+    #[serde(default = "d_revision")]
+    pub model_revision: String,
     /// Model folder of the frozen reference. Unset: a frozen copy of the initial policy (TRL reloads it from disk).
     #[serde(default)]
     pub ref_model: Option<PathBuf>,
     /// Folder with `tokenizer.json` / `tokenizer_config.json`. Unset: the model folder.
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
-    /// JSON Lines, JSON or Parquet file (or a folder of them) of `{prompt, completion, label}`,
-    /// `{prompt, chosen, rejected}` or `{chosen, rejected}`.
+    /// JSON Lines, JSON or Parquet file (or a folder of them, or `folder/prefix*`) of
+    /// `{prompt, completion, label}`, `{prompt, chosen, rejected}` or `{chosen, rejected}`. Or `dataset_name`.
+    #[serde(default)]
     pub train_dataset: PathBuf,
+    /// A data set by hub ID (`trl-lib/kto-mix-14k`) or a local folder laid out like one: its
+    /// `dataset_train_split` trains, its `dataset_test_split` evaluates (when `eval_strategy` is not "no"
+    /// and no `eval_dataset` is set), as TRL's scripts take them.
+    #[serde(default)]
+    pub dataset_name: Option<String>,
+    /// The data set's config (subset), when its card has several.
+    #[serde(default)]
+    pub dataset_config: Option<String>,
+    #[serde(default = "d_train_split")]
+    pub dataset_train_split: String,
+    #[serde(default = "d_test_split")]
+    pub dataset_test_split: String,
     /// Held-out data in the same formats; evaluated every `eval_steps` with `eval_strategy = "steps"` (and at the
     /// last step), or at the end of each epoch with `"epoch"`.
     #[serde(default)]
@@ -217,6 +237,10 @@ pub struct TrainConfig {
     /// Which command the config is for (set by the loader, not a key): the KL checks are KTO's alone.
     #[serde(skip_serializing, skip_deserializing)]
     pub purpose: Purpose,
+    /// TRL keys of the config file that kto does not implement and that change nothing it computes (warned
+    /// about when training starts).
+    #[serde(skip_serializing, skip_deserializing)]
+    pub ignored_trl_keys: Vec<String>,
 }
 
 /// `logging_strategy` / `eval_strategy` / `save_strategy`: transformers' `IntervalStrategy`.
@@ -334,6 +358,15 @@ fn d_sampling() -> String {
     "sequential".into()
 }
 
+fn d_revision() -> String {
+    "main".into()
+}
+fn d_train_split() -> String {
+    "train".into()
+}
+fn d_test_split() -> String {
+    "test".into()
+}
 fn d_prompt_col() -> String {
     "prompt".into()
 }

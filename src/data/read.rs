@@ -18,19 +18,16 @@ impl RawRow {
     }
 }
 
-/// Reads a data set: a `.jsonl`, `.json` or `.parquet` file, or a folder of such files (shards, read in name
-/// order). With `skip_invalid`, rows that are not JSON objects are skipped and returned as errors instead of
-/// failing.
+/// Reads a data set: a `.jsonl`, `.json` or `.parquet` file, a folder of such files, or the files a pattern
+/// in the last part of the path names (`data/train-*`, as a hub data set's split resolves); shards are read
+/// in name order. With `skip_invalid`, rows that are not JSON objects are skipped and returned as errors
+/// instead of failing.
 pub fn read_dataset(path: &Path, skip_invalid: bool) -> Result<(Vec<RawRow>, Vec<Error>)> {
-    if path.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| Error::file(path, format!("cannot read folder: {e}")))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "jsonl" || x == "json" || x == "parquet"))
-            .collect();
-        files.sort();
+    if path.is_dir() || is_pattern(path) {
+        let files = data_files(path)?;
         if files.is_empty() {
-            return Err(Error::file(path, "no .jsonl, .json or .parquet files in the folder"));
+            let what = if is_pattern(path) { "no .jsonl, .json or .parquet file matches" } else { "no .jsonl, .json or .parquet files in the folder" };
+            return Err(Error::file(path, what));
         }
         let (mut rows, mut skipped) = (Vec::new(), Vec::new());
         for f in files {
@@ -41,6 +38,35 @@ pub fn read_dataset(path: &Path, skip_invalid: bool) -> Result<(Vec<RawRow>, Vec
         return Ok((rows, skipped));
     }
     read_file(path, skip_invalid)
+}
+
+/// Whether the path's last part is a pattern (`*` or `?`) rather than a name.
+fn is_pattern(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| n.to_string_lossy().contains(['*', '?']))
+}
+
+/// The data files of a folder, or those a pattern names, sorted.
+fn data_files(path: &Path) -> Result<Vec<PathBuf>> {
+    let (dir, pattern) = match is_pattern(path) {
+        true => (path.parent().unwrap_or(Path::new(".")), path.file_name().map(|n| n.to_string_lossy().to_string())),
+        false => (path, None),
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::file(dir, format!("cannot read folder: {e}")))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl" || x == "json" || x == "parquet"))
+        .filter(|p| pattern.as_ref().is_none_or(|pat| crate::hub::dataset_files::glob_match(pat, &p.file_name().unwrap_or_default().to_string_lossy())))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Whether a data set path names something to read (a pattern: at least one file).
+pub fn dataset_exists(path: &Path) -> bool {
+    if is_pattern(path) {
+        return data_files(path).is_ok_and(|f| !f.is_empty());
+    }
+    path.exists()
 }
 
 fn read_file(path: &Path, skip_invalid: bool) -> Result<(Vec<RawRow>, Vec<Error>)> {

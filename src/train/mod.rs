@@ -48,6 +48,8 @@ pub trait Observer: Sync {
     /// Tokenization progress of a data set (called from worker threads).
     fn preparing(&self, _path: &std::path::Path, _done: usize, _total: usize) {}
     fn warn(&self, _msg: &str) {}
+    /// Download progress of a hub file (`org/name/path`): bytes so far, and the size when known.
+    fn downloading(&self, _file: &str, _done: u64, _total: Option<u64>) {}
     fn start(&self, _total_steps: usize) {}
     /// After each optimizer step.
     fn step(&self, _step: usize, _loss: f64) {}

@@ -13,13 +13,17 @@ impl Trainer {
     }
 
     /// `new_for` on one rank of a data-parallel run (the reference precomputation is split over the ranks).
-    pub fn new_on(task: Task, cfg: TrainConfig, obs: &dyn Observer, ranks: &Ranks) -> Result<Self> {
+    pub fn new_on(task: Task, mut cfg: TrainConfig, obs: &dyn Observer, ranks: &Ranks) -> Result<Self> {
         if task == Task::Sft && cfg.precompute_ref_log_probs {
             return Err(Error::Config("precompute_ref_log_probs: kto sft has no reference model".into()));
         }
         if cfg.bf16 == Some(true) {
             obs.warn("bf16 = true: kto computes in fp32 on the CPU (like TRL with bf16 = false)");
         }
+        if !cfg.ignored_trl_keys.is_empty() {
+            obs.warn(&format!("TRL keys kto does not implement, ignored (they change none of its numbers): {}", cfg.ignored_trl_keys.join(", ")));
+        }
+        crate::hub::resolve_inputs(&mut cfg, obs, ranks)?;
         check_inputs_exist(&cfg)?;
         let tokenizer = TextTokenizer::load(cfg.tokenizer_dir())?;
         // Under LoRA the base never trains: loaded as frozen weights (bf16 when its checkpoint is, no number
@@ -218,7 +222,7 @@ pub(super) fn check_inputs_exist(cfg: &TrainConfig) -> Result<()> {
         }
     }
     for (key, path) in [("train_dataset", Some(&cfg.train_dataset)), ("eval_dataset", cfg.eval_dataset.as_ref())] {
-        if let Some(path) = path.filter(|p| !p.exists()) {
+        if let Some(path) = path.filter(|p| !data::read::dataset_exists(p)) {
             return Err(Error::file(path, format!("no such file or folder ({key})")));
         }
     }
