@@ -16,28 +16,80 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// A config file and keys given on the command line, in any order; later ones win.
+#[derive(clap::Args)]
+pub struct ConfigArgs {
+    /// `[CONFIG] [--config FILE] [--set KEY=VALUE]... [--KEY VALUE | --KEY=VALUE | --FLAG]...`: CONFIG is a TOML
+    /// file or a TRL YAML recipe (.yaml/.yml); `--KEY VALUE` sets a key as TRL's command line does (a flag
+    /// alone is true, several values a list), `--set KEY=VALUE` as TOML.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
+    args: Vec<String>,
+}
+
+impl ConfigArgs {
+    fn load(&self, purpose: kto::config::Purpose) -> anyhow::Result<TrainConfig> {
+        let (file, overrides) = parse_config_args(&self.args)?;
+        Ok(match file {
+            Some(path) => TrainConfig::load_for(purpose, &path, &overrides)?,
+            None if overrides.is_empty() => anyhow::bail!(
+                "give a config file (TOML, or a TRL YAML recipe) or TRL-style keys, e.g. --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/kto-mix-14k"
+            ),
+            None => TrainConfig::from_table_for(purpose, toml::Table::new(), &overrides)?,
+        })
+    }
+}
+
+/// The config file and the `KEY=VALUE` overrides in `args` (see `ConfigArgs`).
+fn parse_config_args(args: &[String]) -> anyhow::Result<(Option<PathBuf>, Vec<String>)> {
+    let (mut file, mut overrides) = (None::<PathBuf>, Vec::new());
+    let mut i = 0;
+    while i < args.len() {
+        let arg = &args[i];
+        i += 1;
+        let Some(flag) = arg.strip_prefix("--") else {
+            if file.is_some() {
+                anyhow::bail!("unexpected argument {arg:?}: one config file, then --KEY VALUE pairs");
+            }
+            file = Some(PathBuf::from(arg));
+            continue;
+        };
+        let (key, inline) = match flag.split_once('=') {
+            Some((k, v)) => (k.replace('-', "_"), Some(v.to_string())),
+            None => (flag.replace('-', "_"), None),
+        };
+        let mut values: Vec<String> = inline.into_iter().collect();
+        if values.is_empty() {
+            while i < args.len() && !args[i].starts_with("--") {
+                values.push(args[i].clone());
+                i += 1;
+            }
+        }
+        match (key.as_str(), values.as_slice()) {
+            ("config", [path]) if file.is_none() => file = Some(PathBuf::from(path)),
+            ("config", _) => anyhow::bail!("--config takes one file (and only one config file is read)"),
+            ("set", [kv]) => overrides.push(kv.clone()),
+            ("set", _) => anyhow::bail!("--set takes one KEY=VALUE"),
+            ("", _) => anyhow::bail!("unexpected argument \"--\""),
+            (_, []) => overrides.push(format!("{key}=true")),
+            (_, [one]) => overrides.push(format!("{key}={one}")),
+            (_, many) => overrides.push(format!("{key}=[{}]", many.iter().map(|v| Value::String(v.clone()).to_string()).collect::<Vec<_>>().join(", "))),
+        }
+    }
+    Ok((file, overrides))
+}
+
 #[derive(Subcommand)]
 pub enum Command {
-    /// Train a policy with KTO from a TOML config whose keys are TRL's KTOConfig names.
-    Train {
-        /// The TOML config file.
-        config: PathBuf,
-        /// Override a config key, e.g. `--set learning_rate=5e-7` (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        overrides: Vec<String>,
-    },
+    /// Train a policy with KTO from a config whose keys are TRL's (KTOConfig, ModelConfig, ScriptArguments): a
+    /// TOML file, a TRL YAML recipe, or TRL-style flags, e.g.
+    /// `kto train --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/kto-mix-14k`.
+    Train(ConfigArgs),
     /// Sample completions from a model (KV cache; temperature, top-k, top-p): for one prompt, printed; for a data
     /// file of prompts, written as JSON Lines `{prompt, completion}`.
     Generate(GenerateArgs),
     /// Supervised fine-tuning (next-token loss on completion tokens) from the same TOML config as `train`
     /// ({prompt, completion} rows; learning_rate defaults to SFTConfig's 2e-5).
-    Sft {
-        /// The TOML config file.
-        config: PathBuf,
-        /// Override a config key (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        overrides: Vec<String>,
-    },
+    Sft(ConfigArgs),
     /// Draw a run's curves (loss, KL, rewards, margins, eval) from OUTPUT_DIR/metrics.jsonl to OUTPUT_DIR/metrics.svg.
     Plot {
         /// The run's output folder.
@@ -191,6 +243,8 @@ fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
 struct Console {
     bar: Option<ProgressBar>,
     stop: Arc<AtomicBool>,
+    /// The hub file being downloaded, so that without a bar each file is announced once.
+    downloading: std::sync::Mutex<String>,
 }
 
 /// SIGINT / SIGTERM: the first sets the returned flag (the run stops at the next safe point, with a checkpoint
@@ -234,7 +288,7 @@ impl Console {
             );
             bar
         });
-        Console { bar, stop }
+        Console { bar, stop, downloading: Default::default() }
     }
     fn line(&self, s: &str) {
         match &self.bar {
@@ -270,6 +324,20 @@ impl Observer for Console {
     }
     fn warn(&self, msg: &str) {
         self.line(&format!("kto: warning: {msg}"));
+    }
+    fn downloading(&self, file: &str, done: u64, total: Option<u64>) {
+        let size = |t: u64| indicatif::HumanBytes(t).to_string();
+        if let Some(b) = &self.bar {
+            b.set_length(total.unwrap_or(done));
+            b.set_position(done);
+            b.set_message(format!("downloading {file} ({} of {})", size(done), total.map(size).unwrap_or("?".into())));
+            return;
+        }
+        let mut last = self.downloading.lock().unwrap_or_else(|e| e.into_inner());
+        if *last != file {
+            *last = file.to_string();
+            eprintln!("kto: downloading {file}{}", total.map(|t| format!(" ({})", size(t))).unwrap_or_default());
+        }
     }
     fn start(&self, total: usize) {
         if let Some(b) = &self.bar {
@@ -349,8 +417,8 @@ fn adapter_base(adapter: &std::path::Path) -> Option<PathBuf> {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Train { config, overrides } => run_training(Task::Kto, TrainConfig::load(&config, &overrides)?),
-        Command::Sft { config, overrides } => run_training(Task::Sft, TrainConfig::load_sft(&config, &overrides)?),
+        Command::Train(args) => run_training(Task::Kto, args.load(kto::config::Purpose::Kto)?),
+        Command::Sft(args) => run_training(Task::Sft, args.load(kto::config::Purpose::Sft)?),
         Command::Generate(args) => run_generate(&args),
         Command::Demo { out, seeds } => {
             let console = Console::new(false);
