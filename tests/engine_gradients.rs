@@ -12,6 +12,12 @@ struct Variant {
     qk_norm: bool,
     window: Option<usize>,
     llama3_rope: bool,
+    /// Gemma's branches: (1 + w) norms, scaled embeddings, sandwich norms, GELU-tanh, a query scale unlike
+    /// head_dim's, and (Gemma 3) a RoPE of its own on the sliding layer.
+    gemma: bool,
+    /// Gemma 2's soft-caps of the attention scores and of the logits (instead of Gemma 3's sliding RoPE),
+    /// small enough that tanh bends the values the tiny model produces.
+    softcaps: Option<(f32, f32)>,
 }
 
 fn tiny_model(tied: bool, seed: u64) -> Model {
@@ -46,12 +52,22 @@ fn tiny_variant(tied: bool, seed: u64, v: Variant) -> Model {
         layer_windows: vec![v.window, None],
         padding_idx: None,
         tied_embeddings: tied,
+        norm_plus_one: v.gemma,
+        embed_scale: v.gemma.then_some(1.7),
+        sandwich_norms: v.gemma,
+        activation: if v.gemma { kto::model::Activation::GeluTanh } else { kto::model::Activation::Silu },
+        attn_scale: if v.gemma { 0.3 } else { 0.5 },
+        sliding_rope: (v.gemma && v.softcaps.is_none()).then(|| kto::model::RopeSpec::plain(100.0)),
+        attn_softcap: v.softcaps.map(|c| c.0),
+        final_softcap: v.softcaps.map(|c| c.1),
     };
     let layout = ParamLayout::new(&spec);
     let mut rng = Rng(seed);
     let mut params: Vec<f32> = (0..layout.total).map(|_| 0.4 * rng.next()).collect();
     for t in layout.tensors.iter().filter(|t| t.shape.len() == 1) {
-        params[t.range()].iter_mut().for_each(|v| *v = 1.0 + *v * 0.5);
+        // Norm weights near 1: stored as such, or (Gemma's `1 + w`) as offsets near 0.
+        let centre = if v.gemma { 0.0 } else { 1.0 };
+        params[t.range()].iter_mut().for_each(|w| *w = centre + *w * 0.5);
     }
     Model { spec, layout, params: kto::engine::Buffer::from_host(params), lora: None }
 }
@@ -175,8 +191,25 @@ fn the_padding_row_gets_no_gradient_from_the_lookup() {
 #[test]
 fn family_branches_match_finite_differences() {
     // q/k/v biases (Qwen2), per-head q/k norms (Qwen3), a sliding window on layer 0 (Mistral), Llama 3 RoPE.
-    let all = Variant { qkv_bias: true, qk_norm: true, window: Some(3), llama3_rope: true };
+    let all = Variant { qkv_bias: true, qk_norm: true, window: Some(3), llama3_rope: true, ..Default::default() };
     check_model(tiny_variant(false, 0x5151, all), "all family branches");
+    let gemma = Variant { qk_norm: true, window: Some(3), gemma: true, ..Default::default() };
+    check_model(tiny_variant(true, 0x5153, gemma), "Gemma 3 branches, tied");
+    let gemma2 = Variant { window: Some(3), gemma: true, softcaps: Some((0.6, 1.5)), ..Default::default() };
+    let capped = tiny_variant(true, 0x5154, gemma2);
+    // Each cap bends this model's values: without it, its logits move.
+    let ids: &[u32] = &[1, 5, 9, 3, 17, 22, 4];
+    let logits = |attn: Option<f32>, last: Option<f32>| {
+        let mut m = capped.clone();
+        (m.spec.attn_softcap, m.spec.final_softcap) = (attn, last);
+        kto::engine::forward_logits(&m, &[ids]).remove(0)
+    };
+    let both = logits(capped.spec.attn_softcap, capped.spec.final_softcap);
+    for (label, other) in [("attention", logits(None, capped.spec.final_softcap)), ("final", logits(capped.spec.attn_softcap, None))] {
+        let moved = both.iter().zip(&other).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(moved > 0.05, "the {label} soft-cap does not bite: logits move by {moved}");
+    }
+    check_model(capped, "Gemma 2 branches (soft-caps), tied");
     check_model(tiny_variant(true, 0x5152, Variant { qkv_bias: true, ..Default::default() }), "qkv bias, tied");
 }
 
@@ -185,7 +218,12 @@ fn family_branches_match_finite_differences() {
 #[test]
 fn planned_tape_is_the_tape_a_forward_keeps() {
     let b = batch();
-    let variants = [Variant::default(), Variant { qkv_bias: true, qk_norm: true, window: Some(3), ..Variant::default() }];
+    let variants = [
+        Variant::default(),
+        Variant { qkv_bias: true, qk_norm: true, window: Some(3), ..Variant::default() },
+        Variant { qk_norm: true, window: Some(3), gemma: true, ..Variant::default() },
+        Variant { window: Some(3), gemma: true, softcaps: Some((0.6, 1.5)), ..Variant::default() },
+    ];
     for (k, v) in variants.into_iter().enumerate() {
         let mut model = tiny_variant(k == 1, 3 + k as u64, v);
         for adapters in [false, true] {

@@ -16,11 +16,13 @@ fn assert_close(name: &str, fast: &[f32], reference: &[f32]) {
 #[test]
 fn attention_forward_and_backward_match_the_reference() {
     for window in [None, Some(5), Some(70)] {
-        attention_case(window);
+        attention_case(window, None);
     }
+    // Gemma 2's soft-capped scores, with a cap the scores reach (q and k are drawn at scale 2, d = 8).
+    attention_case(Some(70), Some(1.5));
 }
 
-fn attention_case(window: Option<usize>) {
+fn attention_case(window: Option<usize>, softcap: Option<f32>) {
     // Lengths around the kernels' 64-row query blocks.
     let lens = [5usize, 17, 64, 1, 33, 65, 150];
     let mut starts = vec![0];
@@ -29,7 +31,7 @@ fn attention_case(window: Option<usize>) {
     }
     let n = *starts.last().unwrap();
     let (heads, kv_heads, d) = (6, 2, 8);
-    let shape = AttnShape { seq_starts: &starts, heads, kv_heads, head_dim: d, window };
+    let shape = AttnShape { seq_starts: &starts, heads, kv_heads, head_dim: d, window, scale: 1.0 / (d as f32).sqrt(), softcap };
     let mut rng = Rng(0x1234_5678_9abc_def1);
     let q = rng.vec(n * heads * d, 2.0);
     let k = rng.vec(n * kv_heads * d, 2.0);

@@ -130,6 +130,14 @@ impl BenchOptions {
             layer_windows: Vec::new(),
             padding_idx: None,
             tied_embeddings: shape.tied_embeddings,
+            norm_plus_one: false,
+            embed_scale: None,
+            sandwich_norms: false,
+            activation: kto::model::Activation::Silu,
+            attn_scale: 1.0 / ((shape.hidden / shape.heads.max(1)) as f32).sqrt(),
+            sliding_rope: None,
+            attn_softcap: None,
+            final_softcap: None,
         };
         spec.check_dims().map_err(|e| anyhow::anyhow!("kto bench: {e}"))?;
         spec.layer_windows = vec![None; shape.layers];

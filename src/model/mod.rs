@@ -16,7 +16,15 @@ use serde_json::Value;
 pub const MAX_PARAMETERS: usize = 1 << 40;
 
 /// The model families the engine runs. Each difference between families is a named field of `ModelSpec`.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"];
+
+/// The MLP's gate activation: `down(act(gate(x)) ⊙ up(x))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU with the tanh approximation (transformers' `gelu_pytorch_tanh`, Gemma's `hidden_activation`).
+    GeluTanh,
+}
 
 /// `rope_parameters` (transformers 5) or `rope_scaling` (older configs).
 #[derive(Debug, Deserialize, Default)]
@@ -94,14 +102,22 @@ struct HfConfig {
     #[serde(default = "default_rms_eps")]
     rms_norm_eps: f64,
     rope_theta: Option<f64>,
-    rope_parameters: Option<RopeParameters>,
+    /// One `RopeParameters`, or (Gemma 3, transformers 5) one per layer type.
+    rope_parameters: Option<Value>,
     rope_scaling: Option<RopeParameters>,
-    #[serde(default)]
-    tie_word_embeddings: bool,
+    tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     #[serde(default)]
     mlp_bias: bool,
     hidden_act: Option<String>,
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    use_bidirectional_attention: Option<bool>,
+    /// Gemma 3 configs from before transformers 5: the local RoPE base and the sliding/full layer pattern.
+    rope_local_base_freq: Option<f64>,
+    sliding_window_pattern: Option<usize>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
     max_window_layers: Option<usize>,
@@ -111,6 +127,27 @@ struct HfConfig {
 
 fn default_rms_eps() -> f64 {
     1e-6
+}
+
+/// A `RopeSpec` from one set of rope parameters (absent: default RoPE at `theta`).
+fn rope_spec(r: Option<&RopeParameters>, theta: f64) -> std::result::Result<RopeSpec, String> {
+    let theta = r.and_then(|r| r.rope_theta).unwrap_or(theta);
+    let need = |v: Option<f64>, name: &str| v.ok_or_else(|| format!("rope scaling needs {name}"));
+    let scaling = match r.and_then(|r| r.rope_type.as_deref()).unwrap_or("default") {
+        "default" => RopeScaling::Default,
+        "linear" => RopeScaling::Linear { factor: need(r.and_then(|r| r.factor), "factor")? },
+        "llama3" => {
+            let r = r.expect("a rope_type implies rope parameters");
+            RopeScaling::Llama3 {
+                factor: need(r.factor, "factor")?,
+                low_freq_factor: need(r.low_freq_factor, "low_freq_factor")?,
+                high_freq_factor: need(r.high_freq_factor, "high_freq_factor")?,
+                original_max_position_embeddings: need(r.original_max_position_embeddings, "original_max_position_embeddings")?,
+            }
+        }
+        other => return Err(format!("rope_type {other:?} is not supported; supported: default, linear, llama3")),
+    };
+    Ok(RopeSpec { theta, scaling })
 }
 
 /// Shape and numerics of one decoder.
@@ -136,6 +173,25 @@ pub struct ModelSpec {
     /// `config.json`'s `pad_token_id`: transformers builds the embedding as `nn.Embedding(padding_idx=...)`, whose
     /// row for that token gets no gradient from the lookup (with tied embeddings, the LM head's still reaches it).
     pub padding_idx: Option<u32>,
+    /// Gemma: every RMSNorm (q/k norms included) scales by `1 + weight`, its weights stored centred on 0.
+    pub norm_plus_one: bool,
+    /// Gemma: embedding rows multiplied by `sqrt(hidden_size)` (as transformers' f32 buffer) on lookup; the
+    /// tied LM head uses the unscaled matrix.
+    pub embed_scale: Option<f32>,
+    /// Gemma: four norms per layer. The attention and MLP outputs are normed before they join the residual
+    /// stream (`post_attention_layernorm`, `post_feedforward_layernorm`), and the MLP's input norm is named
+    /// `pre_feedforward_layernorm`.
+    pub sandwich_norms: bool,
+    pub activation: Activation,
+    /// Scale of the attention scores: `head_dim^-1/2`, or Gemma's `query_pre_attn_scalar^-1/2`.
+    pub attn_scale: f32,
+    /// Gemma 3: the RoPE of the sliding-window layers (`rope_local_base_freq`), when it differs from `rope`
+    /// (the global layers', which alone take `rope_scaling`).
+    pub sliding_rope: Option<RopeSpec>,
+    /// Gemma: attention scores (after scaling) become `cap · tanh(s / cap)` before the softmax.
+    pub attn_softcap: Option<f32>,
+    /// Gemma: logits become `cap · tanh(z / cap)` (the model's output, so log-probs and metrics see them).
+    pub final_softcap: Option<f32>,
 }
 
 impl ModelSpec {
@@ -155,31 +211,53 @@ impl ModelSpec {
                 SUPPORTED_MODEL_TYPES.join(", ")
             ));
         }
-        if let Some(act) = &c.hidden_act {
-            if act != "silu" {
-                return Err(format!("hidden_act {act:?} is not supported for {model_type} (only \"silu\")"));
+        let (gemma2, gemma3) = (model_type == "gemma2", model_type == "gemma3_text");
+        let gemma = gemma2 || gemma3;
+        let activation = match (gemma, c.hidden_activation.as_deref().or(c.hidden_act.as_deref())) {
+            (false, None | Some("silu")) => Activation::Silu,
+            (true, None | Some("gelu_pytorch_tanh")) => Activation::GeluTanh,
+            (false, Some(act)) => return Err(format!("hidden_act {act:?} is not supported for {model_type} (only \"silu\")")),
+            (true, Some(act)) => {
+                return Err(format!("hidden_activation {act:?} is not supported for {model_type} (only \"gelu_pytorch_tanh\")"))
             }
-        }
+        };
         if c.mlp_bias {
             return Err("mlp_bias is not supported".into());
         }
-        let rope_cfg = c.rope_parameters.as_ref().or(c.rope_scaling.as_ref());
-        let theta = rope_cfg.and_then(|r| r.rope_theta).or(c.rope_theta).unwrap_or(10000.0);
-        let need = |v: Option<f64>, name: &str| v.ok_or_else(|| format!("rope scaling needs {name}"));
-        let scaling = match rope_cfg.and_then(|r| r.rope_type.as_deref()).unwrap_or("default") {
-            "default" => RopeScaling::Default,
-            "linear" => RopeScaling::Linear { factor: need(rope_cfg.and_then(|r| r.factor), "factor")? },
-            "llama3" => {
-                let r = rope_cfg.expect("a rope_type implies rope parameters");
-                RopeScaling::Llama3 {
-                    factor: need(r.factor, "factor")?,
-                    low_freq_factor: need(r.low_freq_factor, "low_freq_factor")?,
-                    high_freq_factor: need(r.high_freq_factor, "high_freq_factor")?,
-                    original_max_position_embeddings: need(r.original_max_position_embeddings, "original_max_position_embeddings")?,
-                }
+        // Only Gemma's modelling code reads the soft-capping keys; transformers ignores them for the others.
+        let softcap = |key: &str, cap: Option<f64>| -> std::result::Result<Option<f32>, String> {
+            match cap.filter(|_| gemma) {
+                Some(c) if !(c > 0.0 && c.is_finite()) => Err(format!("{key} must be positive, got {c}")),
+                cap => Ok(cap.map(|c| c as f32)),
             }
-            other => return Err(format!("rope_type {other:?} is not supported; supported: default, linear, llama3")),
         };
+        let attn_softcap = softcap("attn_logit_softcapping", c.attn_logit_softcapping)?;
+        let final_softcap = softcap("final_logit_softcapping", c.final_logit_softcapping)?;
+        if c.use_bidirectional_attention == Some(true) {
+            return Err("use_bidirectional_attention is not supported (kto trains causal decoders)".into());
+        }
+        let parse_rope = |v: &Value| -> std::result::Result<RopeParameters, String> {
+            serde_json::from_value(v.clone()).map_err(|e| format!("invalid rope_parameters: {e}"))
+        };
+        let (rope, sliding_rope) = if gemma3 {
+            // transformers 5 keeps one entry per layer type; older configs have rope_theta, rope_scaling (global
+            // layers only) and rope_local_base_freq.
+            let per_type = |name: &str| c.rope_parameters.as_ref().and_then(|r| r.get(name)).map(parse_rope).transpose();
+            let global = match per_type("full_attention")? {
+                Some(r) => rope_spec(Some(&r), 1_000_000.0)?,
+                None => rope_spec(c.rope_scaling.as_ref(), c.rope_theta.unwrap_or(1_000_000.0))?,
+            };
+            let local = match per_type("sliding_attention")? {
+                Some(r) => rope_spec(Some(&r), 10_000.0)?,
+                None => RopeSpec::plain(c.rope_local_base_freq.unwrap_or(10_000.0)),
+            };
+            (global, Some(local))
+        } else {
+            let params = c.rope_parameters.as_ref().map(parse_rope).transpose()?;
+            let rope_cfg = params.as_ref().or(c.rope_scaling.as_ref());
+            (rope_spec(rope_cfg, rope_cfg.and_then(|r| r.rope_theta).or(c.rope_theta).unwrap_or(10000.0))?, None)
+        };
+        let sliding_rope = sliding_rope.filter(|r| *r != rope);
         let heads = c.num_attention_heads;
         let kv_heads = c.num_key_value_heads.unwrap_or(heads);
         if heads == 0 {
@@ -196,15 +274,32 @@ impl ModelSpec {
             kv_heads,
             head_dim,
             rms_eps: c.rms_norm_eps as f32,
-            rope: RopeSpec { theta, scaling },
-            tied_embeddings: c.tie_word_embeddings,
+            rope,
+            // transformers' default: Gemma ties its embeddings, the other families' configs say so when they do.
+            tied_embeddings: c.tie_word_embeddings.unwrap_or(gemma),
             qkv_bias: model_type == "qwen2" || c.attention_bias == Some(true),
-            qk_norm: model_type == "qwen3",
+            qk_norm: model_type == "qwen3" || gemma3,
             layer_windows: Vec::new(),
             padding_idx: c.pad_token_id.as_ref().and_then(Value::as_u64).and_then(|id| u32::try_from(id).ok()),
+            norm_plus_one: gemma,
+            embed_scale: gemma.then(|| (c.hidden_size as f64).sqrt() as f32),
+            sandwich_norms: gemma,
+            activation,
+            attn_scale: match (gemma, c.query_pre_attn_scalar) {
+                (true, q) => q.unwrap_or(256.0).powf(-0.5) as f32,
+                (false, _) => 1.0 / (head_dim as f32).sqrt(),
+            },
+            sliding_rope,
+            attn_softcap,
+            final_softcap,
         };
-        if !(spec.rope.theta > 0.0 && spec.rope.theta.is_finite()) {
-            return Err(format!("rope_theta must be positive, got {}", spec.rope.theta));
+        for r in std::iter::once(&spec.rope).chain(&spec.sliding_rope) {
+            if !(r.theta > 0.0 && r.theta.is_finite()) {
+                return Err(format!("rope_theta must be positive, got {}", r.theta));
+            }
+        }
+        if !(spec.attn_scale > 0.0 && spec.attn_scale.is_finite()) {
+            return Err(format!("query_pre_attn_scalar must be positive, got {:?}", c.query_pre_attn_scalar));
         }
         if !(c.rms_norm_eps >= 0.0 && c.rms_norm_eps.is_finite()) {
             return Err(format!("rms_norm_eps must be a non-negative number, got {}", c.rms_norm_eps));
@@ -214,9 +309,20 @@ impl ModelSpec {
         // slides only with use_sliding_window, from max_window_layers on (transformers' defaults).
         let window = match model_type.as_str() {
             "qwen2" | "qwen3" if c.use_sliding_window != Some(true) => None,
+            "gemma2" | "gemma3_text" => Some(c.sliding_window.unwrap_or(4096)),
             _ => c.sliding_window,
         };
-        spec.layer_windows = match (&c.layer_types, window) {
+        // Gemma configs without layer_types slide on all layers but every k-th: Gemma 2 alternates, Gemma 3
+        // takes `sliding_window_pattern`.
+        let pattern = match (gemma2, gemma3) {
+            (true, _) => Some(2),
+            (_, true) => Some(c.sliding_window_pattern.unwrap_or(6).max(1)),
+            _ => None,
+        };
+        let pattern_types: Option<Vec<String>> = pattern.map(|k| {
+            (0..layers).map(|i| if (i + 1) % k == 0 { "full_attention" } else { "sliding_attention" }.to_string()).collect()
+        });
+        spec.layer_windows = match (c.layer_types.as_ref().or(pattern_types.as_ref()), window) {
             (_, None) => vec![None; layers],
             (Some(types), Some(w)) => {
                 if types.len() != layers {
@@ -282,7 +388,7 @@ impl ModelSpec {
         let (h, i, q, kv) = (self.hidden, self.intermediate, self.q_dim(), self.kv_dim());
         let matrices = h.checked_mul(q.checked_mul(2)?.checked_add(kv.checked_mul(2)?)?)?.checked_add(h.checked_mul(i)?.checked_mul(3)?)?;
         let bias = if self.qkv_bias { q + 2 * kv } else { 0 };
-        let norms = 2 * h + if self.qk_norm { 2 * self.head_dim } else { 0 };
+        let norms = if self.sandwich_norms { 4 * h } else { 2 * h } + if self.qk_norm { 2 * self.head_dim } else { 0 };
         let layer = matrices.checked_add(bias)?.checked_add(norms)?;
         let embed = self.vocab_size.checked_mul(h)?;
         let heads = if self.tied_embeddings { embed } else { embed.checked_mul(2)? };
@@ -316,6 +422,22 @@ impl ModelSpec {
             qk_norm: false,
             layer_windows: vec![None; layers],
             padding_idx: None,
+            norm_plus_one: false,
+            embed_scale: None,
+            sandwich_norms: false,
+            activation: Activation::Silu,
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            sliding_rope: None,
+            attn_softcap: None,
+            final_softcap: None,
+        }
+    }
+
+    /// The RoPE of layer `l`.
+    pub fn rope_of(&self, l: usize) -> &RopeSpec {
+        match (&self.sliding_rope, self.layer_windows.get(l)) {
+            (Some(r), Some(Some(_))) => r,
+            _ => &self.rope,
         }
     }
 
@@ -335,7 +457,11 @@ pub struct LayerOffsets {
     pub k: usize,
     pub v: usize,
     pub o: usize,
+    /// The MLP's input norm (`post_attention_layernorm`; Gemma's `pre_feedforward_layernorm`).
     pub post_norm: usize,
+    /// Gemma's norms of the attention and MLP outputs (`post_attention_layernorm`, `post_feedforward_layernorm`).
+    pub attn_out_norm: Option<usize>,
+    pub mlp_out_norm: Option<usize>,
     pub gate: usize,
     pub up: usize,
     pub down: usize,
@@ -418,7 +544,12 @@ impl ParamLayout {
                 q_norm,
                 k_norm,
                 o: add(format!("{p}self_attn.o_proj.weight"), vec![h, q], true),
-                post_norm: add(format!("{p}post_attention_layernorm.weight"), vec![h], false),
+                attn_out_norm: spec.sandwich_norms.then(|| add(format!("{p}post_attention_layernorm.weight"), vec![h], false)),
+                post_norm: match spec.sandwich_norms {
+                    true => add(format!("{p}pre_feedforward_layernorm.weight"), vec![h], false),
+                    false => add(format!("{p}post_attention_layernorm.weight"), vec![h], false),
+                },
+                mlp_out_norm: spec.sandwich_norms.then(|| add(format!("{p}post_feedforward_layernorm.weight"), vec![h], false)),
                 gate: add(format!("{p}mlp.gate_proj.weight"), vec![i, h], true),
                 up: add(format!("{p}mlp.up_proj.weight"), vec![i, h], true),
                 down: add(format!("{p}mlp.down_proj.weight"), vec![h, i], true),

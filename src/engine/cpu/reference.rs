@@ -9,7 +9,7 @@ pub fn attention_forward_naive(shape: &AttnShape, q: &[f32], k: &[f32], v: &[f32
     let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
     let (qw, kw) = (h * d, kvh * d);
     let group = h / kvh;
-    let scale = 1.0 / (d as f32).sqrt();
+    let scale = shape.scale;
     let (offs, _) = shape.prob_offsets();
     let out_ptr = SharedMut(out.as_mut_ptr());
     let probs_ptr = SharedMut(probs.as_mut_ptr());
@@ -29,7 +29,10 @@ pub fn attention_forward_naive(shape: &AttnShape, q: &[f32], k: &[f32], v: &[f32
             row.fill(0.0);
             for u in lo..=t {
                 let kr = &k[(start + u) * kw + kv * d..][..d];
-                let sc = qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
+                let mut sc = qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
+                if let Some(cap) = shape.softcap {
+                    sc = cap * (sc / cap).tanh();
+                }
                 row[u] = sc;
                 max = max.max(sc);
             }
@@ -67,7 +70,7 @@ pub fn attention_backward_naive(
     let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
     let (qw, kw) = (h * d, kvh * d);
     let group = h / kvh;
-    let scale = 1.0 / (d as f32).sqrt();
+    let scale = shape.scale;
     let (offs, _) = shape.prob_offsets();
     let (dq_ptr, dk_ptr, dv_ptr) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
     // One task per (sequence, kv head): the query heads of a group all write the same dk/dv columns.
@@ -93,8 +96,13 @@ pub fn attention_backward_naive(
                 dqr.fill(0.0);
                 let qr = &q[(start + t) * qw + hh * d..][..d];
                 for u in 0..=t {
-                    let ds = row[u] * (dp[u] - dot) * scale;
                     let kr = &k[(start + u) * kw + kv * d..][..d];
+                    // Through the soft-cap s = cap · tanh(r / cap): ds/dr = 1 − tanh(r / cap)².
+                    let capped = match shape.softcap {
+                        Some(cap) => 1.0 - ((qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale) / cap).tanh().powi(2),
+                        None => 1.0,
+                    };
+                    let ds = row[u] * (dp[u] - dot) * capped * scale;
                     let dkr = unsafe { std::slice::from_raw_parts_mut(dk_ptr.ptr().add((start + u) * kw + kv * d), d) };
                     let dvr = unsafe { std::slice::from_raw_parts_mut(dv_ptr.ptr().add((start + u) * kw + kv * d), d) };
                     for j in 0..d {

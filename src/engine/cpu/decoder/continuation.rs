@@ -2,7 +2,6 @@
 //! cache.
 use super::*;
 use crate::engine::cpu::pool::Buf;
-use crate::engine::cpu::gemm::gemm_w;
 use crate::model::Model;
 use rayon::prelude::*;
 
@@ -133,10 +132,9 @@ pub fn extend_kv(model: &Model, cache: &mut KvCache, new_tokens: &[&[u32]]) -> V
     let (xf, _) = final_norm(model, &x);
     let last_rows: Vec<usize> = seq_starts[1..].iter().map(|&e| e - 1).collect();
     let hidden = gather_rows(&xf, &last_rows, model.spec.hidden);
-    let (hd, vocab) = (model.spec.hidden, model.spec.vocab_size);
+    let vocab = model.spec.vocab_size;
     let mut all = vec![0f32; active.len() * vocab];
-    let w = model.params.weights().slice(model.layout.lm_head, vocab * hd);
-    gemm_w(active.len(), hd, vocab, &hidden, false, w, true, &mut all, false);
+    head::vocab_logits(model, active.len(), &hidden, &mut all);
     for (i, &s) in active.iter().enumerate() {
         cache.lens[s] += new_tokens[s].len();
         logits[s] = all[i * vocab..(i + 1) * vocab].to_vec();

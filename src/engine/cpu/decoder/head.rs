@@ -11,9 +11,26 @@ pub(super) fn final_norm(model: &Model, x: &[f32]) -> (Buf, Buf) {
     let hd = model.spec.hidden;
     let mut xf = Buf::scratch(x.len());
     let mut rstd = Buf::scratch(x.len() / hd);
-    let w = model.params.weights().f32s(model.layout.final_norm, hd);
+    let w = norm_weight(model, model.layout.final_norm, hd);
     kernels::rmsnorm_forward(x, &w, model.spec.rms_eps, &mut xf, &mut rstd);
     (xf, rstd)
+}
+
+/// The model's logits of `rows` final-normed hidden states into `out: [rows, vocab]`: the vocabulary projection,
+/// then Gemma's final soft-cap.
+pub(super) fn vocab_logits(model: &Model, rows: usize, hidden: &[f32], out: &mut [f32]) {
+    let (hd, vocab) = (model.spec.hidden, model.spec.vocab_size);
+    let w = model.params.weights().slice(model.layout.lm_head, vocab * hd);
+    gemm_w(rows, hd, vocab, hidden, false, w, true, out, false);
+    if let Some(cap) = model.spec.final_softcap {
+        out[..rows * vocab].par_chunks_mut(vocab).for_each(|row| kernels::softcap(row, cap));
+    }
+}
+
+/// Whether a training forward keeps the softmax of its `m` scored rows for the backward pass. Never under a
+/// final soft-cap, whose backward needs the logits themselves.
+pub(super) fn keeps_softmax(model: &Model, m: usize) -> bool {
+    model.spec.final_softcap.is_none() && m * model.spec.vocab_size * 4 <= softmax_cache_bytes()
 }
 
 /// Log-probs of the scored positions from their final hidden states, summed per sequence.
@@ -68,7 +85,6 @@ pub(super) fn lm_head_forward(
     mut softmax: Option<&mut [f32]>,
 ) {
     let (hd, vocab) = (model.spec.hidden, model.spec.vocab_size);
-    let w = model.params.weights().slice(model.layout.lm_head, vocab * hd);
     let m = targets.len();
     let keep = softmax.is_some();
     let mut scratch = if keep { Buf::default() } else { Buf::zeros(LM_HEAD_ROWS.min(m) * vocab) };
@@ -78,7 +94,7 @@ pub(super) fn lm_head_forward(
             Some(all) => &mut all[r0 * vocab..(r0 + nr) * vocab],
             None => &mut scratch[..nr * vocab],
         };
-        gemm_w(nr, hd, vocab, &hidden[r0 * hd..], false, w, true, z, false);
+        vocab_logits(model, nr, &hidden[r0 * hd..], z);
         let stats: Vec<(f32, f32, f32, f32, bool)> = z
             .par_chunks_mut(vocab)
             .zip(targets[r0..r0 + nr].par_iter())
@@ -119,26 +135,41 @@ pub(super) fn lm_head_backward(
     let w_lm = p.slice(lay.lm_head, vocab * hd);
     let mut d_hidden = Buf::zeros(m * hd);
     let mut scratch = if kept.is_some() { Buf::default() } else { Buf::zeros(LM_HEAD_ROWS.min(m) * vocab) };
+    let cap = model.spec.final_softcap;
+    assert!(kept.is_none() || cap.is_none(), "a soft-capped head's backward recomputes its logits");
     for r0 in (0..m).step_by(LM_HEAD_ROWS) {
         let nr = LM_HEAD_ROWS.min(m - r0);
         let xs = &scored_hidden[r0 * hd..][..nr * hd];
+        // Per row, dlogit/draw at the target: 1, or 1 − tanh² under the soft-cap z = cap · tanh(raw / cap).
+        let mut target_slope = vec![1f32; nr];
         let z = match kept.as_deref_mut() {
             Some(all) => &mut all[r0 * vocab..(r0 + nr) * vocab],
             None => {
                 let z = &mut scratch[..nr * vocab];
                 gemm_w(nr, hd, vocab, xs, false, w_lm, true, z, false);
-                z.par_chunks_mut(vocab).enumerate().for_each(|(i, zr)| {
+                z.par_chunks_mut(vocab).zip(target_slope.par_iter_mut()).enumerate().for_each(|(i, (zr, slope))| {
                     let l = lse[r0 + i];
-                    zr.iter_mut().for_each(|v| *v = kernels::exp_f32(*v - l));
+                    match cap {
+                        None => zr.iter_mut().for_each(|v| *v = kernels::exp_f32(*v - l)),
+                        // Each entry becomes softmax · (1 − tanh²): the chain through the cap, folded in.
+                        Some(cap) => {
+                            let t = (zr[batch.scored_targets[r0 + i] as usize] / cap).tanh();
+                            *slope = 1.0 - t * t;
+                            zr.iter_mut().for_each(|v| {
+                                let t = (*v / cap).tanh();
+                                *v = kernels::exp_f32(t * cap - l) * (1.0 - t * t);
+                            });
+                        }
+                    }
                 });
                 z
             }
         };
-        z.par_chunks_mut(vocab).enumerate().for_each(|(i, zr)| {
+        z.par_chunks_mut(vocab).zip(target_slope.par_iter()).enumerate().for_each(|(i, (zr, &slope))| {
             let row = r0 + i;
             let g = dlogp[batch.scored_seq[row]];
             zr.iter_mut().for_each(|v| *v *= -g);
-            zr[batch.scored_targets[row] as usize] += g;
+            zr[batch.scored_targets[row] as usize] += g * slope;
         });
         gemm_w(nr, vocab, hd, z, false, w_lm, false, &mut d_hidden[r0 * hd..][..nr * hd], false);
         if let Some(g) = base.as_deref_mut() {

@@ -24,6 +24,12 @@ pub(super) struct LayerTape {
     pub(super) rstd2: Buf,
     /// Fused `[gate | up]` rows.
     pub(super) gate_up: Buf,
+    /// Gemma's sandwich norms: the attention and MLP projections' outputs before their norms, and those
+    /// norms' inverse RMS per row (empty in the other families).
+    pub(super) o_out: Buf,
+    pub(super) o_rstd: Buf,
+    pub(super) down_out: Buf,
+    pub(super) down_rstd: Buf,
     /// Per adapter of the layer (in `Lora::layers` order): its input times Aᵀ, `[N, r]` (`[M, r]` after attention
     /// when the layer keeps only `out_rows`).
     pub(super) lora_u: Vec<Buf>,
@@ -37,7 +43,7 @@ impl LayerTape {
     /// Floats held, for checking `tape_floats` against what a pass really keeps.
     pub(super) fn floats(&self) -> usize {
         let bufs = [&self.x_in, &self.rstd1, &self.qkv, &self.attn_lse, &self.qk_pre, &self.qk_rstd, &self.att];
-        let rest = [&self.x_mid, &self.rstd2, &self.gate_up, &self.att_out];
+        let rest = [&self.x_mid, &self.rstd2, &self.gate_up, &self.att_out, &self.o_out, &self.o_rstd, &self.down_out, &self.down_rstd];
         bufs.iter().chain(&rest).map(|b| b.len()).sum::<usize>() + self.lora_u.iter().map(|b| b.len()).sum::<usize>()
     }
 }
@@ -54,7 +60,10 @@ pub(super) fn layer_tape_floats(model: &Model, l: usize, n: usize, m: usize, las
         before += qkv_w + spec.heads + spec.kv_heads;
     }
     // x_mid, rstd2, gate_up; the last layer also gathers attention's output at its rows.
-    let after = hd + 1 + 2 * inter + if last { qd } else { 0 };
+    let mut after = hd + 1 + 2 * inter + if last { qd } else { 0 };
+    if spec.sandwich_norms {
+        after += 2 * (hd + 1);
+    }
     let (mut lora_before, mut lora_after) = (0, 0);
     if let Some(lora) = &model.lora {
         for module in &lora.layers[l] {
@@ -96,8 +105,11 @@ pub(super) fn run_layers(
     // With checkpointing a layer keeps no tape of its own: its input is kept here and backward recomputes it.
     let layer_pass = Pass { keep_tape: pass.keep_tape && !pass.checkpoint, checkpoint: false, ..pass };
     let mut x = Buf::scratch(tokens.len() * hd);
+    // Gemma scales the looked-up rows by sqrt(hidden); elsewhere the factor is 1, which changes no bit.
+    let scale = model.spec.embed_scale.unwrap_or(1.0);
     x.par_chunks_mut(hd).zip(tokens.par_iter()).for_each(|(row, &t)| {
         p.copy_into(lay.embed + t as usize * hd, row);
+        row.iter_mut().for_each(|v| *v *= scale);
     });
     let (mut records, mut kept_qkv) = (Vec::new(), Vec::new());
     let last = lay.layers.len().saturating_sub(1);
@@ -138,16 +150,15 @@ pub(super) fn layer_forward(
     let (n, hd) = (positions.len(), spec.hidden);
     let (qd, kvd, inter) = (spec.q_dim(), spec.kv_dim(), spec.intermediate);
     let max_pos = positions.iter().max().map_or(1, |&m| m as usize + 1);
-    let rope = Rope::cached(&spec.rope.inv_freq(spec.head_dim), max_pos);
+    let rope = Rope::cached(&spec.rope_of(l).inv_freq(spec.head_dim), max_pos);
     let seq_starts = match keys {
         Keys::Causal { seq_starts } | Keys::Continuation { seq_starts, .. } => *seq_starts,
     };
     let qkv_w = (spec.heads + 2 * spec.kv_heads) * spec.head_dim;
-    let shape =
-        AttnShape { seq_starts, heads: spec.heads, kv_heads: spec.kv_heads, head_dim: spec.head_dim, window: spec.layer_windows[l] };
+    let shape = attn_shape(model, l, seq_starts);
     let mut xn1 = Buf::scratch(n * hd);
     let mut rstd1 = Buf::scratch(n);
-    kernels::rmsnorm_forward(x, &p.f32s(lo.input_norm, hd), spec.rms_eps, &mut xn1, &mut rstd1);
+    kernels::rmsnorm_forward(x, &norm_weight(model, lo.input_norm, hd), spec.rms_eps, &mut xn1, &mut rstd1);
     // q, k and v weights are consecutive in the layout: one GEMM against the [q|k|v] stack.
     let mut qkv = linear(&xn1, n, p.at(lo.q), hd, qkv_w);
     let mut lora_u = Vec::new();
@@ -166,7 +177,7 @@ pub(super) fn layer_forward(
             qk_pre = Buf::copy_of(&qkv);
         }
         qk_rstd = Buf::zeros(n * (spec.heads + spec.kv_heads));
-        let (wq, wk) = (&p.f32s(qn, spec.head_dim), &p.f32s(kn, spec.head_dim));
+        let (wq, wk) = (&norm_weight(model, qn, spec.head_dim), &norm_weight(model, kn, spec.head_dim));
         kernels::head_rmsnorm_forward(&mut qkv, qkv_w, spec.heads, spec.kv_heads, wq, wk, spec.rms_eps, &mut qk_rstd);
     }
     rope.apply(&mut qkv, qkv_w, qd + kvd, positions, false);
@@ -193,24 +204,49 @@ pub(super) fn layer_forward(
         Some(rows) => (rows.len(), &att_out),
         None => (n, &att),
     };
-    gemm_w(n, qd, hd, att_in, false, p.at(lo.o), true, x, true);
-    for m in adapters_of(&[Target::O]) {
-        lora_u.push(lora_forward(lora.unwrap(), m, att_in, n, x, hd));
+    // Gemma norms the projection's output before the residual add; the others add it straight in.
+    let (mut o_out, mut o_rstd) = (Buf::default(), Buf::default());
+    match lo.attn_out_norm {
+        None => {
+            gemm_w(n, qd, hd, att_in, false, p.at(lo.o), true, x, true);
+            for m in adapters_of(&[Target::O]) {
+                lora_u.push(lora_forward(lora.unwrap(), m, att_in, n, x, hd));
+            }
+        }
+        Some(norm) => {
+            o_out = linear(att_in, n, p.at(lo.o), qd, hd);
+            for m in adapters_of(&[Target::O]) {
+                lora_u.push(lora_forward(lora.unwrap(), m, att_in, n, &mut o_out, hd));
+            }
+            o_rstd = add_normed(x, &o_out, &norm_weight(model, norm, hd), spec.rms_eps);
+        }
     }
     let mut xn2 = Buf::scratch(n * hd);
     let mut rstd2 = Buf::scratch(n);
-    kernels::rmsnorm_forward(x, &p.f32s(lo.post_norm, hd), spec.rms_eps, &mut xn2, &mut rstd2);
+    kernels::rmsnorm_forward(x, &norm_weight(model, lo.post_norm, hd), spec.rms_eps, &mut xn2, &mut rstd2);
     // gate and up weights are consecutive too: one GEMM against the [gate|up] stack.
     let mut gate_up = linear(&xn2, n, p.at(lo.gate), hd, 2 * inter);
     for m in adapters_of(&[Target::Gate, Target::Up]) {
         lora_u.push(lora_forward(lora.unwrap(), m, &xn2, n, &mut gate_up, 2 * inter));
     }
     let mut h = Buf::scratch(n * inter);
-    kernels::swiglu_forward(&gate_up, inter, &mut h);
+    kernels::glu_forward(spec.activation, &gate_up, inter, &mut h);
     let x_mid = if keep_tape { Buf::copy_of(x) } else { Buf::default() };
-    gemm_w(n, inter, hd, &h, false, p.at(lo.down), true, x, true);
-    for m in adapters_of(&[Target::Down]) {
-        lora_u.push(lora_forward(lora.unwrap(), m, &h, n, x, hd));
+    let (mut down_out, mut down_rstd) = (Buf::default(), Buf::default());
+    match lo.mlp_out_norm {
+        None => {
+            gemm_w(n, inter, hd, &h, false, p.at(lo.down), true, x, true);
+            for m in adapters_of(&[Target::Down]) {
+                lora_u.push(lora_forward(lora.unwrap(), m, &h, n, x, hd));
+            }
+        }
+        Some(norm) => {
+            down_out = linear(&h, n, p.at(lo.down), inter, hd);
+            for m in adapters_of(&[Target::Down]) {
+                lora_u.push(lora_forward(lora.unwrap(), m, &h, n, &mut down_out, hd));
+            }
+            down_rstd = add_normed(x, &down_out, &norm_weight(model, norm, hd), spec.rms_eps);
+        }
     }
     let kept_qkv = keep_qkv.then(|| Buf::copy_of(&qkv));
     let out_rows = out_rows.map(|r| r.to_vec());
@@ -225,11 +261,47 @@ pub(super) fn layer_forward(
         x_mid,
         rstd2,
         gate_up,
+        o_out,
+        o_rstd,
+        down_out,
+        down_rstd,
         lora_u,
         out_rows,
         att_out,
     });
     (tape, kept_qkv)
+}
+
+/// The attention geometry of layer `l` over the sequences starting at `seq_starts`.
+fn attn_shape<'a>(model: &Model, l: usize, seq_starts: &'a [usize]) -> AttnShape<'a> {
+    let spec = &model.spec;
+    AttnShape {
+        seq_starts,
+        heads: spec.heads,
+        kv_heads: spec.kv_heads,
+        head_dim: spec.head_dim,
+        window: spec.layer_windows[l],
+        scale: spec.attn_scale,
+        softcap: spec.attn_softcap,
+    }
+}
+
+/// Gemma's sandwich norm: `x += rmsnorm(y)`; returns the norm's inverse RMS per row for backward.
+fn add_normed(x: &mut [f32], y: &[f32], w: &[f32], eps: f32) -> Buf {
+    let mut normed = Buf::scratch(y.len());
+    let mut rstd = Buf::scratch(y.len() / w.len());
+    kernels::rmsnorm_forward(y, w, eps, &mut normed, &mut rstd);
+    x.par_iter_mut().zip(normed.par_iter()).for_each(|(a, b)| *a += b);
+    rstd
+}
+
+/// Backward of `add_normed`: the gradient at `y` from the residual's gradient `dx` (which flows on unchanged);
+/// the norm's weight gradient goes to `sink`.
+fn add_normed_backward(model: &Model, dx: &[f32], y: &[f32], rstd: &[f32], norm: usize, sink: &mut GradSink) -> Buf {
+    let hd = model.spec.hidden;
+    let mut dy = Buf::zeros(dx.len());
+    kernels::rmsnorm_backward(dx, y, &norm_weight(model, norm, hd), rstd, &mut dy, sink.norm_weights(norm, hd));
+    dy
 }
 
 /// Backward through decoder layer `l` from its tape: `dx` is the gradient at the layer's output (only at
@@ -241,13 +313,7 @@ pub(super) fn layer_backward(model: &Model, batch: &SeqBatch, l: usize, t: &Laye
     let (n, hd, inter) = (batch.n_tokens(), spec.hidden, spec.intermediate);
     let (qd, kvd) = (spec.q_dim(), spec.kv_dim());
     let qkv_w = (spec.heads + 2 * spec.kv_heads) * spec.head_dim;
-    let shape = AttnShape {
-        seq_starts: &batch.seq_starts,
-        heads: spec.heads,
-        kv_heads: spec.kv_heads,
-        head_dim: spec.head_dim,
-        window: spec.layer_windows[l],
-    };
+    let shape = attn_shape(model, l, &batch.seq_starts);
     // MLP block: x_out = x_mid + down(swiglu(gate(xn2), up(xn2))). A layer that kept only `out_rows` past
     // attention runs this block and the output projection on those rows (`dx` has just them).
     let nr = t.out_rows.as_ref().map_or(n, |r| r.len());
@@ -257,22 +323,25 @@ pub(super) fn layer_backward(model: &Model, batch: &SeqBatch, l: usize, t: &Laye
         lora.map(|lr| lr.layers[l].iter().enumerate().filter(|(_, m)| targets.contains(&m.target)).collect())
             .unwrap_or_default()
     };
-    gemm_w(nr, hd, inter, &dx, false, p.at(lo.down), false, &mut dh, false);
+    // With Gemma's sandwich norm the projection's gradient is the norm's backward of the residual's.
+    let d_down = lo.mlp_out_norm.map(|norm| add_normed_backward(model, &dx, &t.down_out, &t.down_rstd, norm, sink));
+    let dy = d_down.as_ref().unwrap_or(&dx);
+    gemm_w(nr, hd, inter, dy, false, p.at(lo.down), false, &mut dh, false);
     let mut h = Buf::scratch(nr * inter);
-    kernels::swiglu_forward(&t.gate_up, inter, &mut h);
+    kernels::glu_forward(spec.activation, &t.gate_up, inter, &mut h);
     if let Some(g) = sink.base.as_deref_mut() {
-        gemm(hd, nr, inter, &dx, true, &h, false, &mut g[lo.down..][..hd * inter], true);
+        gemm(hd, nr, inter, dy, true, &h, false, &mut g[lo.down..][..hd * inter], true);
     }
     for (i, m) in adapters_of(&[Target::Down]) {
         let ag = sink.adapters.as_deref_mut().expect("adapter gradients");
-        lora_backward(lora.unwrap(), m, &dx, hd, &h, &t.lora_u[i], nr, ag, &mut dh);
+        lora_backward(lora.unwrap(), m, dy, hd, &h, &t.lora_u[i], nr, ag, &mut dh);
     }
-    drop(h);
+    drop((h, d_down));
     let mut dgate_up = Buf::scratch(nr * 2 * inter);
-    kernels::swiglu_backward(&dh, &t.gate_up, inter, &mut dgate_up);
+    kernels::glu_backward(spec.activation, &dh, &t.gate_up, inter, &mut dgate_up);
     let mut dxn2 = Buf::scratch(nr * hd);
     gemm_w(nr, 2 * inter, hd, &dgate_up, false, p.at(lo.gate), false, &mut dxn2, false);
-    let w_post = p.f32s(lo.post_norm, hd);
+    let w_post = norm_weight(model, lo.post_norm, hd);
     let mut xn2 = Buf::scratch(nr * hd);
     kernels::rmsnorm_apply(&t.x_mid, &w_post, &t.rstd2, &mut xn2);
     if let Some(g) = sink.base.as_deref_mut() {
@@ -286,15 +355,18 @@ pub(super) fn layer_backward(model: &Model, batch: &SeqBatch, l: usize, t: &Laye
     kernels::rmsnorm_backward(&dxn2, &t.x_mid, &w_post, &t.rstd2, &mut dx, sink.norm_weights(lo.post_norm, hd));
 
     // Attention block: x_mid = x_in + o(attention(rope(q(xn1)), rope(k(xn1)), v(xn1))).
+    let d_o = lo.attn_out_norm.map(|norm| add_normed_backward(model, &dx, &t.o_out, &t.o_rstd, norm, sink));
+    let dy = d_o.as_ref().unwrap_or(&dx);
     let mut datt = Buf::scratch(nr * qd);
-    gemm_w(nr, hd, qd, &dx, false, p.at(lo.o), false, &mut datt, false);
+    gemm_w(nr, hd, qd, dy, false, p.at(lo.o), false, &mut datt, false);
     if let Some(g) = sink.base.as_deref_mut() {
-        gemm(hd, nr, qd, &dx, true, att_in, false, &mut g[lo.o..][..hd * qd], true);
+        gemm(hd, nr, qd, dy, true, att_in, false, &mut g[lo.o..][..hd * qd], true);
     }
     for (i, m) in adapters_of(&[Target::O]) {
         let ag = sink.adapters.as_deref_mut().expect("adapter gradients");
-        lora_backward(lora.unwrap(), m, &dx, hd, att_in, &t.lora_u[i], nr, ag, &mut datt);
+        lora_backward(lora.unwrap(), m, dy, hd, att_in, &t.lora_u[i], nr, ag, &mut datt);
     }
+    drop(d_o);
     if let Some(rows) = &t.out_rows {
         // Back to every row: the rows past attention carried no gradient.
         datt = scatter_rows(&datt, rows, qd, n);
@@ -306,7 +378,7 @@ pub(super) fn layer_backward(model: &Model, batch: &SeqBatch, l: usize, t: &Laye
     if let (Some(qn), Some(kn)) = (lo.q_norm, lo.k_norm) {
         let d = spec.head_dim;
         let (mut dwq, mut dwk) = (vec![0f32; d], vec![0f32; d]);
-        let (wq, wk) = (&p.f32s(qn, d), &p.f32s(kn, d));
+        let (wq, wk) = (&norm_weight(model, qn, d), &norm_weight(model, kn, d));
         kernels::head_rmsnorm_backward(
             &mut dqkv, &t.qk_pre, qkv_w, spec.heads, spec.kv_heads, wq, wk, &t.qk_rstd, &mut dwq, &mut dwk,
         );
@@ -320,7 +392,7 @@ pub(super) fn layer_backward(model: &Model, batch: &SeqBatch, l: usize, t: &Laye
     }
     let mut dxn1 = Buf::scratch(n * hd);
     gemm_w(n, qkv_w, hd, &dqkv, false, p.at(lo.q), false, &mut dxn1, false);
-    let w_in = p.f32s(lo.input_norm, hd);
+    let w_in = norm_weight(model, lo.input_norm, hd);
     let mut xn1 = Buf::scratch(n * hd);
     kernels::rmsnorm_apply(&t.x_in, &w_in, &t.rstd1, &mut xn1);
     if let Some(g) = sink.base.as_deref_mut() {

@@ -6,7 +6,6 @@
 //! token's output), and the padding positions are never scored.
 use super::pool::Buf;
 use crate::engine::{Pass, ScoredOutput, SeqBatch};
-use super::gemm::gemm_w;
 use super::kernels::{self, Rope};
 use crate::model::Model;
 
@@ -17,7 +16,7 @@ mod layer;
 
 pub use continuation::{extend_kv, forward_continuation, ContinuationBatch, KvCache};
 use adapters::{lora_backward, lora_forward};
-use head::{final_norm, gather_rows, lm_head_backward, scatter_rows, score};
+use head::{final_norm, gather_rows, keeps_softmax, lm_head_backward, scatter_rows, score, vocab_logits};
 use layer::{layer_backward, layer_forward, run_layers, LayerRecord};
 
 /// Rows of the vocabulary projection computed at once: bounds the logits buffer to `LM_HEAD_ROWS × vocab`.
@@ -74,7 +73,7 @@ pub fn tape_floats(model: &Model, n: usize, m: usize, checkpoint: bool) -> usize
             layer::layer_tape_floats(model, l, n, if last { m } else { n }, last)
         }).sum()
     };
-    let softmax = if m * model.spec.vocab_size * 4 <= softmax_cache_bytes() { m * model.spec.vocab_size } else { 0 };
+    let softmax = if keeps_softmax(model, m) { m * model.spec.vocab_size } else { 0 };
     layer_floats + 2 * m * (hd + 1) + softmax
 }
 
@@ -107,14 +106,13 @@ pub fn forward_logits(model: &Model, seqs: &[&[u32]]) -> Vec<Vec<f32>> {
     let (x, _, _) = run_layers(model, &batch.tokens, &batch.positions, keys, Pass::INFERENCE, None);
     let (xf, _) = final_norm(model, &x);
     let (hd, vocab) = (model.spec.hidden, model.spec.vocab_size);
-    let w = model.params.weights().slice(model.layout.lm_head, vocab * hd);
     batch
         .seq_starts
         .windows(2)
         .map(|r| {
             let rows = r[1] - r[0];
             let mut logits = vec![0f32; rows * vocab];
-            gemm_w(rows, hd, vocab, &xf[r[0] * hd..r[1] * hd], false, w, true, &mut logits, false);
+            vocab_logits(model, rows, &xf[r[0] * hd..r[1] * hd], &mut logits);
             logits
         })
         .collect()
@@ -137,7 +135,7 @@ pub fn forward_with_cache(model: &Model, batch: &SeqBatch, pass: Pass) -> (Score
         run_layers(model, &batch.tokens, &batch.positions, keys, pass, rows);
     let (scored_hidden, rstd_final) = final_norm(model, &x);
     let m = batch.scored_rows.len();
-    let mut softmax = (keep_tape && m * model.spec.vocab_size * 4 <= softmax_cache_bytes())
+    let mut softmax = (keep_tape && keeps_softmax(model, m))
         .then(|| Buf::zeros(m * model.spec.vocab_size));
     let (out, lse) =
         score(model, &scored_hidden, &batch.scored_targets, &batch.scored_seq, batch.n_seqs(), softmax.as_deref_mut().map(|v| v.as_mut_slice()));
@@ -157,14 +155,13 @@ pub fn forward_with_cache(model: &Model, batch: &SeqBatch, pass: Pass) -> (Score
 /// in the model's parameter layout.
 pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], grads: &mut [f32]) {
     let mut sink = GradSink::new(model, grads);
-    let (spec, lay, p) = (&model.spec, &model.layout, model.params.weights());
+    let (spec, lay) = (&model.spec, &model.layout);
     let hd = spec.hidden;
-    let rope = Rope::cached(&spec.rope.inv_freq(spec.head_dim), batch.max_len().max(1));
     let softmax = tape.softmax.take();
     let d_hidden = lm_head_backward(model, batch, &tape.scored_hidden, &tape.lse, softmax, dlogp, sink.base.as_deref_mut());
     // The final norm and the last layer's output exist only at the scored rows (`m` of them).
     let mut dx = Buf::zeros(batch.scored_rows.len() * hd);
-    let w_final = &p.f32s(lay.final_norm, hd);
+    let w_final = &norm_weight(model, lay.final_norm, hd);
     kernels::rmsnorm_backward(&d_hidden, &tape.x_final, w_final, &tape.rstd_final, &mut dx, sink.norm_weights(lay.final_norm, hd));
     let records = std::mem::take(&mut tape.layers);
     for (l, record) in records.into_iter().enumerate().rev() {
@@ -178,15 +175,28 @@ pub fn backward(model: &Model, batch: &SeqBatch, mut tape: Tape, dlogp: &[f32], 
                 layer_forward(model, l, &mut x, &batch.positions, &keys, Pass { keep_tape: true, ..Pass::INFERENCE }, rows).0.expect("a tape")
             }
         };
+        let rope = Rope::cached(&spec.rope_of(l).inv_freq(spec.head_dim), batch.max_len().max(1));
         dx = layer_backward(model, batch, l, &t, &rope, dx, &mut sink);
     }
     // Embedding rows gather the gradient of every token that used them, except the padding row (transformers'
     // `nn.Embedding(padding_idx = pad_token_id)`), which the lookup never updates.
+    // Gemma scales the looked-up rows, so their gradient carries the same factor.
     if let Some(g) = sink.base.as_deref_mut() {
+        let scale = spec.embed_scale.unwrap_or(1.0);
         for (r, &tok) in batch.tokens.iter().enumerate().filter(|&(_, &tok)| Some(tok) != spec.padding_idx) {
             let row = &mut g[lay.embed + tok as usize * hd..][..hd];
-            row.iter_mut().zip(&dx[r * hd..][..hd]).for_each(|(a, b)| *a += b);
+            row.iter_mut().zip(&dx[r * hd..][..hd]).for_each(|(a, b)| *a += b * scale);
         }
+    }
+}
+
+/// The weights a norm at `offset` multiplies by: as stored, or Gemma's `1 + w` (in f32, as transformers).
+/// Its gradient is the stored weights' gradient either way.
+pub(super) fn norm_weight(model: &Model, offset: usize, len: usize) -> std::borrow::Cow<'_, [f32]> {
+    let w = model.params.weights().f32s(offset, len);
+    match model.spec.norm_plus_one {
+        false => w,
+        true => std::borrow::Cow::Owned(w.iter().map(|v| 1.0 + v).collect()),
     }
 }
 

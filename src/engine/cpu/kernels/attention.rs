@@ -12,6 +12,10 @@ pub struct AttnShape<'a> {
     pub head_dim: usize,
     /// Sliding window: position p sees keys p − window + 1 ..= p. `None`: all earlier keys.
     pub window: Option<usize>,
+    /// What the scores q·k are multiplied by (`head_dim^-1/2`, Gemma's `query_pre_attn_scalar^-1/2`).
+    pub scale: f32,
+    /// Gemma's `attn_logit_softcapping`: scaled scores become `cap · tanh(s / cap)` before the softmax.
+    pub softcap: Option<f32>,
 }
 
 impl AttnShape<'_> {
@@ -82,7 +86,7 @@ pub fn attention_forward(shape: &AttnShape, qkv: &[f32], out: &mut [f32], lse: &
     let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
     let (w, ow) = (shape.qkv_width(), h * d);
     let group = h / kvh;
-    let scale = 1.0 / (d as f32).sqrt();
+    let scale = shape.scale;
     let n = *shape.seq_starts.last().unwrap_or(&0);
     assert!(lse.len() >= n * h && out.len() >= n * ow && qkv.len() >= n * w);
     let out_ptr = SharedMut(out.as_mut_ptr());
@@ -106,7 +110,9 @@ pub fn attention_forward(shape: &AttnShape, qkv: &[f32], out: &mut [f32], lse: &
                 sgemm_strided(bn, d, keys, scale, qs, w, 1, ks.add(k0 * w), 1, w, 0.0, sc.as_mut_ptr(), keys, 1);
                 for i in 0..bn {
                     let t = b0 + i;
-                    let l_row = causal_softmax_row(&mut sc[i * keys..(i + 1) * keys], shape.first_key(t) - k0, t - k0);
+                    let (lo, hi, row) = (shape.first_key(t) - k0, t - k0, &mut sc[i * keys..(i + 1) * keys]);
+                    cap_scores(shape, &mut row[lo..=hi]);
+                    let l_row = causal_softmax_row(row, lo, hi);
                     *lse_ptr.ptr().add((start + t) * h + hh) = l_row;
                 }
                 let o = out_ptr.ptr().add((start + b0) * ow + hh * d);
@@ -122,7 +128,7 @@ pub fn attention_backward(shape: &AttnShape, dout: &[f32], qkv: &[f32], out: &[f
     let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
     let (w, ow) = (shape.qkv_width(), h * d);
     let group = h / kvh;
-    let scale = 1.0 / (d as f32).sqrt();
+    let scale = shape.scale;
     let n = *shape.seq_starts.last().unwrap_or(&0);
     assert!(lse.len() >= n * h && dout.len() >= n * ow && out.len() >= n * ow && qkv.len() >= n * w && dqkv.len() >= n * w);
     let d_ptr = SharedMut(dqkv.as_mut_ptr());
@@ -157,9 +163,21 @@ pub fn attention_backward(shape: &AttnShape, dout: &[f32], qkv: &[f32], out: &[f
                         let (pr, dr) = (&mut p[i * keys..(i + 1) * keys], &mut ds[i * keys..(i + 1) * keys]);
                         let (dor, orow) = (&dout[(start + t) * ow + hh * d..][..d], &out[(start + t) * ow + hh * d..][..d]);
                         let delta: f32 = dor.iter().zip(orow).map(|(a, b)| a * b).sum();
-                        for u in lo..=hi {
-                            pr[u] = exp_f32(pr[u] - row_lse);
-                            dr[u] = pr[u] * (dr[u] - delta) * scale;
+                        match shape.softcap {
+                            None => {
+                                for u in lo..=hi {
+                                    pr[u] = exp_f32(pr[u] - row_lse);
+                                    dr[u] = pr[u] * (dr[u] - delta) * scale;
+                                }
+                            }
+                            // s = cap · tanh(r / cap), so ds/dr = 1 − tanh².
+                            Some(cap) => {
+                                for u in lo..=hi {
+                                    let t = (pr[u] / cap).tanh();
+                                    pr[u] = exp_f32(t * cap - row_lse);
+                                    dr[u] = pr[u] * (dr[u] - delta) * (1.0 - t * t) * scale;
+                                }
+                            }
                         }
                         for u in (0..lo).chain(hi + 1..keys) {
                             pr[u] = 0.0;
@@ -188,7 +206,7 @@ pub fn attention_continuation(
     let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
     let (w, ow) = (shape.qkv_width(), h * d);
     let group = h / kvh;
-    let scale = 1.0 / (d as f32).sqrt();
+    let scale = shape.scale;
     let n = *shape.seq_starts.last().unwrap_or(&0);
     assert!(out.len() >= n * ow && qkv.len() >= n * w && prefix.len() == shape.n_seqs());
     for &(start, len) in prefix {
@@ -216,7 +234,7 @@ pub fn attention_continuation(
                 if bn == 1 {
                     // Decoding: one query row. Plain loops beat four GEMM calls that would each pack their operands.
                     let o = std::slice::from_raw_parts_mut(o, d);
-                    single_query(std::slice::from_raw_parts(qs, d), scale, (pk, pv, plen), (ks, vs, own_keys), w, &mut sc[..width], shape.first_key(plen + b0), plen + b0, o);
+                    single_query(std::slice::from_raw_parts(qs, d), (scale, shape.softcap), (pk, pv, plen), (ks, vs, own_keys), w, &mut sc[..width], shape.first_key(plen + b0), plen + b0, o);
                     continue;
                 }
                 if plen > 0 {
@@ -225,7 +243,9 @@ pub fn attention_continuation(
                 sgemm_strided(bn, d, own_keys, scale, qs, w, 1, ks, 1, w, 0.0, sc.as_mut_ptr().add(plen), width, 1);
                 for i in 0..bn {
                     let pos = plen + b0 + i;
-                    causal_softmax_row(&mut sc[i * width..(i + 1) * width], shape.first_key(pos), pos);
+                    let (lo, row) = (shape.first_key(pos), &mut sc[i * width..(i + 1) * width]);
+                    cap_scores(shape, &mut row[lo..=pos]);
+                    causal_softmax_row(row, lo, pos);
                 }
                 sgemm_strided(bn, own_keys, d, 1.0, sc.as_ptr().add(plen), width, 1, vs, w, 1, 0.0, o, ow, 1);
                 if plen > 0 {
@@ -236,15 +256,24 @@ pub fn attention_continuation(
     });
 }
 
+/// Soft-caps a row's visible scores when the model asks for it.
+#[inline]
+fn cap_scores(shape: &AttnShape, scores: &mut [f32]) {
+    if let Some(cap) = shape.softcap {
+        softcap(scores, cap);
+    }
+}
+
 /// Attention of one query row `q` over `plen` cached keys/values then `own` keys/values of its own pass (rows `w`
-/// floats apart), causal from key `lo` to key `t`: `out = softmax(scale · q·K) · V`, with `scores` as scratch.
+/// floats apart), causal from key `lo` to key `t`: `out = softmax(cap(scale · q·K)) · V`, with `scores` as
+/// scratch; `scaling` is (scale, soft-cap).
 ///
 /// # Safety
 /// The key and value pointers address `plen` (cached) and `own` (own) rows of `q.len()` floats, `w` apart.
 #[allow(clippy::too_many_arguments)]
 unsafe fn single_query(
     q: &[f32],
-    scale: f32,
+    (scale, cap): (f32, Option<f32>),
     cached: (*const f32, *const f32, usize),
     own: (*const f32, *const f32, usize),
     w: usize,
@@ -270,6 +299,9 @@ unsafe fn single_query(
     }
     for j in 0..n_own {
         scores[plen + j] = dot(ks.add(j * w));
+    }
+    if let Some(cap) = cap {
+        softcap(&mut scores[lo..=t], cap);
     }
     causal_softmax_row(&mut scores[..plen + n_own], lo, t);
     out.fill(0.0);

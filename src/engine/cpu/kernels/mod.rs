@@ -359,3 +359,68 @@ pub fn swiglu_backward(dh: &[f32], gate_up: &[f32], inter: usize, dgate_up: &mut
         },
     );
 }
+
+/// `sqrt(2/π)` as PyTorch's GELU-tanh writes it (`M_SQRT2 * M_2_SQRTPI * 0.5`), and the cubic's coefficient.
+const GELU_BETA: f32 = (std::f64::consts::SQRT_2 * std::f64::consts::FRAC_2_SQRT_PI * 0.5) as f32;
+const GELU_KAPPA: f32 = 0.044715;
+
+/// GELU with the tanh approximation, as PyTorch's `gelu(approximate="tanh")`.
+#[inline(always)]
+fn gelu_tanh(x: f32) -> f32 {
+    let inner = GELU_BETA * (x + GELU_KAPPA * x * x * x);
+    0.5 * x * (1.0 + inner.tanh())
+}
+
+/// Its derivative, as PyTorch's `gelu_backward(approximate="tanh")` forms it.
+#[inline(always)]
+fn gelu_tanh_grad(x: f32) -> f32 {
+    let x_sq = x * x;
+    let t = (GELU_BETA * (x + GELU_KAPPA * x_sq * x)).tanh();
+    let (left, right) = (0.5 * x, 1.0 + t);
+    0.5 * right + left * (1.0 - t * t) * GELU_BETA * (1.0 + 3.0 * GELU_KAPPA * x_sq)
+}
+
+/// Gemma's gated MLP on the fused gate/up projection: `h = gelu_tanh(gate) ⊙ up`.
+pub fn geglu_forward(gate_up: &[f32], inter: usize, h: &mut [f32]) {
+    h.par_chunks_mut(inter).zip(gate_up.par_chunks(2 * inter)).for_each(|(h, gu)| {
+        let (gate, up) = gu.split_at(inter);
+        for ((h, &g), &u) in h.iter_mut().zip(gate).zip(up) {
+            *h = gelu_tanh(g) * u;
+        }
+    });
+}
+
+/// Backward of `geglu_forward`: writes `dgate_up`.
+pub fn geglu_backward(dh: &[f32], gate_up: &[f32], inter: usize, dgate_up: &mut [f32]) {
+    dgate_up.par_chunks_mut(2 * inter).zip(gate_up.par_chunks(2 * inter)).zip(dh.par_chunks(inter)).for_each(
+        |((dgu, gu), dh)| {
+            let (gate, up) = gu.split_at(inter);
+            let (dgate, dup) = dgu.split_at_mut(inter);
+            for j in 0..inter {
+                dup[j] = dh[j] * gelu_tanh(gate[j]);
+                dgate[j] = dh[j] * up[j] * gelu_tanh_grad(gate[j]);
+            }
+        },
+    );
+}
+
+/// The gated MLP's activation of the family: `h = act(gate) ⊙ up`.
+pub fn glu_forward(act: crate::model::Activation, gate_up: &[f32], inter: usize, h: &mut [f32]) {
+    match act {
+        crate::model::Activation::Silu => swiglu_forward(gate_up, inter, h),
+        crate::model::Activation::GeluTanh => geglu_forward(gate_up, inter, h),
+    }
+}
+
+/// Backward of `glu_forward`.
+pub fn glu_backward(act: crate::model::Activation, dh: &[f32], gate_up: &[f32], inter: usize, dgate_up: &mut [f32]) {
+    match act {
+        crate::model::Activation::Silu => swiglu_backward(dh, gate_up, inter, dgate_up),
+        crate::model::Activation::GeluTanh => geglu_backward(dh, gate_up, inter, dgate_up),
+    }
+}
+
+/// Gemma's soft-capping in place, `v ← tanh(v / cap) · cap`, in transformers' order of operations.
+pub fn softcap(values: &mut [f32], cap: f32) {
+    values.iter_mut().for_each(|v| *v = (*v / cap).tanh() * cap);
+}
