@@ -2,7 +2,8 @@
 //! own constructor takes only the vocabulary, merges, added tokens and post-processor from `tokenizer.json` and
 //! sets the normalizer, pre-tokenizer and decoder itself (`TokenizersBackend.convert_to_native_format`). Where the
 //! file says otherwise the class wins: Phi-3's file prepends "▁" to every piece of text, while the class
-//! (`LlamaTokenizer`, not legacy) prepends it only at the start of the input, never after a special token. Classes
+//! (`LlamaTokenizer`, not legacy) prepends it only at the start of the input, never after a special token
+//! (`GemmaTokenizer`: never). Classes
 //! without a constructor of their own (`PreTrainedTokenizerFast`, `TokenizersBackend`: Llama 3, ...) use the file
 //! as it is, and so do classes not listed here.
 //!
@@ -49,6 +50,16 @@ pub fn apply_class(tok: &mut Tokenizer, cfg: &Map<String, Value>) -> Result<(), 
             if prefix {
                 steps.push(Strip::new(' ', 1, 0).into());
             }
+            tok.with_decoder(Some(DecoderSequence::new(steps)));
+        }
+        "GemmaTokenizer" => {
+            // Spaces become "▁" before the split on " " (which then finds none): no prefix space anywhere.
+            let split = Split::new(SplitPattern::String(" ".into()), SplitDelimiterBehavior::MergedWithPrevious, false)
+                .map_err(|e| e.to_string())?;
+            tok.with_normalizer(Some(Replace::new(" ", "▁").map_err(|e| e.to_string())?));
+            tok.with_pre_tokenizer(Some(split));
+            let steps: Vec<DecoderWrapper> =
+                vec![Replace::new("▁", " ").map_err(|e| e.to_string())?.into(), ByteFallback::new().into(), Fuse::new().into()];
             tok.with_decoder(Some(DecoderSequence::new(steps)));
         }
         "GPT2Tokenizer" => {
