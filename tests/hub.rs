@@ -226,3 +226,14 @@ fn a_local_folder_laid_out_as_a_hub_data_set_gives_its_splits() {
     assert_eq!(split("test").unwrap(), root.join("data/test-00000-of-00001.parquet"));
     assert!(split("validation").unwrap_err().to_string().contains("no data file of split \"validation\""));
 }
+
+#[test]
+fn a_local_data_file_is_the_train_split() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = kto::hub::Hub { endpoint: "http://127.0.0.1:9".into(), token: None, offline: true, cache: tmp.path().join("hub") };
+    let file = data("parquet/conversational.parquet");
+    let split = |s: &str| hub.dataset_split(file.to_str().unwrap(), None, s, &kto::train::Silent);
+    assert_eq!(split("train").unwrap(), file);
+    let err = split("test").unwrap_err().to_string();
+    assert!(err.contains("conversational.parquet") && err.contains("only the \"train\" split"), "{err}");
+}

@@ -71,6 +71,13 @@ impl Hub {
     /// one file, or a pattern (`…/data/train-*`) that `data::read_dataset` expands.
     pub fn dataset_split(&self, id: &str, config: Option<&str>, split: &str, obs: &dyn Observer) -> Result<PathBuf> {
         let local = Path::new(id);
+        // One local file is the "train" split, as `datasets` loads a data file.
+        if local.is_file() {
+            return match split {
+                "train" => Ok(local.to_path_buf()),
+                _ => Err(Error::file(local, format!("one data file holds only the \"train\" split, not {split:?}; name a folder, or set train_dataset/eval_dataset"))),
+            };
+        }
         if local.is_dir() {
             let files = cache::walk(local);
             let card = std::fs::read_to_string(local.join("README.md")).ok();
