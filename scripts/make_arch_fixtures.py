@@ -1,8 +1,8 @@
 """Make the architecture fixtures in tests/data/arch (run outside CI, in the peer venv of shared/peer/setup.sh).
 
-usage: python scripts/make_arch_fixtures.py [OUT_DIR]   (default tests/data/arch; ~1 min on 2 cores)
+usage: python scripts/make_arch_fixtures.py [OUT_DIR [FAMILY...]]   (default tests/data/arch, every family; ~1 min)
 
-For each family (qwen2, qwen3, mistral, llama3) it writes OUT_DIR/<family>/:
+For each family (qwen2, qwen3, mistral, llama3, gemma2, gemma3) it writes OUT_DIR/<family>/:
   policy/, reference/   small random models saved by transformers (save_pretrained, safetensors), with the fixture
                         tokenizer and a chat template in the family's own style
   expected.json         fixed inputs, transformers' logits and sequence log-probs on them, and the log_history of
@@ -23,7 +23,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch
 from datasets import Dataset
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config,
+                          Qwen3Config)
+import trl
 from trl import KTOConfig, KTOTrainer
 
 torch.set_num_threads(1)
@@ -44,6 +46,13 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
 LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
           " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+# TRL's own Gemma templates (Gemma 3's folds a system message into the first user turn; Gemma's refuses one).
+def trl_template(name):
+    return open(os.path.join(os.path.dirname(trl.__file__), "chat_templates", name), encoding="utf-8").read()
+
+
+GEMMA = trl_template("gemma.jinja")
+GEMMA3 = trl_template("gemma3.jinja")
 MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
            "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}")
 
@@ -61,6 +70,21 @@ FAMILIES = {
     "llama3": (lambda: LlamaConfig(**COMMON, tie_word_embeddings=False, rope_parameters={
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}), LLAMA3),
+    # (1 + w) norms, four norms per layer, embeddings scaled by sqrt(hidden), GELU-tanh MLP, query_pre_attn_scalar
+    # unlike head_dim, a sliding layer then a full one (the default layer_types), and soft-caps of the attention
+    # scores and of the logits small enough that tanh bends this model's values (the real ones are 50 and 30)
+    "gemma2": (lambda: Gemma2Config(**COMMON, head_dim=24, query_pre_attn_scalar=20, sliding_window=5,
+                                    attn_logit_softcapping=0.5, final_logit_softcapping=2.0,
+                                    tie_word_embeddings=True), GEMMA),
+    # (1 + w) norms (q/k norms too), four norms per layer, embeddings scaled by sqrt(hidden), GELU-tanh MLP,
+    # query_pre_attn_scalar unlike head_dim, a sliding layer with its local RoPE base beside a global one with
+    # linear scaling
+    "gemma3": (lambda: Gemma3TextConfig(**COMMON, head_dim=24, query_pre_attn_scalar=20, sliding_window=5,
+                                        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True,
+                                        rope_parameters={
+                                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                            "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0,
+                                                               "factor": 2.0}}), GEMMA3),
 }
 
 SEQS = [[1, 45, 389, 304, 308, 94, 317, 74, 76, 88, 19, 2, 7, 301, 29, 13, 140, 222, 90, 3],
@@ -81,7 +105,9 @@ def scramble(model, seed):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+                # Gemma's norms scale by (1 + w): centre its weights on 0 so the scale is near 1 as elsewhere.
+                centre = 0.0 if model.config.model_type.startswith("gemma") else 1.0
+                p.copy_(centre + 0.2 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.08 * torch.randn(p.shape, generator=g))
 
@@ -106,7 +132,10 @@ def save_family_folder(model, path, template):
 
 
 def main():
+    only = sys.argv[2:] or list(FAMILIES)
     for family, (make_config, template) in FAMILIES.items():
+        if family not in only:
+            continue
         d = os.path.join(OUT, family)
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)

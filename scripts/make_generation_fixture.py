@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "tests", "data")
 MODELS = {
     "trl-tiny": os.path.join(DATA, "trl-tiny", "policy"),
-    **{f"arch/{n}": os.path.join(DATA, "arch", n, "policy") for n in ["qwen2", "qwen3", "mistral", "llama3"]},
+    **{f"arch/{n}": os.path.join(DATA, "arch", n, "policy") for n in ["qwen2", "qwen3", "mistral", "llama3", "gemma2", "gemma3"]},
 }
 PROMPTS = ["What color is the sky on a clear day?", "Name a fruit.", "Once upon a time there was a very long story that"]
 NEW_TOKENS = 24

@@ -10,7 +10,7 @@ use kto::train::{Silent, Trainer};
 use serde_json::Value;
 use std::path::PathBuf;
 
-const FAMILIES: &[&str] = &["qwen2", "qwen3", "mistral", "llama3"];
+const FAMILIES: &[&str] = &["qwen2", "qwen3", "mistral", "llama3", "gemma2", "gemma3"];
 
 fn arch(family: &str, name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/arch").join(family).join(name)
@@ -115,4 +115,70 @@ fn kto_runs_on_conversational_data_match_trl_for_every_family() {
         assert_eq!(saved.spec, t.policy.spec, "{family}: spec after save");
         assert_eq!(saved.params, t.policy.params, "{family}: weights after save");
     }
+}
+
+/// A Gemma 3 config as the hub holds it (google/gemma-3-1b-it, written before transformers 5: rope_theta,
+/// rope_local_base_freq and sliding_window_pattern instead of per-layer-type entries; tied embeddings left to
+/// the default) reads as transformers reads it; a soft-cap, when one is set, is read too.
+#[test]
+fn hub_gemma3_config_reads_as_transformers_reads_it() {
+    let config = r#"{"architectures": ["Gemma3ForCausalLM"], "attention_bias": false, "attn_logit_softcapping": null,
+        "bos_token_id": 2, "eos_token_id": [1, 106], "final_logit_softcapping": null, "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152, "intermediate_size": 6912,
+        "max_position_embeddings": 32768, "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 26,
+        "num_key_value_heads": 1, "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+        "rope_local_base_freq": 10000, "rope_scaling": null, "rope_theta": 1000000, "sliding_window": 512,
+        "sliding_window_pattern": 6, "torch_dtype": "bfloat16", "vocab_size": 262144}"#;
+    let spec = kto::model::ModelSpec::from_config_json(config).unwrap();
+    // The published parameter count of Gemma 3 1B.
+    assert_eq!(spec.parameter_count(), Some(999_885_952));
+    assert!(spec.tied_embeddings && spec.qk_norm && spec.sandwich_norms && spec.norm_plus_one);
+    assert_eq!(spec.activation, kto::model::Activation::GeluTanh);
+    assert_eq!(spec.attn_scale, 1.0 / 16.0);
+    assert_eq!(spec.embed_scale, Some(1152f32.sqrt()));
+    let full: Vec<usize> = (0..26).filter(|&l| spec.layer_windows[l].is_none()).collect();
+    assert_eq!(full, [5, 11, 17, 23]);
+    assert!(spec.layer_windows.iter().flatten().all(|&w| w == 512));
+    assert_eq!(spec.rope_of(0).theta, 10000.0);
+    assert_eq!(spec.rope_of(5).theta, 1_000_000.0);
+    assert_eq!((spec.attn_softcap, spec.final_softcap), (None, None));
+    let capped = config.replace(r#""final_logit_softcapping": null"#, r#""final_logit_softcapping": 30.0"#);
+    assert_eq!(kto::model::ModelSpec::from_config_json(&capped).unwrap().final_softcap, Some(30.0));
+    let bad = config.replace(r#""final_logit_softcapping": null"#, r#""final_logit_softcapping": 0"#);
+    let err = kto::model::ModelSpec::from_config_json(&bad).unwrap_err();
+    assert!(err.contains("final_logit_softcapping must be positive"), "{err}");
+}
+
+/// Gemma 2's config as the hub holds it (google/gemma-2-2b-it, written before transformers 5: no layer_types,
+/// so layers alternate sliding and full, as transformers' default).
+#[test]
+fn hub_gemma2_config_reads_as_transformers_reads_it() {
+    let config = r#"{"architectures": ["Gemma2ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+        "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": [1, 107],
+        "final_logit_softcapping": 30.0, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304, "initializer_range": 0.02,
+        "intermediate_size": 9216, "max_position_embeddings": 8192, "model_type": "gemma2", "num_attention_heads": 8,
+        "num_hidden_layers": 26, "num_key_value_heads": 4, "pad_token_id": 0, "query_pre_attn_scalar": 256,
+        "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096, "torch_dtype": "float32",
+        "transformers_version": "4.42.4", "use_cache": true, "vocab_size": 256000}"#;
+    let spec = kto::model::ModelSpec::from_config_json(config).unwrap();
+    // The published parameter count of Gemma 2 2B.
+    assert_eq!(spec.parameter_count(), Some(2_614_341_888));
+    assert!(spec.tied_embeddings && spec.sandwich_norms && spec.norm_plus_one && !spec.qk_norm);
+    assert_eq!(spec.activation, kto::model::Activation::GeluTanh);
+    assert_eq!((spec.attn_softcap, spec.final_softcap), (Some(50.0), Some(30.0)));
+    assert_eq!(spec.attn_scale, 1.0 / 16.0);
+    assert_eq!(spec.embed_scale, Some(2304f32.sqrt()));
+    let sliding: Vec<usize> = (0..26).filter(|&l| spec.layer_windows[l] == Some(4096)).collect();
+    assert_eq!(sliding, (0..26).step_by(2).collect::<Vec<_>>());
+    assert_eq!((spec.rope.theta, spec.sliding_rope.as_ref()), (10000.0, None));
+}
+
+/// Only Gemma's modelling code reads the soft-capping keys; for the other families transformers ignores them.
+#[test]
+fn soft_caps_are_gemmas_alone() {
+    let llama = std::fs::read_to_string(arch("llama3", "policy/config.json")).unwrap();
+    let capped = llama.replacen('{', r#"{"final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "#, 1);
+    let spec = kto::model::ModelSpec::from_config_json(&capped).unwrap();
+    assert_eq!((spec.attn_softcap, spec.final_softcap), (None, None));
 }

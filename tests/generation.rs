@@ -21,7 +21,7 @@ fn ids(v: &Value) -> Vec<u32> {
 #[test]
 fn kv_cache_logits_equal_a_full_forward_at_every_step() {
     // Every family, including Mistral's sliding window of 5 (shorter than the sequences).
-    for name in ["trl-tiny/policy", "arch/qwen2/policy", "arch/qwen3/policy", "arch/mistral/policy", "arch/llama3/policy"] {
+    for name in ["trl-tiny/policy", "arch/qwen2/policy", "arch/qwen3/policy", "arch/mistral/policy", "arch/llama3/policy", "arch/gemma2/policy", "arch/gemma3/policy"] {
         let model = Model::load(&data(name)).unwrap();
         let seqs: Vec<Vec<u32>> = vec![(3..20).collect(), (40..49).rev().collect(), vec![7, 7, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]];
         let full = forward_logits(&model, &seqs.iter().map(|s| s.as_slice()).collect::<Vec<_>>());
