@@ -266,7 +266,7 @@ fn cap_scores(shape: &AttnShape, scores: &mut [f32]) {
 
 /// Attention of one query row `q` over `plen` cached keys/values then `own` keys/values of its own pass (rows `w`
 /// floats apart), causal from key `lo` to key `t`: `out = softmax(cap(scale · q·K)) · V`, with `scores` as
-/// scratch; `scaling` is (scale, soft-cap).
+/// scratch; the second argument is (scale, soft-cap).
 ///
 /// # Safety
 /// The key and value pointers address `plen` (cached) and `own` (own) rows of `q.len()` floats, `w` apart.
