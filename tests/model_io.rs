@@ -45,7 +45,8 @@ fn sharded_bf16_and_f16_checkpoint_loads_like_the_f32_one() {
 #[test]
 fn a_bf16_checkpoint_loads_frozen_in_bf16_with_the_same_values() {
     let m = Model::load(&fixture("policy")).unwrap();
-    let write = |f32_tensor: Option<usize>| {
+    // `f32_tensor`: that tensor stored in f32, holding its bf16 values, or (with `exact_f32`) values bf16 cannot.
+    let write = |f32_tensor: Option<usize>, exact_f32: bool| {
         let dir = tempfile::tempdir().unwrap();
         std::fs::copy(fixture("policy/config.json"), dir.path().join("config.json")).unwrap();
         let tensors: Vec<_> = m
@@ -56,10 +57,10 @@ fn a_bf16_checkpoint_loads_frozen_in_bf16_with_the_same_values() {
             .map(|(i, t)| {
                 let data = &m.params.to_host()[t.range()];
                 let bf16: Vec<f32> = data.iter().map(|v| half::bf16::from_f32(*v).to_f32()).collect();
-                let (bytes, dtype): (Vec<u8>, Dtype) = if Some(i) == f32_tensor {
-                    (bf16.iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F32)
-                } else {
-                    (bf16.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(), Dtype::BF16)
+                let (bytes, dtype): (Vec<u8>, Dtype) = match (Some(i) == f32_tensor, exact_f32) {
+                    (true, false) => (bf16.iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F32),
+                    (true, true) => (data.iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F32),
+                    _ => (bf16.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(), Dtype::BF16),
                 };
                 (t.name.clone(), t.shape.clone(), bytes, dtype)
             })
@@ -67,7 +68,7 @@ fn a_bf16_checkpoint_loads_frozen_in_bf16_with_the_same_values() {
         write_shard(&dir.path().join("model.safetensors"), &tensors);
         dir
     };
-    let all_bf16 = write(None);
+    let all_bf16 = write(None, false);
     let trainable = Model::load(all_bf16.path()).unwrap();
     let frozen = Model::load_frozen(all_bf16.path()).unwrap();
     assert_eq!(frozen.params.bytes() * 2, trainable.params.bytes(), "held in bf16");
@@ -75,9 +76,15 @@ fn a_bf16_checkpoint_loads_frozen_in_bf16_with_the_same_values() {
     let seqs: [&[u32]; 2] = [&[1, 5, 9, 2, 7], &[3, 4]];
     let logits = |model: &Model| kto::engine::forward_logits(model, &seqs);
     assert_eq!(logits(&frozen), logits(&trainable), "the same bits from bf16 weights");
-    let mixed = write(Some(3));
-    let frozen_mixed = Model::load_frozen(mixed.path()).unwrap();
-    assert_eq!(frozen_mixed.params.bytes(), trainable.params.bytes(), "a tensor stored in f32 keeps f32");
+    // A tensor saved again in f32 still holds bf16 values: still bf16, still the same values.
+    let upcast = Model::load_frozen(write(Some(3), false).path()).unwrap();
+    assert_eq!(upcast.params.bytes(), frozen.params.bytes(), "f32 holding bf16 values is held in bf16");
+    assert_eq!(upcast.params.to_host(), trainable.params.to_host());
+    // One holding values that bf16 cannot: the model keeps f32, with those values.
+    assert!(m.params.to_host()[m.layout.tensors[3].range()].iter().any(|v| half::bf16::from_f32(*v).to_f32() != *v));
+    let mixed = Model::load_frozen(write(Some(3), true).path()).unwrap();
+    assert_eq!(mixed.params.bytes(), trainable.params.bytes(), "a tensor of true f32 values keeps f32");
+    assert_eq!(mixed.params.to_host()[m.layout.tensors[3].range()], m.params.to_host()[m.layout.tensors[3].range()]);
 }
 
 #[test]

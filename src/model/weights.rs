@@ -129,6 +129,17 @@ fn fill<T: Send>(
     })
 }
 
+/// Whether every value of a stored tensor is exactly a bf16 value: stored as bf16, or as f32 with the low 16 bits
+/// of each value zero (f16 values mostly are not).
+fn holds_bf16_values(s: &Stored) -> bool {
+    use rayon::prelude::*;
+    match s.view.dtype() {
+        Dtype::BF16 => true,
+        Dtype::F32 => s.view.data().par_chunks(4 * CONVERT_CHUNK).all(|c| c.chunks_exact(4).all(|b| b[0] == 0 && b[1] == 0)),
+        _ => false,
+    }
+}
+
 impl Model {
     /// Loads `config.json` and the safetensors weights of a Hugging Face model folder in f32 (trainable).
     pub fn load(dir: &Path) -> Result<Model> {
@@ -136,8 +147,9 @@ impl Model {
     }
 
     /// `load` for weights that never train (sampling, a reference): held in bf16 when every tensor is stored in
-    /// bf16, as hub checkpoints are. The same values (the engine widens them exactly where it reads them) in
-    /// half the memory, and half the bytes each decoded token reads.
+    /// bf16, as hub checkpoints are, or in f32 with values that bf16 holds exactly (a bf16 checkpoint saved again
+    /// in f32, as `from_pretrained(dtype=float32).save_pretrained` does). The same values (the engine widens them
+    /// exactly where it reads them) in half the memory, and half the bytes each decoded token reads.
     pub fn load_frozen(dir: &Path) -> Result<Model> {
         Self::load_as(dir, true)
     }
@@ -188,10 +200,14 @@ impl Model {
                 stored.push(Stored { file, name, view, slot });
             }
         }
-        let params = if frozen && stored.iter().all(|s| s.view.dtype() == Dtype::BF16) {
+        let params = if frozen && stored.iter().all(holds_bf16_values) {
             let mut bits = crate::engine::cpu::memory::zeroed::<u16>(layout.total);
-            fill(dir, &mut bits, &layout, &stored, |_, bytes, dst| {
-                dst.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(d, b)| *d = u16::from_le_bytes([b[0], b[1]]));
+            fill(dir, &mut bits, &layout, &stored, |dtype, bytes, dst| {
+                match dtype {
+                    Dtype::BF16 => dst.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(d, b)| *d = u16::from_le_bytes([b[0], b[1]])),
+                    // An f32 whose low half is zero: its high half is the same value in bf16.
+                    _ => dst.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(d, b)| *d = u16::from_le_bytes([b[2], b[3]])),
+                }
                 // bf16 is finite unless its exponent bits are all ones.
                 dst.iter().all(|b| b & 0x7F80 != 0x7F80)
             })?;
