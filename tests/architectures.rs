@@ -174,6 +174,13 @@ fn hub_gemma2_config_reads_as_transformers_reads_it() {
     assert_eq!((spec.rope.theta, spec.sliding_rope.as_ref()), (10000.0, None));
 }
 
+/// A multimodal Gemma 3 checkpoint (4B and up) is refused with a line that says what it is.
+#[test]
+fn multimodal_gemma3_is_refused_by_name() {
+    let err = kto::model::ModelSpec::from_config_json(r#"{"model_type": "gemma3", "text_config": {"hidden_size": 2560}}"#).unwrap_err();
+    assert!(err.contains("Gemma3ForConditionalGeneration") && err.contains("gemma3_text"), "{err}");
+}
+
 /// Only Gemma's modelling code reads the soft-capping keys; for the other families transformers ignores them.
 #[test]
 fn soft_caps_are_gemmas_alone() {

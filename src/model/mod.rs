@@ -88,10 +88,10 @@ impl RopeSpec {
     }
 }
 
-/// The subset of `config.json` the engine reads. Unknown keys are ignored, as transformers does.
+/// The subset of `config.json` the engine reads (`model_type` is read before it). Unknown keys are ignored, as
+/// transformers does.
 #[derive(Debug, Deserialize)]
 struct HfConfig {
-    model_type: Option<String>,
     vocab_size: usize,
     hidden_size: usize,
     intermediate_size: usize,
@@ -203,14 +203,21 @@ impl ModelSpec {
     }
 
     pub fn from_config_json(text: &str) -> std::result::Result<Self, String> {
-        let c: HfConfig = serde_json::from_str(text).map_err(|e| format!("invalid config.json: {e}"))?;
-        let model_type = c.model_type.clone().unwrap_or_default();
+        // The family first: an unsupported one is named even when its config lacks the keys ours have.
+        let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid config.json: {e}"))?;
+        let model_type = value.get("model_type").and_then(Value::as_str).unwrap_or_default().to_string();
         if !SUPPORTED_MODEL_TYPES.contains(&model_type.as_str()) {
+            // Gemma 3 from 4B up is an image-text model whose config nests the decoder's under text_config.
+            let hint = match model_type.as_str() {
+                "gemma3" => " (a multimodal Gemma3ForConditionalGeneration checkpoint; its text decoder alone is not loaded yet, only gemma3_text checkpoints such as Gemma 3 1B)",
+                _ => "",
+            };
             return Err(format!(
-                "model_type {model_type:?} is not supported; supported: {}",
+                "model_type {model_type:?} is not supported{hint}; supported: {}",
                 SUPPORTED_MODEL_TYPES.join(", ")
             ));
         }
+        let c: HfConfig = serde_json::from_value(value).map_err(|e| format!("invalid config.json: {e}"))?;
         let (gemma2, gemma3) = (model_type == "gemma2", model_type == "gemma3_text");
         let gemma = gemma2 || gemma3;
         let activation = match (gemma, c.hidden_activation.as_deref().or(c.hidden_act.as_deref())) {
