@@ -61,7 +61,10 @@ struct Columns {
 #[inline(always)]
 fn columns<T: Widen>(isa: Isa, m: usize, k: usize, a: &[f32], b: &[T], out: Columns) {
     let widen_once = T::BF16 && m > IN_PLACE_ROWS;
-    let mut tile = vec![0f32; if widen_once { TILE_COLS * k } else { 0 }];
+    // The tile starts on a cache line, so its 64-byte loads never straddle two.
+    let mut tile_alloc = vec![0f32; if widen_once { TILE_COLS * k + LANES } else { 0 }];
+    let start = tile_alloc.as_ptr().align_offset(64).min(tile_alloc.len());
+    let tile = &mut tile_alloc[start..];
     let mut acc = vec![[0f32; LANES]; m * TILE_COLS];
     for jt in (out.j0..out.j1).step_by(TILE_COLS) {
         let cols = TILE_COLS.min(out.j1 - jt);
