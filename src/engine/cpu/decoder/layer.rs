@@ -105,11 +105,13 @@ pub(super) fn run_layers(
     // With checkpointing a layer keeps no tape of its own: its input is kept here and backward recomputes it.
     let layer_pass = Pass { keep_tape: pass.keep_tape && !pass.checkpoint, checkpoint: false, ..pass };
     let mut x = Buf::scratch(tokens.len() * hd);
-    // Gemma scales the looked-up rows by sqrt(hidden); elsewhere the factor is 1, which changes no bit.
-    let scale = model.spec.embed_scale.unwrap_or(1.0);
+    // Gemma scales the looked-up rows by sqrt(hidden); the other families take them as stored.
+    let scale = model.spec.embed_scale;
     x.par_chunks_mut(hd).zip(tokens.par_iter()).for_each(|(row, &t)| {
         p.copy_into(lay.embed + t as usize * hd, row);
-        row.iter_mut().for_each(|v| *v *= scale);
+        if let Some(scale) = scale {
+            row.iter_mut().for_each(|v| *v *= scale);
+        }
     });
     let (mut records, mut kept_qkv) = (Vec::new(), Vec::new());
     let last = lay.layers.len().saturating_sub(1);
