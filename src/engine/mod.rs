@@ -15,7 +15,7 @@ pub mod cpu;
 
 pub use batch::{Pass, ScoredOutput, SeqBatch};
 pub use buffer::Buffer;
-pub use cpu::decoder::{ContinuationBatch, KvCache, PrefixCache, Tape};
+pub use cpu::decoder::{ContinuationBatch, KvCache, PrefixCache, StepLogits, Tape};
 pub use cpu::update::AdamWStep;
 
 use crate::model::Model;
@@ -45,6 +45,11 @@ pub fn forward_logits(model: &Model, seqs: &[&[u32]]) -> Vec<Vec<f32>> {
 /// Appends tokens to each sequence of a KV cache; returns the logits after each sequence's last new token.
 pub fn extend_kv(model: &Model, cache: &mut KvCache, new_tokens: &[&[u32]]) -> Vec<Vec<f32>> {
     cpu::decoder::extend_kv(model, cache, new_tokens)
+}
+
+/// `extend_kv` into a buffer the caller keeps across steps (decoding allocates no logits).
+pub fn extend_kv_into(model: &Model, cache: &mut KvCache, new_tokens: &[&[u32]], out: &mut StepLogits) {
+    cpu::decoder::extend_kv_into(model, cache, new_tokens, out)
 }
 
 /// Adds the gradient of `Σ dlogp[s] · logp[s]` into `grads` (the adapters' layout with LoRA, else the model's).

@@ -100,10 +100,35 @@ impl KvCache {
     }
 }
 
+/// The next-token logits of one `extend_kv_into` step: row `i` of `values` (`vocab` wide) follows the last new
+/// token of sequence `seqs[i]`. Kept by the caller across steps, so that a decode step neither allocates nor
+/// copies its logits (for 32 sequences of a 150k vocabulary, 19 MB of fresh pages a step).
+#[derive(Debug, Default)]
+pub struct StepLogits {
+    pub values: Vec<f32>,
+    pub seqs: Vec<usize>,
+    pub vocab: usize,
+}
+
+impl StepLogits {
+    /// The logits after sequence `s`'s last new token, if it was given any.
+    pub fn of(&self, s: usize) -> Option<&[f32]> {
+        let row = self.seqs.iter().position(|&t| t == s)?;
+        Some(&self.values[row * self.vocab..(row + 1) * self.vocab])
+    }
+}
+
 /// Runs `new_tokens[s]` after what the cache holds for sequence `s` (an empty slice leaves it alone), stores
 /// their keys and values, and returns the next-token logits after each sequence's last new token
 /// (`[vocab]` per sequence; empty for sequences given no tokens). Panics past the cache's capacity.
 pub fn extend_kv(model: &Model, cache: &mut KvCache, new_tokens: &[&[u32]]) -> Vec<Vec<f32>> {
+    let mut step = StepLogits::default();
+    extend_kv_into(model, cache, new_tokens, &mut step);
+    (0..new_tokens.len()).map(|s| step.of(s).map_or_else(Vec::new, <[f32]>::to_vec)).collect()
+}
+
+/// `extend_kv` writing the logits into `out` (its buffer reused).
+pub fn extend_kv_into(model: &Model, cache: &mut KvCache, new_tokens: &[&[u32]], out: &mut StepLogits) {
     assert_eq!(new_tokens.len(), cache.lens.len(), "one token slice per cached sequence");
     let (mut tokens, mut positions, mut seq_starts, mut prefix) = (Vec::new(), Vec::new(), vec![0], Vec::new());
     let active: Vec<usize> = (0..new_tokens.len()).filter(|&s| !new_tokens[s].is_empty()).collect();
@@ -115,9 +140,12 @@ pub fn extend_kv(model: &Model, cache: &mut KvCache, new_tokens: &[&[u32]]) -> V
         seq_starts.push(tokens.len());
         prefix.push((s * cache.capacity, len));
     }
-    let mut logits = vec![Vec::new(); new_tokens.len()];
+    let vocab = model.spec.vocab_size;
+    out.vocab = vocab;
+    out.seqs.clone_from(&active);
+    out.values.resize(active.len() * vocab, 0.0);
     if active.is_empty() {
-        return logits;
+        return;
     }
     let keys = Keys::Continuation { seq_starts: &seq_starts, cache: &cache.cache, prefix: &prefix };
     let (x, _, kept_qkv) = run_layers(model, &tokens, &positions, keys, Pass { keep_cache: true, adapters: cache.adapters, ..Pass::default() }, None);
@@ -132,12 +160,8 @@ pub fn extend_kv(model: &Model, cache: &mut KvCache, new_tokens: &[&[u32]]) -> V
     let (xf, _) = final_norm(model, &x);
     let last_rows: Vec<usize> = seq_starts[1..].iter().map(|&e| e - 1).collect();
     let hidden = gather_rows(&xf, &last_rows, model.spec.hidden);
-    let vocab = model.spec.vocab_size;
-    let mut all = vec![0f32; active.len() * vocab];
-    head::vocab_logits(model, active.len(), &hidden, &mut all);
-    for (i, &s) in active.iter().enumerate() {
+    head::vocab_logits(model, active.len(), &hidden, &mut out.values);
+    for &s in &active {
         cache.lens[s] += new_tokens[s].len();
-        logits[s] = all[i * vocab..(i + 1) * vocab].to_vec();
     }
-    logits
 }

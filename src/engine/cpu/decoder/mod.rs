@@ -14,7 +14,7 @@ mod continuation;
 mod head;
 mod layer;
 
-pub use continuation::{extend_kv, forward_continuation, ContinuationBatch, KvCache};
+pub use continuation::{extend_kv, extend_kv_into, forward_continuation, ContinuationBatch, KvCache, StepLogits};
 use adapters::{lora_backward, lora_forward};
 use head::{final_norm, gather_rows, keeps_softmax, lm_head_backward, scatter_rows, score, vocab_logits};
 use layer::{layer_backward, layer_forward, run_layers, LayerRecord};
