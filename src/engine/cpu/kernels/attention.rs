@@ -287,10 +287,17 @@ unsafe fn single_query(
     let dot = |k: *const f32| -> f32 {
         let k = std::slice::from_raw_parts(k, d);
         let mut lanes = [0f32; LANES];
-        for (qc, kc) in q.chunks(LANES).zip(k.chunks(LANES)) {
-            for (l, (a, b)) in qc.iter().zip(kc).enumerate() {
-                lanes[l] += a * b;
+        // Whole chunks as fixed-width loops, so that they compile to vector instructions; the last partial
+        // chunk adds into the first lanes, as the whole ones would.
+        let (qs, ks) = (q.chunks_exact(LANES), k.chunks_exact(LANES));
+        let (q_rest, k_rest) = (qs.remainder(), ks.remainder());
+        for (qc, kc) in qs.zip(ks) {
+            for l in 0..LANES {
+                lanes[l] += qc[l] * kc[l];
             }
+        }
+        for (l, (a, b)) in q_rest.iter().zip(k_rest).enumerate() {
+            lanes[l] += a * b;
         }
         lanes.iter().sum::<f32>() * scale
     };
