@@ -2,7 +2,8 @@
 //! draws from its own random stream (seed, prompt index), so a completion does not depend on which other
 //! prompts share its batch.
 use crate::data::{Content, TextTokenizer};
-use crate::engine::{extend_kv, KvCache};
+use crate::engine::cpu::kernels::exp_f32;
+use crate::engine::{extend_kv_into, KvCache, StepLogits};
 use crate::model::Model;
 use crate::rng::SplitMix;
 
@@ -60,8 +61,8 @@ fn sample(logits: &[f32], opts: &SamplingOptions, stream: &mut SplitMix) -> u32 
         return sample_unfiltered(logits, opts.temperature, stream);
     }
     let order = candidates(logits, opts.top_k);
-    let max = logits[order[0]] as f64;
-    let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / opts.temperature as f64).exp()).collect();
+    let max = logits[order[0]];
+    let mut probs: Vec<f64> = order.iter().map(|&i| weight(logits[i], max, opts.temperature) as f64).collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if opts.top_p < 1.0 {
@@ -87,6 +88,16 @@ fn sample(logits: &[f32], opts: &SamplingOptions, stream: &mut SplitMix) -> u32 
     order[probs.len() - 1] as u32
 }
 
+/// A token's unnormalised probability `exp((logit − max) / temperature)`, by the engine's f32 `exp` (within 2 ulp
+/// of libm's, and vectorisable: sampling takes one for every logit, 4.9 million a step for 32 prompts of a
+/// 150k vocabulary). Below `e^-87` it stays at about 1e-38 rather than going to zero (no draw can tell), but a
+/// logit of −∞ (a token ruled out) weighs exactly zero.
+#[inline(always)]
+fn weight(logit: f32, max: f32, temperature: f32) -> f32 {
+    let w = exp_f32((logit - max) / temperature);
+    if logit > f32::NEG_INFINITY { w } else { 0.0 }
+}
+
 /// Buckets per nat of `sample_unfiltered`'s coarse order, and how many (the last holds the rest of the tail).
 const BUCKETS_PER_NAT: f64 = 16.0;
 const BUCKETS: usize = 1024;
@@ -95,15 +106,27 @@ const BUCKETS: usize = 1024;
 /// tokens fall into buckets by how far below the maximum their scaled logit is (monotone in the logit), the
 /// walk passes whole buckets by their summed weight, and only the bucket the draw lands in is sorted.
 fn sample_unfiltered(logits: &[f32], temperature: f32, stream: &mut SplitMix) -> u32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let t = temperature as f64;
-    let bucket = |v: f32| (((max - v as f64) / t * BUCKETS_PER_NAT) as usize).min(BUCKETS - 1);
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let scale = BUCKETS_PER_NAT as f32 / temperature;
+    // Monotone in the logit, and plain f32 arithmetic so that the block loops below vectorise.
+    let bucket = |v: f32| {
+        let b = ((max - v) * scale).max(0.0).min((BUCKETS - 1) as f32);
+        // SAFETY: f32::max and min turn NaN into 0 and clamp, so `b` is an integer-convertible value in 0..BUCKETS.
+        unsafe { b.to_int_unchecked::<u32>() }
+    };
     let mut mass = vec![0f64; BUCKETS];
     let mut total = 0.0;
-    for &v in logits {
-        let w = ((v as f64 - max) / t).exp();
-        mass[bucket(v)] += w;
-        total += w;
+    // Weights and buckets a block at a time, in a loop of their own that the compiler vectorises; the sums after.
+    const BLOCK: usize = 256;
+    let (mut weights, mut buckets) = ([0f32; BLOCK], [0u32; BLOCK]);
+    for block in logits.chunks(BLOCK) {
+        for ((w, b), &v) in weights.iter_mut().zip(buckets.iter_mut()).zip(block) {
+            (*w, *b) = (weight(v, max, temperature), bucket(v));
+        }
+        for (&w, &b) in weights.iter().zip(&buckets).take(block.len()) {
+            mass[b as usize] += w as f64;
+            total += w as f64;
+        }
     }
     let mut u = stream.uniform() * total;
     let mut landed = BUCKETS - 1;
@@ -116,13 +139,22 @@ fn sample_unfiltered(logits: &[f32], temperature: f32, stream: &mut SplitMix) ->
             u -= m;
         }
     }
-    let mut keys: Vec<u64> =
-        logits.iter().enumerate().filter(|&(_, &v)| bucket(v) == landed).map(|(id, &v)| descending_key(v, id)).collect();
+    let mut keys = Vec::new();
+    for (first, block) in (0..).step_by(BLOCK).zip(logits.chunks(BLOCK)) {
+        for (b, &v) in buckets.iter_mut().zip(block) {
+            *b = bucket(v);
+        }
+        for (i, (&b, &v)) in buckets.iter().zip(block).enumerate() {
+            if b as usize == landed {
+                keys.push(descending_key(v, first + i));
+            }
+        }
+    }
     keys.sort_unstable();
     let mut last = 0;
     for key in keys {
         last = (key & 0xFFFF_FFFF) as usize;
-        let w = ((logits[last] as f64 - max) / t).exp();
+        let w = weight(logits[last], max, temperature) as f64;
         if u < w {
             break;
         }
@@ -146,29 +178,31 @@ pub fn generate_ids_with(model: &Model, adapters: bool, prompts: &[Vec<u32>], eo
     out
 }
 
-/// The next token of every sequence not `done`, each from its own stream, the sequences split over one thread
-/// per core (sampling takes an exponential of every logit: for a batch of prompts, a share of a decode step).
-fn sample_each(logits: &[Vec<f32>], done: &[bool], opts: &SamplingOptions, streams: &mut [SplitMix]) -> Vec<Option<u32>> {
+/// The next token of every sequence given logits this step, each from its own stream, the sequences split over
+/// one thread per core (sampling takes an exponential of every logit: for a batch of prompts, a share of a
+/// decode step).
+fn sample_each(logits: &StepLogits, opts: &SamplingOptions, streams: &mut [SplitMix]) -> Vec<Option<u32>> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let share = logits.len().div_ceil(threads).max(1);
-    let mut tokens = vec![None; logits.len()];
-    if share == logits.len() {
+    let mut tokens = vec![None; streams.len()];
+    let mut work: Vec<(&mut Option<u32>, &mut SplitMix, &[f32])> = Vec::new();
+    for ((s, token), stream) in tokens.iter_mut().enumerate().zip(streams.iter_mut()) {
+        if let Some(row) = logits.of(s) {
+            work.push((token, stream, row));
+        }
+    }
+    let share = work.len().div_ceil(threads).max(1);
+    if share >= work.len() {
         // One sequence (or one core): no thread to start for every token.
-        for (s, token) in tokens.iter_mut().enumerate() {
-            if !done[s] {
-                *token = Some(sample(&logits[s], opts, &mut streams[s]));
-            }
+        for (token, stream, row) in work {
+            *token = Some(sample(row, opts, stream));
         }
         return tokens;
     }
     std::thread::scope(|scope| {
-        let parts = tokens.chunks_mut(share).zip(streams.chunks_mut(share)).zip(logits.chunks(share).zip(done.chunks(share)));
-        for ((tokens, streams), (logits, done)) in parts {
+        for part in work.chunks_mut(share) {
             scope.spawn(move || {
-                for (((token, stream), logits), &done) in tokens.iter_mut().zip(streams).zip(logits).zip(done) {
-                    if !done {
-                        *token = Some(sample(logits, opts, stream));
-                    }
+                for (token, stream, row) in part.iter_mut() {
+                    **token = Some(sample(row, opts, stream));
                 }
             });
         }
@@ -206,10 +240,11 @@ fn generate_batch_observed(
         let mut generated: Vec<Vec<u32>> = vec![Vec::new(); chunk.len()];
         let mut done: Vec<bool> = chunk.iter().map(|p| p.is_empty() || opts.max_new_tokens == 0).collect();
         let mut feed: Vec<Vec<u32>> = chunk.iter().map(|p| if p.is_empty() { Vec::new() } else { p.clone() }).collect();
+        let mut logits = StepLogits::default();
         while done.iter().any(|d| !d) {
             let slices: Vec<&[u32]> = feed.iter().map(|f| f.as_slice()).collect();
-            let logits = extend_kv(model, &mut cache, &slices);
-            let tokens = sample_each(&logits, &done, opts, &mut streams);
+            extend_kv_into(model, &mut cache, &slices, &mut logits);
+            let tokens = sample_each(&logits, opts, &mut streams);
             on_step();
             for s in 0..chunk.len() {
                 feed[s].clear();
