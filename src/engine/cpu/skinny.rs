@@ -1,7 +1,7 @@
 //! Products of a few rows against a weight stored `[n, k]`: a decode step (one row per sequence being sampled)
 //! or any pass of at most `SKINNY_ROWS` rows. Packing the weight for so few rows would cost more than the
-//! product, so each weight row is read once, in place (f32, or bf16 widened into a small f32 tile that stays
-//! in cache), against all rows of A.
+//! product, so each weight row is read once against all rows of A: in place (bf16 widened in registers), or
+//! for more than `IN_PLACE_ROWS` rows copied (and widened) into a small f32 tile that stays in cache.
 //!
 //! Every output is summed in one order on every instruction set, so `avx512`, `avx2` and `portable` give the
 //! same bits, and a row's result does not depend on how many other rows share the call (a sampled completion
@@ -23,7 +23,8 @@ type Lanes = [f32; LANES];
 const TILE_COLS: usize = 8;
 /// Depth of a block: the tile's slice of it (16 KiB) stays in L1 while every row of A passes over it.
 const BLOCK_DEPTH: usize = 512;
-/// Products with at most this many rows read bf16 weights in place, widening them in registers.
+/// Products with at most this many rows read the weights in place (bf16 widened in registers); larger ones
+/// copy each tile of weights once into an aligned f32 tile that every row group then reads from L1.
 const IN_PLACE_ROWS: usize = 8;
 /// Rows of A multiplied by the tile together (AVX-512: 24 accumulators and 8 weight vectors in registers).
 const ROW_GROUP: usize = 3;
@@ -36,7 +37,9 @@ pub fn skinny<T: Widen>(isa: Isa, m: usize, k: usize, n: usize, a: &[f32], b: &[
     let c_ptr = SharedMut(c.as_mut_ptr());
     (0..n.div_ceil(cols_per_task)).into_par_iter().for_each(|t| {
         let out = Columns { c: c_ptr, n, j0: t * cols_per_task, j1: (t * cols_per_task + cols_per_task).min(n), accumulate };
-        let widen_once = T::BF16 && m > IN_PLACE_ROWS;
+        // f32 weights too: read in place, each row group fetched the tile's 8 rows from L2 again (32 rows:
+        // 84-160 GFLOP/s in `examples/decode_shapes`, 143-184 from the tile).
+        let widen_once = m > IN_PLACE_ROWS;
         SCRATCH.with(|scratch| {
             let (tile_alloc, acc) = &mut *scratch.borrow_mut();
             let tile_len = if widen_once { TILE_COLS * k + LANES } else { 0 };
@@ -66,8 +69,8 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<Lanes>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// A task's working memory: the widened tile (TILE_COLS·k floats on a cache line; only for bf16 weights
-/// widened once) and the sums of the rows against a tile.
+/// A task's working memory: the tile of weights in f32 (TILE_COLS·k floats on a cache line; only above
+/// `IN_PLACE_ROWS` rows) and the sums of the rows against a tile.
 struct Scratch<'a> {
     tile: Option<&'a mut [f32]>,
     acc: &'a mut [Lanes],
@@ -83,9 +86,9 @@ struct Columns {
     accumulate: bool,
 }
 
-/// One task's columns, a tile of them at a time. Their weights are read in place, except bf16 weights
-/// multiplied by more than `IN_PLACE_ROWS` rows: those are widened once into the scratch's f32 tile, which every
-/// row group then reads (widening them again for each group would cost more than the copy).
+/// One task's columns, a tile of them at a time. Their weights are read in place, except when multiplied by
+/// more than `IN_PLACE_ROWS` rows: then they are copied (bf16 widened) once into the scratch's f32 tile, which
+/// every row group reads (widening them again for each group would cost more than the copy).
 #[inline(always)]
 fn columns<T: Widen>(isa: Isa, m: usize, k: usize, a: &[f32], b: &[T], out: Columns, scratch: Scratch) {
     let Scratch { mut tile, acc } = scratch;
