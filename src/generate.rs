@@ -17,12 +17,22 @@ pub struct SamplingOptions {
     pub top_k: usize,
     pub max_new_tokens: usize,
     pub seed: u64,
+    /// Prompts sampled together, 1 to `GENERATION_BATCH` (fewer hold a smaller KV cache). A completion's draws
+    /// come from its own stream whatever the batch.
+    pub batch_size: usize,
 }
 
 impl Default for SamplingOptions {
     /// transformers' `generate` defaults for sampling, with a short budget.
     fn default() -> Self {
-        SamplingOptions { temperature: 1.0, top_p: 1.0, top_k: 50, max_new_tokens: 64, seed: 0 }
+        SamplingOptions { temperature: 1.0, top_p: 1.0, top_k: 50, max_new_tokens: 64, seed: 0, batch_size: GENERATION_BATCH }
+    }
+}
+
+impl SamplingOptions {
+    /// The prompts of one pass through the model: `batch_size` kept within 1..=GENERATION_BATCH.
+    fn batch(&self) -> usize {
+        self.batch_size.clamp(1, GENERATION_BATCH)
     }
 }
 
@@ -172,8 +182,8 @@ pub fn generate_ids(model: &Model, prompts: &[Vec<u32>], eos_id: u32, opts: &Sam
 /// `generate_ids`; `adapters: false` samples from the model's frozen base when it carries LoRA adapters.
 pub fn generate_ids_with(model: &Model, adapters: bool, prompts: &[Vec<u32>], eos_id: u32, opts: &SamplingOptions) -> Vec<Vec<u32>> {
     let mut out = Vec::with_capacity(prompts.len());
-    for (chunk_index, chunk) in prompts.chunks(GENERATION_BATCH).enumerate() {
-        out.extend(generate_batch(model, adapters, chunk, chunk_index * GENERATION_BATCH, eos_id, opts));
+    for (chunk_index, chunk) in prompts.chunks(opts.batch()).enumerate() {
+        out.extend(generate_batch(model, adapters, chunk, chunk_index * opts.batch(), eos_id, opts));
     }
     out
 }
@@ -308,8 +318,8 @@ pub fn generate_texts_streaming(
 ) -> Result<usize, String> {
     let ids = prompts.iter().map(|p| prompt_ids(tok, p, chat)).collect::<Result<Vec<_>, _>>()?;
     let mut made = 0;
-    for (chunk_index, chunk) in ids.chunks(GENERATION_BATCH).enumerate() {
-        let first = chunk_index * GENERATION_BATCH;
+    for (chunk_index, chunk) in ids.chunks(opts.batch()).enumerate() {
+        let first = chunk_index * opts.batch();
         let texts = generate_batch(model, true, chunk, first, tok.eos_id, opts)
             .iter()
             .map(|g| tok.decode(g))

@@ -111,6 +111,28 @@ fn generate_and_sft_from_the_command_line() {
     assert!(lines.iter().all(|l| l["completion"].is_string() && l["prompt"].is_string()));
     let (ok, _, stderr) = kto(&["generate", fixture("policy").to_str().unwrap(), "--prompt", "hi", "--top-p", "0"]);
     assert!(!ok && stderr.contains("--top-p"), "{stderr}");
+    // Five prompts at a time (24 rows: batches of 5, the last of 4): the same greedy completions.
+    let batched = dir.path().join("gen5.jsonl");
+    let (ok, _, stderr) = kto(&[
+        "generate",
+        fixture("policy").to_str().unwrap(),
+        "--prompts",
+        fixture("kto.jsonl").to_str().unwrap(),
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "5",
+        "--batch-size",
+        "5",
+        "--out",
+        batched.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(std::fs::read_to_string(&batched).unwrap(), std::fs::read_to_string(&out).unwrap());
+    for bad in ["0", "33"] {
+        let (ok, _, stderr) = kto(&["generate", fixture("policy").to_str().unwrap(), "--prompt", "hi", "--batch-size", bad]);
+        assert!(!ok && stderr.contains("--batch-size must be 1 to 32"), "{stderr}");
+    }
 
     // kto sft on {prompt, completion} rows; a file without "completion" is refused with its name and row.
     let cfg_path = dir.path().join("sft.toml");

@@ -93,12 +93,14 @@ fn greedy_generation_equals_transformers_generate() {
 fn sampling_is_reproducible_and_independent_of_the_batch() {
     let model = Model::load(&data("trl-tiny/policy")).unwrap();
     let prompts: Vec<Vec<u32>> = vec![vec![1, 447, 335, 81], vec![1, 5, 6], vec![1, 99, 98, 97, 96, 95]];
-    let opts = SamplingOptions { temperature: 1.0, top_k: 20, top_p: 0.9, max_new_tokens: 16, seed: 3 };
+    let opts = SamplingOptions { temperature: 1.0, top_k: 20, top_p: 0.9, max_new_tokens: 16, seed: 3, ..Default::default() };
     let all = generate_ids(&model, &prompts, 2, &opts);
     assert_eq!(all, generate_ids(&model, &prompts, 2, &opts), "same seed, same samples");
     // The last prompt alone draws from the same stream only if its index is the same: generate it in place.
     let alone = generate_ids(&model, &prompts[..1], 2, &opts);
     assert_eq!(alone[0], all[0], "a prompt's sample does not depend on the prompts after it");
+    let one_at_a_time = generate_ids(&model, &prompts, 2, &SamplingOptions { batch_size: 1, ..opts });
+    assert_eq!(one_at_a_time, all, "each prompt alone (batch size 1) samples what it samples in the batch");
     let other = generate_ids(&model, &prompts, 2, &SamplingOptions { seed: 4, ..opts });
     assert_ne!(all, other, "another seed samples differently");
     assert!(all.iter().all(|g| g.len() <= 16 && !g.contains(&2)));

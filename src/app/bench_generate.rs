@@ -48,7 +48,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     let vocab = model.spec.vocab_size as u64;
     let mut rng = Rng::from_state(7);
     let prompts: Vec<Vec<u32>> = (0..batch).map(|_| (0..prompt_len).map(|_| (rng.next_u64() % vocab) as u32).collect()).collect();
-    let sampling = SamplingOptions { temperature: 1.0, top_p: 1.0, top_k: 0, max_new_tokens: opts.new_tokens, seed: 0 };
+    let sampling = SamplingOptions { temperature: 1.0, top_p: 1.0, top_k: 0, max_new_tokens: opts.new_tokens, seed: 0, batch_size: batch };
     let start = Instant::now();
     let mut step_ends = Vec::with_capacity(opts.new_tokens);
     // No stop token: every sequence makes all its tokens, as generate_speed.py's min_new_tokens asks.

@@ -156,6 +156,9 @@ pub struct GenerateArgs {
     /// Send text prompts as they are even when the tokenizer has a chat template.
     #[arg(long)]
     pub no_chat_template: bool,
+    /// Prompts sampled together (1 to 32): each decode step reads the weights once for all of them.
+    #[arg(long, default_value_t = kto::generate::GENERATION_BATCH)]
+    pub batch_size: usize,
 }
 
 fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
@@ -163,6 +166,9 @@ fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
     use std::io::Write;
     if !(args.temperature >= 0.0 && args.top_p > 0.0 && args.top_p <= 1.0) {
         anyhow::bail!("--temperature must be >= 0 and --top-p in (0, 1]");
+    }
+    if !(1..=kto::generate::GENERATION_BATCH).contains(&args.batch_size) {
+        anyhow::bail!("--batch-size must be 1 to {}", kto::generate::GENERATION_BATCH);
     }
     // Sampling never trains: bf16 weights stay bf16 (the same numbers, half the bytes a token reads).
     let mut model = kto::model::Model::load_frozen(&args.model)?;
@@ -186,6 +192,7 @@ fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
         top_k: args.top_k,
         max_new_tokens: args.max_new_tokens,
         seed: args.seed,
+        batch_size: args.batch_size,
     };
     let chat = !args.no_chat_template;
     if args.prompt.is_some() && args.out.is_none() {

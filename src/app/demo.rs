@@ -206,7 +206,7 @@ fn answers(dir: &Path, prompts: &[String], samples: usize, seed: u64) -> Result<
             texts.push(p.clone());
         }
     }
-    let opts = SamplingOptions { temperature: 1.0, top_k: 0, top_p: 1.0, max_new_tokens: MAX_WORD + 2, seed };
+    let opts = SamplingOptions { temperature: 1.0, top_k: 0, top_p: 1.0, max_new_tokens: MAX_WORD + 2, seed, ..Default::default() };
     let generated = generate_ids(&model, &ids, tok.eos_id, &opts);
     texts
         .into_iter()
