@@ -91,44 +91,23 @@ fn plot_draws_every_logged_curve_and_reports_bad_input() {
 #[test]
 fn generate_and_sft_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
+    // Greedy completions of the 24 fixture prompts into `out`, `batch` prompts at a time.
+    let greedy = |out: &std::path::Path, batch: &str| {
+        let (policy, prompts) = (fixture("policy"), fixture("kto.jsonl"));
+        let args = ["generate", policy.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "--temperature", "0"];
+        let (ok, _, stderr) = kto(&[&args[..], &["--max-new-tokens", "5", "--batch-size", batch, "--out", out.to_str().unwrap()]].concat());
+        assert!(ok, "{stderr}");
+        std::fs::read_to_string(out).unwrap()
+    };
     let out = dir.path().join("gen.jsonl");
-    let (ok, _, stderr) = kto(&[
-        "generate",
-        fixture("policy").to_str().unwrap(),
-        "--prompts",
-        fixture("kto.jsonl").to_str().unwrap(),
-        "--temperature",
-        "0",
-        "--max-new-tokens",
-        "5",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(ok, "{stderr}");
-    let lines: Vec<serde_json::Value> =
-        std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let text = greedy(&out, "32");
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 24);
     assert!(lines.iter().all(|l| l["completion"].is_string() && l["prompt"].is_string()));
     let (ok, _, stderr) = kto(&["generate", fixture("policy").to_str().unwrap(), "--prompt", "hi", "--top-p", "0"]);
     assert!(!ok && stderr.contains("--top-p"), "{stderr}");
-    // Five prompts at a time (24 rows: batches of 5, the last of 4): the same greedy completions.
-    let batched = dir.path().join("gen5.jsonl");
-    let (ok, _, stderr) = kto(&[
-        "generate",
-        fixture("policy").to_str().unwrap(),
-        "--prompts",
-        fixture("kto.jsonl").to_str().unwrap(),
-        "--temperature",
-        "0",
-        "--max-new-tokens",
-        "5",
-        "--batch-size",
-        "5",
-        "--out",
-        batched.to_str().unwrap(),
-    ]);
-    assert!(ok, "{stderr}");
-    assert_eq!(std::fs::read_to_string(&batched).unwrap(), std::fs::read_to_string(&out).unwrap());
+    // Five prompts at a time (batches of 5, the last of 4): the same greedy completions.
+    assert_eq!(greedy(&dir.path().join("gen5.jsonl"), "5"), text);
     for bad in ["0", "33"] {
         let (ok, _, stderr) = kto(&["generate", fixture("policy").to_str().unwrap(), "--prompt", "hi", "--batch-size", bad]);
         assert!(!ok && stderr.contains("--batch-size must be 1 to 32"), "{stderr}");
