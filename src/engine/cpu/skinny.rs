@@ -39,10 +39,10 @@ pub fn skinny<T: Widen>(isa: Isa, m: usize, k: usize, n: usize, a: &[f32], b: &[
         let out = Columns { c: c_ptr, n, j0: t * cols_per_task, j1: (t * cols_per_task + cols_per_task).min(n), accumulate };
         // f32 weights too: read in place, each row group fetched the tile's 8 rows from L2 again (32 rows:
         // 84-160 GFLOP/s in `examples/decode_shapes`, 143-184 from the tile).
-        let widen_once = m > IN_PLACE_ROWS;
+        let tiled = m > IN_PLACE_ROWS;
         SCRATCH.with(|scratch| {
             let (tile_alloc, acc) = &mut *scratch.borrow_mut();
-            let tile_len = if widen_once { TILE_COLS * k + LANES } else { 0 };
+            let tile_len = if tiled { TILE_COLS * k + LANES } else { 0 };
             if tile_alloc.len() < tile_len {
                 tile_alloc.resize(tile_len, 0.0);
             }
@@ -51,7 +51,7 @@ pub fn skinny<T: Widen>(isa: Isa, m: usize, k: usize, n: usize, a: &[f32], b: &[
             }
             // The tile starts on a cache line, so its 64-byte loads never straddle two.
             let start = tile_alloc.as_ptr().align_offset(64).min(tile_alloc.len());
-            let scratch = Scratch { tile: widen_once.then_some(&mut tile_alloc[start..]), acc: &mut acc[..m * TILE_COLS] };
+            let scratch = Scratch { tile: tiled.then_some(&mut tile_alloc[start..]), acc: &mut acc[..m * TILE_COLS] };
             #[cfg(target_arch = "x86_64")]
             if isa != Isa::Portable {
                 // SAFETY: the CPU runs AVX2 and FMA (every x86 set but portable needs them).
@@ -192,13 +192,10 @@ fn prefetch<T>(data: &[T]) {
 /// For the rows `r` of `xs` (row `r` at `r·k`; `acc.len() / TILE_COLS` of them) and the tile's columns `u`:
 /// lane `l` of `acc[r·TILE_COLS + u]` adds `x_r[p] · w_u[p]` by fused multiply-add for `p ≡ l (mod 16)` in
 /// `p0..p0 + depth` (a multiple of 16), in increasing `p`. The sums start from zero at `p0 = 0`, whatever `acc`
-/// held (AVX-512 starts from zeroed registers, so its scratch is never cleared).
+/// held (the scratch is reused across products and never cleared).
 fn lanes<W: Widen>(isa: Isa, xs: &[f32], k: usize, weights: [&[W]; TILE_COLS], p0: usize, depth: usize, acc: &mut [Lanes]) {
     let rows = acc.len() / TILE_COLS;
     assert!(xs.len() >= (rows - 1) * k + p0 + depth && weights.iter().all(|w| w.len() == k) && p0 + depth <= k);
-    if p0 == 0 && isa != Isa::Avx512 {
-        acc.fill([0.0; LANES]);
-    }
     #[cfg(target_arch = "x86_64")]
     {
         let w = weights.map(|w| w.as_ptr());
@@ -221,6 +218,9 @@ fn lanes<W: Widen>(isa: Isa, xs: &[f32], k: usize, weights: [&[W]; TILE_COLS], p
     for (r, acc) in acc.chunks_exact_mut(TILE_COLS).enumerate() {
         let x = &xs[r * k..][p0..p0 + depth];
         for (lanes, w) in acc.iter_mut().zip(weights) {
+            if p0 == 0 {
+                *lanes = [0.0; LANES];
+            }
             for (xc, wc) in x.chunks_exact(LANES).zip(w[p0..p0 + depth].chunks_exact(LANES)) {
                 for l in 0..LANES {
                     lanes[l] = xc[l].mul_add(wc[l].widen(), lanes[l]);
@@ -306,8 +306,8 @@ unsafe fn lanes_avx2<W: Widen>(xs: *const f32, k: usize, ws: [*const W; TILE_COL
     for (r, acc) in acc.chunks_exact_mut(TILE_COLS).enumerate() {
         for (h, half) in acc.chunks_exact_mut(TILE_COLS / 2).enumerate() {
             let u0 = h * TILE_COLS / 2;
-            let mut sums: [[__m256; 2]; TILE_COLS / 2] =
-                std::array::from_fn(|u| [_mm256_loadu_ps(half[u].as_ptr()), _mm256_loadu_ps(half[u].as_ptr().add(8))]);
+            let load = |at: *const f32| if p0 == 0 { _mm256_setzero_ps() } else { _mm256_loadu_ps(at) };
+            let mut sums: [[__m256; 2]; TILE_COLS / 2] = std::array::from_fn(|u| [load(half[u].as_ptr()), load(half[u].as_ptr().add(8))]);
             for p in (p0..p0 + depth).step_by(LANES) {
                 let (x0, x1) = (_mm256_loadu_ps(xs.add(r * k + p)), _mm256_loadu_ps(xs.add(r * k + p + 8)));
                 for (u, s) in sums.iter_mut().enumerate() {
