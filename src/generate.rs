@@ -3,7 +3,7 @@
 //! prompts share its batch.
 use crate::data::{Content, TextTokenizer};
 use crate::engine::cpu::kernels::exp_f32;
-use crate::engine::{extend_kv_into, KvCache, StepLogits};
+use crate::engine::{extend_kv_into, share_prefix, KvCache, StepLogits};
 use crate::model::Model;
 use crate::rng::SplitMix;
 
@@ -251,6 +251,16 @@ fn generate_batch_observed(
         let mut done: Vec<bool> = chunk.iter().map(|p| p.is_empty() || opts.max_new_tokens == 0).collect();
         let mut feed: Vec<Vec<u32>> = chunk.iter().map(|p| if p.is_empty() { Vec::new() } else { p.clone() }).collect();
         let mut logits = StepLogits::default();
+        if let Some((lead, len)) = shared_start(chunk) {
+            let mut start: Vec<&[u32]> = vec![&[]; chunk.len()];
+            start[lead] = &chunk[lead][..len];
+            extend_kv_into(model, &mut cache, &start, &mut logits);
+            let others: Vec<usize> = (0..chunk.len()).filter(|&s| s != lead && !chunk[s].is_empty()).collect();
+            share_prefix(&mut cache, lead, &others, len);
+            for (feed, prompt) in feed.iter_mut().zip(chunk).filter(|(_, p)| !p.is_empty()) {
+                *feed = prompt[len..].to_vec();
+            }
+        }
         while done.iter().any(|d| !d) {
             let slices: Vec<&[u32]> = feed.iter().map(|f| f.as_slice()).collect();
             extend_kv_into(model, &mut cache, &slices, &mut logits);
@@ -273,6 +283,26 @@ fn generate_batch_observed(
         }
         generated
     }
+}
+
+/// Rows a shared start must save before it gets a pass of its own: that pass reads every weight once more,
+/// about what a few dozen rows of a batched prompt pass cost.
+const SHARED_START_MIN_ROWS: usize = 64;
+
+/// The first non-empty prompt and how many tokens every non-empty prompt starts with (each keeping at least
+/// one of its own, whose logits it samples from), when running that start once saves enough rows: a chat
+/// template's system turn, or a fixed instruction before each question. Its keys and values are computed in a
+/// pass of one sequence and copied to the others, so a prompt's logits can differ in their last bits from a
+/// batch that does not share its start (the products of a short pass sum in another order).
+fn shared_start(prompts: &[Vec<u32>]) -> Option<(usize, usize)> {
+    let mut non_empty = prompts.iter().enumerate().filter(|(_, p)| !p.is_empty());
+    let (lead, first) = non_empty.next()?;
+    let (mut len, mut others) = (first.len() - 1, 0);
+    for (_, p) in non_empty {
+        len = len.min(p.len() - 1).min(first.iter().zip(p).take_while(|(a, b)| a == b).count());
+        others += 1;
+    }
+    (others * len >= SHARED_START_MIN_ROWS).then_some((lead, len))
 }
 
 /// Token ids of a prompt exactly as training tokenizes prompts: text through the tokenizer (with its special
@@ -361,6 +391,25 @@ mod tests {
         for draw in 0..3000 {
             assert_eq!(sample(&logits, &full, &mut a), sample(&logits, &sorted, &mut b), "draw {draw}");
         }
+    }
+
+    /// A common start runs once only when it saves enough rows; each prompt keeps a token of its own, and
+    /// empty prompts neither count nor lead.
+    #[test]
+    fn a_shared_start_is_taken_when_it_saves_enough_rows() {
+        let start: Vec<u32> = (0..40).collect();
+        let with = |tail: &[u32]| start.iter().chain(tail).copied().collect::<Vec<u32>>();
+        let prompts = vec![vec![], with(&[7, 8]), with(&[9]), with(&[5, 5, 5])];
+        assert_eq!(shared_start(&prompts), Some((1, 40)));
+        // Two others × 32 tokens = 64 rows: the threshold; one token fewer is not worth a pass.
+        let short: Vec<Vec<u32>> = prompts.iter().map(|p| p.iter().skip(8).copied().collect()).collect();
+        assert_eq!(shared_start(&short), Some((1, 32)));
+        let shorter: Vec<Vec<u32>> = prompts.iter().map(|p| p.iter().skip(9).copied().collect()).collect();
+        assert_eq!(shared_start(&shorter), None);
+        // A prompt that is the whole start keeps its last token for its own pass.
+        assert_eq!(shared_start(&[with(&[]), with(&[1]), with(&[2])]), Some((0, 39)));
+        assert_eq!(shared_start(&[with(&[1])]), None, "one prompt shares with no one");
+        assert_eq!(shared_start(&[vec![3; 50], vec![4; 50], vec![3; 50]]), None, "no common start");
     }
 
     #[test]

@@ -61,6 +61,33 @@ fn kv_cache_logits_equal_a_full_forward_at_every_step() {
     }
 }
 
+/// Prompts that start alike: the start copied from one sequence's cache gives the logits a full forward gives,
+/// and greedy generation that shares the start (the batch) picks the tokens each prompt alone picks.
+#[test]
+fn a_shared_start_gives_what_each_prompt_alone_gives() {
+    for name in ["trl-tiny/policy", "arch/qwen2/policy", "arch/gemma2/policy"] {
+        let model = Model::load(&data(name)).unwrap();
+        let start: Vec<u32> = (100..140).collect();
+        let prompts: Vec<Vec<u32>> = (0..3u32).map(|i| start.iter().copied().chain(200 + i..203 + 2 * i).collect()).collect();
+        let full = forward_logits(&model, &prompts.iter().map(|s| s.as_slice()).collect::<Vec<_>>());
+        let mut cache = KvCache::new(&model, prompts.len(), 60);
+        extend_kv(&model, &mut cache, &[&start[..], &[], &[]]);
+        kto::engine::share_prefix(&mut cache, 0, &[1, 2], start.len());
+        let rest: Vec<&[u32]> = prompts.iter().map(|p| &p[start.len()..]).collect();
+        let logits = extend_kv(&model, &mut cache, &rest);
+        let vocab = model.spec.vocab_size;
+        for (s, p) in prompts.iter().enumerate() {
+            assert_eq!(cache.len(s), p.len());
+            let want = &full[s][(p.len() - 1) * vocab..p.len() * vocab];
+            let worst = logits[s].iter().zip(want).map(|(g, w)| (g - w).abs() / (1.0 + w.abs())).fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{name}: sequence {s} after a shared start differs from the full forward by {worst}");
+        }
+        let opts = SamplingOptions { temperature: 0.0, max_new_tokens: 12, ..Default::default() };
+        let alone = generate_ids(&model, &prompts, u32::MAX, &SamplingOptions { batch_size: 1, ..opts });
+        assert_eq!(generate_ids(&model, &prompts, u32::MAX, &opts), alone, "{name}");
+    }
+}
+
 #[test]
 fn greedy_generation_equals_transformers_generate() {
     for (name, case) in greedy_fixture() {

@@ -52,6 +52,12 @@ pub fn extend_kv_into(model: &Model, cache: &mut KvCache, new_tokens: &[&[u32]],
     cpu::decoder::extend_kv_into(model, cache, new_tokens, out)
 }
 
+/// Copies the first `len` cached tokens of sequence `from` to the empty sequences `to` (a common start of
+/// prompts, run once).
+pub fn share_prefix(cache: &mut KvCache, from: usize, to: &[usize], len: usize) {
+    cache.share_prefix(from, to, len)
+}
+
 /// Adds the gradient of `Σ dlogp[s] · logp[s]` into `grads` (the adapters' layout with LoRA, else the model's).
 pub fn backward(model: &Model, batch: &SeqBatch, tape: Tape, dlogp: &[f32], grads: &mut Buffer) {
     cpu::decoder::backward(model, batch, tape, dlogp, grads.host_mut())

@@ -98,6 +98,21 @@ impl KvCache {
     pub fn capacity(&self) -> usize {
         self.capacity
     }
+
+    /// Gives each sequence of `to` (all empty) the first `len` tokens sequence `from` holds: a token's keys and
+    /// values depend only on the tokens before it, so prompts that start alike can run their common start once.
+    pub fn share_prefix(&mut self, from: usize, to: &[usize], len: usize) {
+        assert!(len <= self.lens[from], "sequence {from} holds {} tokens, not {len}", self.lens[from]);
+        let row = self.cache.qkv.first().map_or(0, |l| l.len() / (self.lens.len() * self.capacity));
+        let src = from * self.capacity * row..(from * self.capacity + len) * row;
+        for &s in to {
+            assert!(self.lens[s] == 0 && s != from, "sequence {s} is not empty");
+            for layer in &mut self.cache.qkv {
+                layer.copy_within(src.clone(), s * self.capacity * row);
+            }
+            self.lens[s] = len;
+        }
+    }
 }
 
 /// The next-token logits of one `extend_kv_into` step: row `i` of `values` (`vocab` wide) follows the last new
