@@ -66,6 +66,43 @@ pub fn from_env() -> Result<Isa, String> {
     }
 }
 
+/// Defines `$name(isa, args…)`, which runs the `#[inline(always)]` function `$inner(args…)` compiled for `isa`'s
+/// vectors: the compiler's loops in it use 256- or 512-bit registers instead of baseline x86-64's 128-bit ones
+/// (the element-wise kernels and single-query attention of decoding). The bits stay those of `portable`: plain
+/// f32 arithmetic rounds each operation alike at any width, and Rust never fuses a multiply and an add on its
+/// own. (A generic wrapper taking a closure was tried: the compiler left the larger closures out of line, in
+/// baseline code.) `isa` must be a set the CPU runs, as `active()` and `Isa::available()` give.
+macro_rules! vectorised {
+    ($(#[$m:meta])* $vis:vis $([$unsafe:tt])? fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $inner:path) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        $vis $($unsafe)? fn $name(isa: $crate::engine::cpu::isa::Isa, $($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma,avx512f")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $($unsafe)? { $inner($($arg),*) }
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $($unsafe)? { $inner($($arg),*) }
+                }
+                match isa {
+                    // SAFETY: the CPU runs the set (the caller's promise); `$inner`'s own contract is the caller's.
+                    $crate::engine::cpu::isa::Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    $crate::engine::cpu::isa::Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::engine::cpu::isa::Isa::Portable => {}
+                }
+            }
+            let _ = isa;
+            $($unsafe)? { $inner($($arg),*) }
+        }
+    };
+}
+pub(crate) use vectorised;
+
 /// The set in use, fixed at the first call (an unusable `KTO_ISA` falls back to the fastest available; the
 /// command line has refused it before this runs).
 pub fn active() -> Isa {

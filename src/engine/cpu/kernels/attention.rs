@@ -51,7 +51,7 @@ impl AttnShape<'_> {
 }
 
 /// In-place softmax of a score row over keys `lo..=t`, zeros elsewhere; returns the row's log-sum-exp.
-#[inline]
+#[inline(always)]
 fn causal_softmax_row(row: &mut [f32], lo: usize, t: usize) -> f32 {
     row[..lo].fill(0.0);
     let max = lane_max(&row[lo..=t]);
@@ -234,7 +234,9 @@ pub fn attention_continuation(
                 if bn == 1 {
                     // Decoding: one query row. Plain loops beat four GEMM calls that would each pack their operands.
                     let o = std::slice::from_raw_parts_mut(o, d);
-                    single_query(std::slice::from_raw_parts(qs, d), (scale, shape.softcap), (pk, pv, plen), (ks, vs, own_keys), w, &mut sc[..width], shape.first_key(plen + b0), plen + b0, o);
+                    let q = std::slice::from_raw_parts(qs, d);
+                    let (lo, sc) = (shape.first_key(plen + b0), &mut sc[..width]);
+                    single_query_on(active(), q, (scale, shape.softcap), (pk, pv, plen), (ks, vs, own_keys), w, sc, lo, plen + b0, o);
                     continue;
                 }
                 if plen > 0 {
@@ -271,6 +273,7 @@ fn cap_scores(shape: &AttnShape, scores: &mut [f32]) {
 /// # Safety
 /// The key and value pointers address `plen` (cached) and `own` (own) rows of `q.len()` floats, `w` apart.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 unsafe fn single_query(
     q: &[f32],
     (scale, cap): (f32, Option<f32>),
@@ -284,44 +287,85 @@ unsafe fn single_query(
 ) {
     let d = q.len();
     let ((pk, pv, plen), (ks, vs, n_own)) = (cached, own);
-    let dot = |k: *const f32| -> f32 {
-        let k = std::slice::from_raw_parts(k, d);
-        let mut lanes = [0f32; LANES];
-        // Whole chunks as fixed-width loops, so that they compile to vector instructions; the last partial
-        // chunk adds into the first lanes, as the whole ones would.
-        let (qs, ks) = (q.chunks_exact(LANES), k.chunks_exact(LANES));
-        let (q_rest, k_rest) = (qs.remainder(), ks.remainder());
-        for (qc, kc) in qs.zip(ks) {
-            for l in 0..LANES {
-                lanes[l] += qc[l] * kc[l];
-            }
-        }
-        for (l, (a, b)) in q_rest.iter().zip(k_rest).enumerate() {
-            lanes[l] += a * b;
-        }
-        lanes.iter().sum::<f32>() * scale
-    };
     for j in 0..plen {
-        scores[j] = dot(pk.add(j * w));
+        scores[j] = scaled_dot(q, std::slice::from_raw_parts(pk.add(j * w), d), scale);
     }
     for j in 0..n_own {
-        scores[plen + j] = dot(ks.add(j * w));
+        scores[plen + j] = scaled_dot(q, std::slice::from_raw_parts(ks.add(j * w), d), scale);
     }
     if let Some(cap) = cap {
         softcap(&mut scores[lo..=t], cap);
     }
     causal_softmax_row(&mut scores[..plen + n_own], lo, t);
     out.fill(0.0);
-    let mut add = |p: f32, v: *const f32| {
-        if p != 0.0 {
-            let v = std::slice::from_raw_parts(v, d);
-            out.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
-        }
-    };
     for j in 0..n_own {
-        add(scores[plen + j], vs.add(j * w));
+        add_scaled(out, scores[plen + j], std::slice::from_raw_parts(vs.add(j * w), d));
     }
     for j in 0..plen {
-        add(scores[j], pv.add(j * w));
+        add_scaled(out, scores[j], std::slice::from_raw_parts(pv.add(j * w), d));
+    }
+}
+
+vectorised! { [unsafe] fn single_query_on(q: &[f32], scale_cap: (f32, Option<f32>), cached: (*const f32, *const f32, usize), own: (*const f32, *const f32, usize), w: usize, scores: &mut [f32], lo: usize, t: usize, out: &mut [f32]) = single_query }
+
+/// `scale · q·k`. Functions rather than closures, so that they inline into `vectorised`'s copy and compile to
+/// its vectors (a closure stayed a call of its own, in baseline code).
+#[inline(always)]
+fn scaled_dot(q: &[f32], k: &[f32], scale: f32) -> f32 {
+    let mut lanes = [0f32; LANES];
+    // Whole chunks as fixed-width loops, so that they compile to vector instructions; the last partial
+    // chunk adds into the first lanes, as the whole ones would.
+    let (qs, ks) = (q.chunks_exact(LANES), k.chunks_exact(LANES));
+    let (q_rest, k_rest) = (qs.remainder(), ks.remainder());
+    for (qc, kc) in qs.zip(ks) {
+        for l in 0..LANES {
+            lanes[l] += qc[l] * kc[l];
+        }
+    }
+    for (l, (a, b)) in q_rest.iter().zip(k_rest).enumerate() {
+        lanes[l] += a * b;
+    }
+    lanes.iter().sum::<f32>() * scale
+}
+
+/// `out += p · v`, skipped for a zero weight (a key outside the window).
+#[inline(always)]
+fn add_scaled(out: &mut [f32], p: f32, v: &[f32]) {
+    if p != 0.0 {
+        out.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::cpu::isa::Isa;
+
+    /// The decode-path kernels give portable's bits on every set `vectorised` compiles them for: single-query
+    /// attention (dot products, softmax, weighted sum), SwiGLU, RMSNorm and RoPE, at widths off the vector lengths.
+    #[test]
+    fn vectorised_kernels_give_the_same_bits_on_every_set() {
+        let value = |i: usize| ((i * 7919) % 113) as f32 / 29.0 - 1.9;
+        let (d, w, plen, own) = (72, 200, 37, 5);
+        let qkv: Vec<f32> = (0..(plen + own) * w).map(value).collect();
+        let q: Vec<f32> = (0..d).map(|i| value(i + 5)).collect();
+        let run = |isa: Isa| {
+            let (mut scores, mut out) = (vec![0f32; plen + own], vec![0f32; d]);
+            let (k, v) = (qkv.as_ptr(), unsafe { qkv.as_ptr().add(d) });
+            // SAFETY: plen + own rows of w ≥ 2d floats, keys at 0 and values at d in each.
+            unsafe { single_query_on(isa, &q, (0.125, Some(30.0)), (k, v, plen), (k.add(plen * w), v.add(plen * w), own), w, &mut scores, 3, plen + own - 1, &mut out) };
+            let (gate, up): (Vec<f32>, Vec<f32>) = ((0..1001).map(value).collect(), (0..1001).map(|i| value(i + 1)).collect());
+            let mut h = vec![0f32; 1001];
+            swiglu_row_on(isa, &gate, &up, &mut h);
+            let mut y = vec![0f32; 1001];
+            let rstd = rmsnorm_row_on(isa, &gate, &up, 1e-6, &mut y);
+            let mut rotated = gate.clone();
+            rotate_row_on(isa, &mut rotated[..1000], &up[..25], &up[25..50], -1.0);
+            [out, scores, h, y, rotated, vec![rstd]].concat().iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+        };
+        let want = run(Isa::Portable);
+        for isa in Isa::available() {
+            assert_eq!(run(isa), want, "{}", isa.name());
+        }
     }
 }

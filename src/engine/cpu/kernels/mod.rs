@@ -1,4 +1,5 @@
 //! The per-layer kernels of the decoder, each forward beside its backward. Rows are tokens of a packed batch.
+use super::isa::{active, vectorised};
 use rayon::prelude::*;
 
 mod attention;
@@ -20,7 +21,7 @@ impl SharedMut {
 }
 
 /// Σ x² with eight independent partial sums, so the loop vectorises.
-#[inline]
+#[inline(always)]
 fn sum_of_squares(x: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = x.chunks_exact(8);
@@ -36,7 +37,7 @@ fn sum_of_squares(x: &[f32]) -> f32 {
 const LANES: usize = 8;
 
 /// Maximum with independent lanes (vectorises; no NaN handling needed for finite logits).
-#[inline]
+#[inline(always)]
 fn lane_max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
@@ -89,11 +90,20 @@ pub fn logit_row_stats(z: &mut [f32], t: usize) -> (f32, f32, f32, f32, f32, boo
 pub fn rmsnorm_forward(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], rstd: &mut [f32]) {
     let h = w.len();
     y.par_chunks_mut(h).zip(x.par_chunks(h)).zip(rstd.par_iter_mut()).for_each(|((yr, xr), r)| {
-        let ms = sum_of_squares(xr) / h as f32;
-        *r = 1.0 / (ms + eps).sqrt();
-        rmsnorm_row(xr, w, *r, yr);
+        *r = rmsnorm_row_on(active(), xr, w, eps, yr);
     });
 }
+
+/// One row of `rmsnorm_forward`; returns its `rstd`.
+#[inline(always)]
+fn rmsnorm_new_row(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) -> f32 {
+    let rstd = 1.0 / (sum_of_squares(x) / w.len() as f32 + eps).sqrt();
+    rmsnorm_row(x, w, rstd, y);
+    rstd
+}
+
+vectorised! { fn rmsnorm_row_on(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) -> f32 = rmsnorm_new_row }
+vectorised! { fn swiglu_row_on(gate: &[f32], up: &[f32], h: &mut [f32]) = swiglu_row }
 
 /// `rmsnorm_forward`'s output again from its input and `rstd`, bit for bit (backward recomputes it rather
 /// than keeping it on the tape).
@@ -102,7 +112,7 @@ pub fn rmsnorm_apply(x: &[f32], w: &[f32], rstd: &[f32], y: &mut [f32]) {
     y.par_chunks_mut(h).zip(x.par_chunks(h)).zip(rstd.par_iter()).for_each(|((yr, xr), &r)| rmsnorm_row(xr, w, r, yr));
 }
 
-#[inline]
+#[inline(always)]
 fn rmsnorm_row(x: &[f32], w: &[f32], rstd: f32, y: &mut [f32]) {
     for ((yv, xv), wv) in y.iter_mut().zip(x).zip(w) {
         *yv = wv * (xv * rstd);
@@ -293,17 +303,26 @@ impl Rope {
         x.par_chunks_mut(row_stride).zip(positions.par_iter()).for_each(|(row, &p)| {
             let c = &self.cos[p as usize * half..][..half];
             let s = &self.sin[p as usize * half..][..half];
-            for head in row[..cols].chunks_mut(2 * half) {
-                let (a, b) = head.split_at_mut(half);
-                for j in 0..half {
-                    let (x1, x2) = (a[j], b[j]);
-                    a[j] = x1 * c[j] - sign * x2 * s[j];
-                    b[j] = x2 * c[j] + sign * x1 * s[j];
-                }
-            }
+            rotate_row_on(active(), &mut row[..cols], c, s, sign);
         });
     }
 }
+
+/// Rotates each head of `row` (heads `2·c.len()` wide: first half, second half) by the angles of `c`, `s`.
+#[inline(always)]
+fn rotate_row(row: &mut [f32], c: &[f32], s: &[f32], sign: f32) {
+    let half = c.len();
+    for head in row.chunks_mut(2 * half) {
+        let (a, b) = head.split_at_mut(half);
+        for j in 0..half {
+            let (x1, x2) = (a[j], b[j]);
+            a[j] = x1 * c[j] - sign * x2 * s[j];
+            b[j] = x2 * c[j] + sign * x1 * s[j];
+        }
+    }
+}
+
+vectorised! { fn rotate_row_on(row: &mut [f32], c: &[f32], s: &[f32], sign: f32) = rotate_row }
 
 /// `exp` for f32 by range reduction and a degree-6 polynomial (Cephes `expf`): within 2 ulp of the libm result
 /// on the range that matters here, and simple enough for the compiler to vectorise the loops that call it.
@@ -339,10 +358,15 @@ fn sigmoid(x: f32) -> f32 {
 pub fn swiglu_forward(gate_up: &[f32], inter: usize, h: &mut [f32]) {
     h.par_chunks_mut(inter).zip(gate_up.par_chunks(2 * inter)).for_each(|(h, gu)| {
         let (gate, up) = gu.split_at(inter);
-        for ((h, &g), &u) in h.iter_mut().zip(gate).zip(up) {
-            *h = g * sigmoid(g) * u;
-        }
+        swiglu_row_on(active(), gate, up, h)
     });
+}
+
+#[inline(always)]
+fn swiglu_row(gate: &[f32], up: &[f32], h: &mut [f32]) {
+    for ((h, &g), &u) in h.iter_mut().zip(gate).zip(up) {
+        *h = g * sigmoid(g) * u;
+    }
 }
 
 /// Backward of `swiglu_forward`: writes `dgate_up` (same layout as `gate_up`).
