@@ -68,9 +68,8 @@ pub fn forward_continuation(model: &Model, batch: &ContinuationBatch, cache: &Pr
     score(model, &hidden, &batch.scored_targets, &batch.scored_seq, batch.seq_starts.len() - 1, None).0
 }
 
-/// Keys and values of sequences being generated: per layer, `capacity` rows per sequence of the fused q|k|v
-/// rows, filled as `extend` runs tokens through the model (a KV cache, in the layout `forward_continuation`
-/// reads).
+/// Keys and values of sequences being generated: per layer, `capacity` k|v rows per sequence, filled as
+/// `extend` runs tokens through the model (a KV cache, in the layout `forward_continuation` reads).
 pub struct KvCache {
     /// Apply the model's LoRA adapters (false: its frozen base, KTO's reference under LoRA).
     pub adapters: bool,
@@ -83,8 +82,7 @@ impl KvCache {
     /// Room for `n_seqs` sequences of at most `capacity` tokens each.
     pub fn new(model: &Model, n_seqs: usize, capacity: usize) -> Self {
         let spec = &model.spec;
-        let w = (spec.heads + 2 * spec.kv_heads) * spec.head_dim;
-        let qkv = (0..spec.layers).map(|_| Buf::zeros(n_seqs * capacity * w)).collect();
+        let qkv = (0..spec.layers).map(|_| Buf::zeros(n_seqs * capacity * 2 * spec.kv_dim())).collect();
         let seq_starts = (0..=n_seqs).map(|s| s * capacity).collect();
         let cache = PrefixCache { seq_starts, tokens: Vec::new(), qkv, final_hidden: Buf::default(), hidden_rows: Vec::new() };
         KvCache { adapters: true, capacity, lens: vec![0; n_seqs], cache }
@@ -164,7 +162,7 @@ pub fn extend_kv_into(model: &Model, cache: &mut KvCache, new_tokens: &[&[u32]],
     }
     let keys = Keys::Continuation { seq_starts: &seq_starts, cache: &cache.cache, prefix: &prefix };
     let (x, _, kept_qkv) = run_layers(model, &tokens, &positions, keys, Pass { keep_cache: true, adapters: cache.adapters, ..Pass::default() }, None);
-    let w = (model.spec.heads + 2 * model.spec.kv_heads) * model.spec.head_dim;
+    let w = 2 * model.spec.kv_dim();
     for (layer, rows) in cache.cache.qkv.iter_mut().zip(&kept_qkv) {
         for (i, &s) in active.iter().enumerate() {
             let (from, to) = (seq_starts[i], seq_starts[i + 1]);

@@ -78,7 +78,8 @@ pub fn tape_floats(model: &Model, n: usize, m: usize, checkpoint: bool) -> usize
 }
 
 /// Hidden states and keys/values of a finished pass that later passes may continue from (see
-/// `forward_continuation`): per layer the fused q|k|v rows, and the final-normed hidden state of every row.
+/// `forward_continuation`): per layer the keys and values of every row (the k|v part of the fused q|k|v rows,
+/// `2·kv_heads·head_dim` wide), and the final-normed hidden states of the scored rows.
 pub struct PrefixCache {
     seq_starts: Vec<usize>,
     tokens: Vec<u32>,

@@ -195,22 +195,23 @@ pub fn attention_backward(shape: &AttnShape, dout: &[f32], qkv: &[f32], out: &[f
 }
 
 /// Attention of sequences that continue cached prefixes (no gradient): sequence s of the pass (rows of `qkv`)
-/// attends to rows `prefix[s].0 .. prefix[s].0 + prefix[s].1` of `prefix_qkv`, then causally to its own rows.
+/// attends to rows `prefix[s].0 .. prefix[s].0 + prefix[s].1` of `prefix_kv` (k|v rows, the cached pass's
+/// keys then values), then causally to its own rows.
 pub fn attention_continuation(
     shape: &AttnShape,
     qkv: &[f32],
-    prefix_qkv: &[f32],
+    prefix_kv: &[f32],
     prefix: &[(usize, usize)],
     out: &mut [f32],
 ) {
     let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
-    let (w, ow) = (shape.qkv_width(), h * d);
+    let (w, ow, pw) = (shape.qkv_width(), h * d, 2 * kvh * d);
     let group = h / kvh;
     let scale = shape.scale;
     let n = *shape.seq_starts.last().unwrap_or(&0);
     assert!(out.len() >= n * ow && qkv.len() >= n * w && prefix.len() == shape.n_seqs());
     for &(start, len) in prefix {
-        assert!(prefix_qkv.len() >= (start + len) * w, "prefix rows outside the cache");
+        assert!(prefix_kv.len() >= (start + len) * pw, "prefix rows outside the cache");
     }
     let out_ptr = SharedMut(out.as_mut_ptr());
     let tasks: Vec<(usize, usize)> = (0..shape.n_seqs()).flat_map(|s| (0..h).map(move |hh| (s, hh))).collect();
@@ -224,8 +225,8 @@ pub fn attention_continuation(
         unsafe {
             let rows = qkv.as_ptr().add(start * w);
             let (ks, vs) = (rows.add(ow + kv * d), rows.add(ow + kvh * d + kv * d));
-            let prows = prefix_qkv.as_ptr().add(pstart * w);
-            let (pk, pv) = (prows.add(ow + kv * d), prows.add(ow + kvh * d + kv * d));
+            let prows = prefix_kv.as_ptr().add(pstart * pw);
+            let (pk, pv) = (prows.add(kv * d), prows.add(kvh * d + kv * d));
             for b0 in (0..l).step_by(ATTN_BLOCK) {
                 let (bn, own_keys) = (ATTN_BLOCK.min(l - b0), (b0 + ATTN_BLOCK).min(l));
                 let width = plen + own_keys;
@@ -236,11 +237,11 @@ pub fn attention_continuation(
                     let o = std::slice::from_raw_parts_mut(o, d);
                     let q = std::slice::from_raw_parts(qs, d);
                     let (lo, sc) = (shape.first_key(plen + b0), &mut sc[..width]);
-                    single_query_on(active(), q, (scale, shape.softcap), (pk, pv, plen), (ks, vs, own_keys), w, sc, lo, plen + b0, o);
+                    single_query_on(active(), q, (scale, shape.softcap), (pk, pv, plen, pw), (ks, vs, own_keys, w), sc, lo, plen + b0, o);
                     continue;
                 }
                 if plen > 0 {
-                    sgemm_strided(bn, d, plen, scale, qs, w, 1, pk, 1, w, 0.0, sc.as_mut_ptr(), width, 1);
+                    sgemm_strided(bn, d, plen, scale, qs, w, 1, pk, 1, pw, 0.0, sc.as_mut_ptr(), width, 1);
                 }
                 sgemm_strided(bn, d, own_keys, scale, qs, w, 1, ks, 1, w, 0.0, sc.as_mut_ptr().add(plen), width, 1);
                 for i in 0..bn {
@@ -251,7 +252,7 @@ pub fn attention_continuation(
                 }
                 sgemm_strided(bn, own_keys, d, 1.0, sc.as_ptr().add(plen), width, 1, vs, w, 1, 0.0, o, ow, 1);
                 if plen > 0 {
-                    sgemm_strided(bn, plen, d, 1.0, sc.as_ptr(), width, 1, pv, w, 1, 1.0, o, ow, 1);
+                    sgemm_strided(bn, plen, d, 1.0, sc.as_ptr(), width, 1, pv, pw, 1, 1.0, o, ow, 1);
                 }
             }
         }
@@ -266,29 +267,29 @@ fn cap_scores(shape: &AttnShape, scores: &mut [f32]) {
     }
 }
 
-/// Attention of one query row `q` over `plen` cached keys/values then `own` keys/values of its own pass (rows `w`
-/// floats apart), causal from key `lo` to key `t`: `out = softmax(cap(scale · q·K)) · V`, with `scores` as
-/// scratch; the second argument is (scale, soft-cap).
+/// Attention of one query row `q` over `plen` cached keys/values then `own` keys/values of its own pass,
+/// causal from key `lo` to key `t`: `out = softmax(cap(scale · q·K)) · V`, with `scores` as scratch; the second
+/// argument is (scale, soft-cap), `cached` and `own` are (keys, values, rows, row stride).
 ///
 /// # Safety
-/// The key and value pointers address `plen` (cached) and `own` (own) rows of `q.len()` floats, `w` apart.
+/// The key and value pointers address `plen` (cached) and `own` (own) rows of `q.len()` floats, their row
+/// strides apart.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn single_query(
     q: &[f32],
     (scale, cap): (f32, Option<f32>),
-    cached: (*const f32, *const f32, usize),
-    own: (*const f32, *const f32, usize),
-    w: usize,
+    cached: (*const f32, *const f32, usize, usize),
+    own: (*const f32, *const f32, usize, usize),
     scores: &mut [f32],
     lo: usize,
     t: usize,
     out: &mut [f32],
 ) {
     let d = q.len();
-    let ((pk, pv, plen), (ks, vs, n_own)) = (cached, own);
+    let ((pk, pv, plen, pw), (ks, vs, n_own, w)) = (cached, own);
     for j in 0..plen {
-        scores[j] = scaled_dot(q, std::slice::from_raw_parts(pk.add(j * w), d), scale);
+        scores[j] = scaled_dot(q, std::slice::from_raw_parts(pk.add(j * pw), d), scale);
     }
     for j in 0..n_own {
         scores[plen + j] = scaled_dot(q, std::slice::from_raw_parts(ks.add(j * w), d), scale);
@@ -302,11 +303,11 @@ unsafe fn single_query(
         add_scaled(out, scores[plen + j], std::slice::from_raw_parts(vs.add(j * w), d));
     }
     for j in 0..plen {
-        add_scaled(out, scores[j], std::slice::from_raw_parts(pv.add(j * w), d));
+        add_scaled(out, scores[j], std::slice::from_raw_parts(pv.add(j * pw), d));
     }
 }
 
-vectorised! { [unsafe] fn single_query_on(q: &[f32], scale_cap: (f32, Option<f32>), cached: (*const f32, *const f32, usize), own: (*const f32, *const f32, usize), w: usize, scores: &mut [f32], lo: usize, t: usize, out: &mut [f32]) = single_query }
+vectorised! { [unsafe] fn single_query_on(q: &[f32], scale_cap: (f32, Option<f32>), cached: (*const f32, *const f32, usize, usize), own: (*const f32, *const f32, usize, usize), scores: &mut [f32], lo: usize, t: usize, out: &mut [f32]) = single_query }
 
 /// `scale · q·k`. Functions rather than closures, so that they inline into `vectorised`'s copy and compile to
 /// its vectors (a closure stayed a call of its own, in baseline code).
@@ -353,7 +354,7 @@ mod tests {
             let (mut scores, mut out) = (vec![0f32; plen + own], vec![0f32; d]);
             let (k, v) = (qkv.as_ptr(), unsafe { qkv.as_ptr().add(d) });
             // SAFETY: plen + own rows of w ≥ 2d floats, keys at 0 and values at d in each.
-            unsafe { single_query_on(isa, &q, (0.125, Some(30.0)), (k, v, plen), (k.add(plen * w), v.add(plen * w), own), w, &mut scores, 3, plen + own - 1, &mut out) };
+            unsafe { single_query_on(isa, &q, (0.125, Some(30.0)), (k, v, plen, w), (k.add(plen * w), v.add(plen * w), own, w), &mut scores, 3, plen + own - 1, &mut out) };
             let (gate, up): (Vec<f32>, Vec<f32>) = ((0..1001).map(value).collect(), (0..1001).map(|i| value(i + 1)).collect());
             let mut h = vec![0f32; 1001];
             swiglu_row_on(isa, &gate, &up, &mut h);
