@@ -149,13 +149,13 @@ fn tile_product<W: Widen, T>(isa: Isa, m: usize, k: usize, a: &[f32], weights: [
     }
     // A share of the next tile is fetched before each block of work: fetching it only when it is reached
     // would leave the memory idle meanwhile.
-    let pieces = full.div_ceil(BLOCK_DEPTH) * m.div_ceil(ROW_GROUP);
-    let mut piece = 0;
+    // (A share's bounds step by a fixed length: two divisions a call were a measurable part of a call's cost.)
+    let share = next.len().div_ceil(full.div_ceil(BLOCK_DEPTH) * m.div_ceil(ROW_GROUP)).max(1);
+    let mut shares = next.chunks(share);
     for p0 in (0..full).step_by(BLOCK_DEPTH) {
         let depth = BLOCK_DEPTH.min(full - p0);
         for (g, acc) in acc.chunks_mut(ROW_GROUP * TILE_COLS).enumerate() {
-            prefetch(&next[next.len() * piece / pieces..next.len() * (piece + 1) / pieces]);
-            piece += 1;
+            prefetch(shares.next().unwrap_or_default());
             lanes(isa, &a[g * ROW_GROUP * k..], k, weights, p0, depth, acc);
         }
     }
