@@ -150,7 +150,9 @@ fn tile_product<W: Widen, T>(isa: Isa, m: usize, k: usize, a: &[f32], weights: [
     // A share of the next tile is fetched before each block of work: fetching it only when it is reached
     // would leave the memory idle meanwhile.
     // (A share's bounds step by a fixed length: two divisions a call were a measurable part of a call's cost.)
-    let share = next.len().div_ceil(full.div_ceil(BLOCK_DEPTH) * m.div_ceil(ROW_GROUP)).max(1);
+    // (No call at all below 16 positions: `full` is 0 there.)
+    let calls = (full.div_ceil(BLOCK_DEPTH) * m.div_ceil(ROW_GROUP)).max(1);
+    let share = next.len().div_ceil(calls).max(1);
     let mut shares = next.chunks(share);
     for p0 in (0..full).step_by(BLOCK_DEPTH) {
         let depth = BLOCK_DEPTH.min(full - p0);

@@ -96,13 +96,13 @@ pub fn rmsnorm_forward(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], rstd: &mut
 
 /// One row of `rmsnorm_forward`; returns its `rstd`.
 #[inline(always)]
-fn rmsnorm_new_row(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) -> f32 {
+fn rmsnorm_row_and_rstd(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) -> f32 {
     let rstd = 1.0 / (sum_of_squares(x) / w.len() as f32 + eps).sqrt();
     rmsnorm_row(x, w, rstd, y);
     rstd
 }
 
-vectorised! { fn rmsnorm_row_on(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) -> f32 = rmsnorm_new_row }
+vectorised! { fn rmsnorm_row_on(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) -> f32 = rmsnorm_row_and_rstd }
 vectorised! { fn swiglu_row_on(gate: &[f32], up: &[f32], h: &mut [f32]) = swiglu_row }
 
 /// `rmsnorm_forward`'s output again from its input and `rstd`, bit for bit (backward recomputes it rather
