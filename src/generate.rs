@@ -251,7 +251,7 @@ fn generate_batch_observed(
         let mut done: Vec<bool> = chunk.iter().map(|p| p.is_empty() || opts.max_new_tokens == 0).collect();
         let mut feed: Vec<Vec<u32>> = chunk.iter().map(|p| if p.is_empty() { Vec::new() } else { p.clone() }).collect();
         let mut logits = StepLogits::default();
-        if let Some((lead, len)) = shared_start(chunk) {
+        if let Some((lead, len)) = shared_start(chunk).filter(|_| opts.max_new_tokens > 0) {
             let mut start: Vec<&[u32]> = vec![&[]; chunk.len()];
             start[lead] = &chunk[lead][..len];
             extend_kv_into(model, &mut cache, &start, &mut logits);
