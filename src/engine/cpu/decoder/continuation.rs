@@ -82,9 +82,9 @@ impl KvCache {
     /// Room for `n_seqs` sequences of at most `capacity` tokens each.
     pub fn new(model: &Model, n_seqs: usize, capacity: usize) -> Self {
         let spec = &model.spec;
-        let qkv = (0..spec.layers).map(|_| Buf::zeros(n_seqs * capacity * 2 * spec.kv_dim())).collect();
+        let kv = (0..spec.layers).map(|_| Buf::zeros(n_seqs * capacity * 2 * spec.kv_dim())).collect();
         let seq_starts = (0..=n_seqs).map(|s| s * capacity).collect();
-        let cache = PrefixCache { seq_starts, tokens: Vec::new(), qkv, final_hidden: Buf::default(), hidden_rows: Vec::new() };
+        let cache = PrefixCache { seq_starts, tokens: Vec::new(), kv, final_hidden: Buf::default(), hidden_rows: Vec::new() };
         KvCache { adapters: true, capacity, lens: vec![0; n_seqs], cache }
     }
 
@@ -101,11 +101,11 @@ impl KvCache {
     /// values depend only on the tokens before it, so prompts that start alike can run their common start once.
     pub fn share_prefix(&mut self, from: usize, to: &[usize], len: usize) {
         assert!(len <= self.lens[from], "sequence {from} holds {} tokens, not {len}", self.lens[from]);
-        let row = self.cache.qkv.first().map_or(0, |l| l.len() / (self.lens.len() * self.capacity));
+        let row = self.cache.kv.first().map_or(0, |l| l.len() / (self.lens.len() * self.capacity));
         let src = from * self.capacity * row..(from * self.capacity + len) * row;
         for &s in to {
             assert!(self.lens[s] == 0 && s != from, "sequence {s} is not empty");
-            for layer in &mut self.cache.qkv {
+            for layer in &mut self.cache.kv {
                 layer.copy_within(src.clone(), s * self.capacity * row);
             }
             self.lens[s] = len;
@@ -161,9 +161,9 @@ pub fn extend_kv_into(model: &Model, cache: &mut KvCache, new_tokens: &[&[u32]],
         return;
     }
     let keys = Keys::Continuation { seq_starts: &seq_starts, cache: &cache.cache, prefix: &prefix };
-    let (x, _, kept_qkv) = run_layers(model, &tokens, &positions, keys, Pass { keep_cache: true, adapters: cache.adapters, ..Pass::default() }, None);
+    let (x, _, kept_kv) = run_layers(model, &tokens, &positions, keys, Pass { keep_cache: true, adapters: cache.adapters, ..Pass::default() }, None);
     let w = 2 * model.spec.kv_dim();
-    for (layer, rows) in cache.cache.qkv.iter_mut().zip(&kept_qkv) {
+    for (layer, rows) in cache.cache.kv.iter_mut().zip(&kept_kv) {
         for (i, &s) in active.iter().enumerate() {
             let (from, to) = (seq_starts[i], seq_starts[i + 1]);
             let dst = (s * cache.capacity + cache.lens[s]) * w;

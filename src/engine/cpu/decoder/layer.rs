@@ -113,14 +113,14 @@ pub(super) fn run_layers(
             row.iter_mut().for_each(|v| *v *= scale);
         }
     });
-    let (mut records, mut kept_qkv) = (Vec::new(), Vec::new());
+    let (mut records, mut kept_kv) = (Vec::new(), Vec::new());
     let last = lay.layers.len().saturating_sub(1);
     for l in 0..lay.layers.len() {
         let x_in = (pass.keep_tape && pass.checkpoint).then(|| Buf::copy_of(&x));
         let rows = if l == last { last_layer_rows } else { None };
         let (tape, qkv) = layer_forward(model, l, &mut x, positions, &keys, layer_pass, rows);
         if let Some(q) = qkv {
-            kept_qkv.push(q);
+            kept_kv.push(q);
         }
         match (tape, x_in) {
             (Some(t), _) => records.push(LayerRecord::Full(t)),
@@ -128,11 +128,11 @@ pub(super) fn run_layers(
             (None, None) => {}
         }
     }
-    (x, records, kept_qkv)
+    (x, records, kept_kv)
 }
 
-/// One decoder layer, updating the residual stream `x` in place; returns its tape when asked (and its q|k|v
-/// rows with `keep_qkv`). With `out_rows`, everything after attention runs only at those rows and `x` comes
+/// One decoder layer, updating the residual stream `x` in place; returns its tape when asked (and its k|v
+/// rows with `keep_kv`). With `out_rows`, everything after attention runs only at those rows and `x` comes
 /// back with just them (the last layer, whose other rows nothing reads).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn layer_forward(
@@ -144,7 +144,7 @@ pub(super) fn layer_forward(
     pass: Pass,
     out_rows: Option<&[usize]>,
 ) -> (Option<LayerTape>, Option<Buf>) {
-    let (keep_tape, keep_qkv) = (pass.keep_tape, pass.keep_cache);
+    let (keep_tape, keep_kv) = (pass.keep_tape, pass.keep_cache);
     let lora = if pass.adapters { model.lora.as_ref() } else { None };
     let spec = &model.spec;
     let p = model.params.weights();
@@ -191,7 +191,7 @@ pub(super) fn layer_forward(
             kernels::attention_forward(&shape, &qkv, &mut att, &mut attn_lse);
         }
         Keys::Continuation { cache, prefix, .. } => {
-            kernels::attention_continuation(&shape, &qkv, &cache.qkv[l], prefix, &mut att);
+            kernels::attention_continuation(&shape, &qkv, &cache.kv[l], prefix, &mut att);
         }
     }
     let x_in = if keep_tape { Buf::copy_of(x) } else { Buf::default() };
@@ -251,7 +251,7 @@ pub(super) fn layer_forward(
         }
     }
     // Later passes read only the keys and values (the queries were 78% of the row at Qwen2.5's shapes).
-    let kept_qkv = keep_qkv.then(|| {
+    let kept_kv = keep_kv.then(|| {
         let mut kv = Buf::scratch(qkv.len() / qkv_w * (qkv_w - qd));
         kv.chunks_exact_mut(qkv_w - qd).zip(qkv.chunks_exact(qkv_w)).for_each(|(d, row)| d.copy_from_slice(&row[qd..]));
         kv
@@ -276,7 +276,7 @@ pub(super) fn layer_forward(
         out_rows,
         att_out,
     });
-    (tape, kept_qkv)
+    (tape, kept_kv)
 }
 
 /// The attention geometry of layer `l` over the sequences starting at `seq_starts`.

@@ -83,7 +83,7 @@ pub fn tape_floats(model: &Model, n: usize, m: usize, checkpoint: bool) -> usize
 pub struct PrefixCache {
     seq_starts: Vec<usize>,
     tokens: Vec<u32>,
-    qkv: Vec<Buf>,
+    kv: Vec<Buf>,
     /// Final-normed hidden states of the pass's scored rows (`hidden_rows`, ascending), the only ones it computes.
     final_hidden: Buf,
     hidden_rows: Vec<usize>,
@@ -132,7 +132,7 @@ pub fn forward_with_cache(model: &Model, batch: &SeqBatch, pass: Pass) -> (Score
     let keys = Keys::Causal { seq_starts: &batch.seq_starts };
     // The last layer runs only the scored rows past attention: the hidden state comes back with just them.
     let rows = Some(batch.scored_rows.as_slice());
-    let (x, tapes, qkv) =
+    let (x, tapes, kv) =
         run_layers(model, &batch.tokens, &batch.positions, keys, pass, rows);
     let (scored_hidden, rstd_final) = final_norm(model, &x);
     let m = batch.scored_rows.len();
@@ -143,7 +143,7 @@ pub fn forward_with_cache(model: &Model, batch: &SeqBatch, pass: Pass) -> (Score
     let cache = keep_cache.then(|| PrefixCache {
         seq_starts: batch.seq_starts.clone(),
         tokens: batch.tokens.clone(),
-        qkv,
+        kv,
         final_hidden: Buf::copy_of(&scored_hidden),
         hidden_rows: batch.scored_rows.clone(),
     });
