@@ -71,20 +71,20 @@ fn a_bf16_checkpoint_loads_frozen_in_bf16_with_the_same_values() {
     let all_bf16 = write(None, false);
     let trainable = Model::load(all_bf16.path()).unwrap();
     let frozen = Model::load_frozen(all_bf16.path()).unwrap();
-    assert_eq!(frozen.params.bytes() * 2, trainable.params.bytes(), "held in bf16");
-    assert_eq!(frozen.params.to_host(), trainable.params.to_host());
+    assert_eq!(frozen.weight_bytes() * 2, trainable.weight_bytes(), "held in bf16");
+    assert_eq!(tensor_values(&frozen), tensor_values(&trainable));
     let seqs: [&[u32]; 2] = [&[1, 5, 9, 2, 7], &[3, 4]];
     let logits = |model: &Model| kto::engine::forward_logits(model, &seqs);
     assert_eq!(logits(&frozen), logits(&trainable), "the same bits from bf16 weights");
     // A tensor saved again in f32 still holds bf16 values: still bf16, still the same values.
     let upcast = Model::load_frozen(write(Some(3), false).path()).unwrap();
-    assert_eq!(upcast.params.bytes(), frozen.params.bytes(), "f32 holding bf16 values is held in bf16");
-    assert_eq!(upcast.params.to_host(), trainable.params.to_host());
+    assert_eq!(upcast.weight_bytes(), frozen.weight_bytes(), "f32 holding bf16 values is held in bf16");
+    assert_eq!(tensor_values(&upcast), tensor_values(&trainable));
     // One holding values that bf16 cannot: the model keeps f32, with those values.
     assert!(m.params.to_host()[m.layout.tensors[3].range()].iter().any(|v| half::bf16::from_f32(*v).to_f32() != *v));
     let mixed = Model::load_frozen(write(Some(3), true).path()).unwrap();
-    assert_eq!(mixed.params.bytes(), trainable.params.bytes(), "a tensor of true f32 values keeps f32");
-    assert_eq!(mixed.params.to_host()[m.layout.tensors[3].range()], m.params.to_host()[m.layout.tensors[3].range()]);
+    assert_eq!(mixed.weight_bytes(), trainable.weight_bytes(), "a tensor of true f32 values keeps f32");
+    assert_eq!(tensor_values(&mixed)[3], tensor_values(&m)[3]);
 }
 
 #[test]
@@ -129,4 +129,76 @@ fn unsupported_architecture_lists_the_supported_ones() {
     .unwrap();
     let e = Model::load(dir.path()).unwrap_err().to_string();
     assert!(e.contains("gpt2") && e.contains("llama"), "{e}");
+}
+
+/// Each tensor's values, tensor after tensor, whatever gaps the model's layout leaves between them.
+fn tensor_values(m: &Model) -> Vec<Vec<f32>> {
+    let all = m.params.to_host();
+    m.layout.tensors.iter().map(|t| all[t.range()].to_vec()).collect()
+}
+
+fn weights_fingerprint(m: &Model) -> u64 {
+    let mut h = kto::fingerprint::Fingerprint::default();
+    m.fingerprint_weights(&mut h);
+    h.finish()
+}
+
+/// Frozen weights stored in the dtype they are held in are mapped from their file where they lie (on Linux),
+/// the large stacks at addresses where the kernel can map huge pages. The model holds the same values as one
+/// loaded by copying, gives the same bits, fingerprints the same, and a non-finite value in a mapped tensor
+/// is still refused, named.
+#[test]
+fn frozen_weights_mapped_from_their_file_are_the_copied_ones() {
+    let policy = Model::load(&fixture("policy")).unwrap();
+    // 16384 × 64 embedding rows: 4 MB in f32, 2 MB in bf16, so both go the huge-page way.
+    let spec = kto::model::ModelSpec { vocab_size: 16384, ..policy.spec.clone() };
+    let random = kto::model::random::random_model(&spec, 7);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("policy/config.json")).unwrap()).unwrap();
+    cfg["vocab_size"] = 16384.into();
+    let write = |name: &str, dtype: Dtype, poison: Option<usize>| {
+        let folder = dir.path().join(name);
+        std::fs::create_dir(&folder).unwrap();
+        std::fs::write(folder.join("config.json"), cfg.to_string()).unwrap();
+        let mut values = tensor_values(&random);
+        if let Some(t) = poison {
+            values[t][1000] = f32::INFINITY;
+        }
+        let tensors: Vec<_> = random
+            .layout
+            .tensors
+            .iter()
+            .zip(&values)
+            .map(|(t, v)| {
+                let bytes: Vec<u8> = match dtype {
+                    Dtype::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+                    _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                };
+                (t.name.clone(), t.shape.clone(), bytes, dtype)
+            })
+            .collect();
+        write_shard(&folder.join("model.safetensors"), &tensors);
+        folder
+    };
+    let seqs: [&[u32]; 2] = [&[1, 5, 9, 2, 7, 16000], &[3, 4]];
+    for (dtype, value_bytes) in [(Dtype::F32, 4), (Dtype::BF16, 2)] {
+        let folder = write(&format!("{dtype:?}"), dtype, None);
+        let copied = Model::load(&folder).unwrap();
+        let mapped = Model::load_frozen(&folder).unwrap();
+        if cfg!(target_os = "linux") {
+            assert!(format!("{:?}", mapped.params).contains("mapped from files"), "{dtype:?}: {:?}", mapped.params);
+            assert!(mapped.layout.total > mapped.layout.parameters, "{dtype:?}: the mapped stacks sit apart");
+        }
+        assert_eq!(mapped.num_parameters(), copied.num_parameters());
+        assert_eq!(mapped.weight_bytes(), copied.num_parameters() * value_bytes, "{dtype:?}");
+        assert_eq!(tensor_values(&mapped), tensor_values(&copied), "{dtype:?}");
+        assert_eq!(weights_fingerprint(&mapped), weights_fingerprint(&copied), "{dtype:?}");
+        let logits = |model: &Model| kto::engine::forward_logits(model, &seqs);
+        assert_eq!(logits(&mapped), logits(&copied), "{dtype:?}: the same bits from mapped weights");
+        // The embedding (mapped) holding an infinity: refused, named.
+        let poisoned = write(&format!("{dtype:?}-inf"), dtype, Some(0));
+        let e = Model::load_frozen(&poisoned).unwrap_err().to_string();
+        assert!(e.contains("model.embed_tokens.weight") && e.contains("non-finite"), "{e}");
+    }
 }

@@ -57,7 +57,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     let decode_s = step_ends.last().unwrap() - first_token_s;
     let decode_steps = step_ends.len() - 1;
     let tokens_per_s = (decode_steps * batch) as f64 / decode_s;
-    let weight_bytes = model.params.bytes();
+    let weight_bytes = model.weight_bytes();
     let read_rate = weight_bytes as f64 * decode_steps as f64 / decode_s;
     let copy = copy_rate();
     println!(

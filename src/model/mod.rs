@@ -1,8 +1,12 @@
 //! The decoder's shape (read from a Hugging Face `config.json`) and its parameters as one flat buffer.
 //!
-//! Parameters live in a single `Vec<f32>` (llm.c style) so that gradients, optimizer state, clipping and saving
-//! are loops over one slice. `ParamLayout` maps each Hugging Face tensor name to its range in that buffer.
+//! Parameters live in one flat buffer (llm.c style) so that gradients, optimizer state, clipping and saving
+//! are loops over one slice. `ParamLayout` maps each Hugging Face tensor name to its range in that buffer; the
+//! tensors lie one after another, except in frozen models mapped from their files, whose layout leaves gaps so
+//! that each large stack sits where its file's pages can be mapped (`mapped_weights`).
 pub mod lora;
+#[cfg(target_os = "linux")]
+mod mapped_weights;
 pub mod random;
 pub mod weights;
 
@@ -510,66 +514,131 @@ pub struct ParamLayout {
     pub final_norm: usize,
     /// The lm_head matrix; equal to `embed` when the embeddings are tied.
     pub lm_head: usize,
+    /// The buffer's length: the parameters, and the gaps a `Placement` left between them (none in `new`'s).
     pub total: usize,
+    /// The number of parameters (the tensors' lengths summed).
+    pub parameters: usize,
+}
+
+/// Where a layout puts its tensors. They come in stacks, in the layout's order: tensors that must lie adjacent
+/// because one GEMM reads them as one matrix ([q|k|v], [gate|up], the q|k|v biases), else one tensor alone.
+pub trait Placement {
+    /// The offset of the stack's first tensor, given each tensor's name and length: at least the end of the
+    /// stack before it.
+    fn place(&mut self, stack: &[(&str, usize)]) -> usize;
+    /// The buffer's length once every stack is placed.
+    fn end(&self) -> usize;
+}
+
+/// Tensors one after another with no gap: the layout of everything but frozen weights mapped from their files.
+struct Packed(usize);
+
+impl Placement for Packed {
+    fn place(&mut self, stack: &[(&str, usize)]) -> usize {
+        let offset = self.0;
+        self.0 += stack.iter().map(|&(_, len)| len).sum::<usize>();
+        offset
+    }
+    fn end(&self) -> usize {
+        self.0
+    }
+}
+
+/// Builds a layout's tensor list, stack by stack, where a `Placement` says.
+struct Builder<'p> {
+    tensors: Vec<TensorSlot>,
+    placement: &'p mut dyn Placement,
+    /// Where the last stack ended: a placement may leave gaps, never overlap.
+    end: usize,
+}
+
+impl Builder<'_> {
+    /// Places the tensors `(name, shape, decay)` adjacent, in order; returns the first one's offset.
+    fn stack(&mut self, parts: Vec<(String, Vec<usize>, bool)>) -> usize {
+        let lens: Vec<(&str, usize)> = parts.iter().map(|(n, s, _)| (n.as_str(), s.iter().product())).collect();
+        let first = self.placement.place(&lens);
+        assert!(first >= self.end, "a placement put {} over the tensor before it", parts[0].0);
+        let mut offset = first;
+        for (name, shape, decay) in parts {
+            let slot = TensorSlot { name, shape, offset, decay };
+            offset += slot.len();
+            self.tensors.push(slot);
+        }
+        self.end = offset;
+        first
+    }
+
+    fn one(&mut self, name: String, shape: Vec<usize>, decay: bool) -> usize {
+        self.stack(vec![(name, shape, decay)])
+    }
 }
 
 impl ParamLayout {
+    /// Every tensor right after the one before it.
     pub fn new(spec: &ModelSpec) -> Self {
-        let mut tensors = Vec::new();
-        let mut total = 0usize;
-        let mut add = |name: String, shape: Vec<usize>, decay: bool| -> usize {
-            let offset = total;
-            total += shape.iter().product::<usize>();
-            tensors.push(TensorSlot { name, shape, offset, decay });
-            offset
-        };
+        Self::placed(spec, &mut Packed(0))
+    }
+
+    /// The tensors in the same order, each stack where `placement` puts it.
+    pub fn placed(spec: &ModelSpec, placement: &mut dyn Placement) -> Self {
+        let mut b = Builder { tensors: Vec::new(), placement, end: 0 };
         let (h, i, q, kv) = (spec.hidden, spec.intermediate, spec.q_dim(), spec.kv_dim());
-        let embed = add("model.embed_tokens.weight".into(), vec![spec.vocab_size, h], true);
+        let embed = b.one("model.embed_tokens.weight".into(), vec![spec.vocab_size, h], true);
         let mut layers = Vec::with_capacity(spec.layers);
         for l in 0..spec.layers {
             let p = format!("model.layers.{l}.");
-            let input_norm = add(format!("{p}input_layernorm.weight"), vec![h], false);
-            let (wq, wk, wv) = (
-                add(format!("{p}self_attn.q_proj.weight"), vec![q, h], true),
-                add(format!("{p}self_attn.k_proj.weight"), vec![kv, h], true),
-                add(format!("{p}self_attn.v_proj.weight"), vec![kv, h], true),
-            );
+            let input_norm = b.one(format!("{p}input_layernorm.weight"), vec![h], false);
+            // The engine multiplies by the [q|k|v] and [gate|up] stacks in one GEMM each.
+            let wq = b.stack(vec![
+                (format!("{p}self_attn.q_proj.weight"), vec![q, h], true),
+                (format!("{p}self_attn.k_proj.weight"), vec![kv, h], true),
+                (format!("{p}self_attn.v_proj.weight"), vec![kv, h], true),
+            ]);
             let qkv_bias = spec.qkv_bias.then(|| {
-                let b = add(format!("{p}self_attn.q_proj.bias"), vec![q], false);
-                add(format!("{p}self_attn.k_proj.bias"), vec![kv], false);
-                add(format!("{p}self_attn.v_proj.bias"), vec![kv], false);
-                b
+                b.stack(vec![
+                    (format!("{p}self_attn.q_proj.bias"), vec![q], false),
+                    (format!("{p}self_attn.k_proj.bias"), vec![kv], false),
+                    (format!("{p}self_attn.v_proj.bias"), vec![kv], false),
+                ])
             });
-            let q_norm = spec.qk_norm.then(|| add(format!("{p}self_attn.q_norm.weight"), vec![spec.head_dim], false));
-            let k_norm = spec.qk_norm.then(|| add(format!("{p}self_attn.k_norm.weight"), vec![spec.head_dim], false));
+            let q_norm = spec.qk_norm.then(|| b.one(format!("{p}self_attn.q_norm.weight"), vec![spec.head_dim], false));
+            let k_norm = spec.qk_norm.then(|| b.one(format!("{p}self_attn.k_norm.weight"), vec![spec.head_dim], false));
+            let o = b.one(format!("{p}self_attn.o_proj.weight"), vec![h, q], true);
+            let attn_out_norm = spec.sandwich_norms.then(|| b.one(format!("{p}post_attention_layernorm.weight"), vec![h], false));
+            let post_norm = match spec.sandwich_norms {
+                true => b.one(format!("{p}pre_feedforward_layernorm.weight"), vec![h], false),
+                false => b.one(format!("{p}post_attention_layernorm.weight"), vec![h], false),
+            };
+            let mlp_out_norm = spec.sandwich_norms.then(|| b.one(format!("{p}post_feedforward_layernorm.weight"), vec![h], false));
+            let gate = b.stack(vec![
+                (format!("{p}mlp.gate_proj.weight"), vec![i, h], true),
+                (format!("{p}mlp.up_proj.weight"), vec![i, h], true),
+            ]);
+            let down = b.one(format!("{p}mlp.down_proj.weight"), vec![h, i], true);
             layers.push(LayerOffsets {
                 input_norm,
                 q: wq,
-                k: wk,
-                v: wv,
+                k: wq + q * h,
+                v: wq + (q + kv) * h,
                 qkv_bias,
                 q_norm,
                 k_norm,
-                o: add(format!("{p}self_attn.o_proj.weight"), vec![h, q], true),
-                attn_out_norm: spec.sandwich_norms.then(|| add(format!("{p}post_attention_layernorm.weight"), vec![h], false)),
-                post_norm: match spec.sandwich_norms {
-                    true => add(format!("{p}pre_feedforward_layernorm.weight"), vec![h], false),
-                    false => add(format!("{p}post_attention_layernorm.weight"), vec![h], false),
-                },
-                mlp_out_norm: spec.sandwich_norms.then(|| add(format!("{p}post_feedforward_layernorm.weight"), vec![h], false)),
-                gate: add(format!("{p}mlp.gate_proj.weight"), vec![i, h], true),
-                up: add(format!("{p}mlp.up_proj.weight"), vec![i, h], true),
-                down: add(format!("{p}mlp.down_proj.weight"), vec![h, i], true),
+                o,
+                attn_out_norm,
+                post_norm,
+                mlp_out_norm,
+                gate,
+                up: gate + i * h,
+                down,
             });
         }
-        // The engine multiplies by the [q|k|v] and [gate|up] stacks in one GEMM each, so they must be adjacent.
-        for lo in &layers {
-            assert!(lo.k == lo.q + q * h && lo.v == lo.k + kv * h && lo.up == lo.gate + i * h);
-        }
-        let final_norm = add("model.norm.weight".into(), vec![h], false);
+        let final_norm = b.one("model.norm.weight".into(), vec![h], false);
         let lm_head =
-            if spec.tied_embeddings { embed } else { add("lm_head.weight".into(), vec![spec.vocab_size, h], true) };
-        ParamLayout { tensors, embed, layers, final_norm, lm_head, total }
+            if spec.tied_embeddings { embed } else { b.one("lm_head.weight".into(), vec![spec.vocab_size, h], true) };
+        let parameters = b.tensors.iter().map(TensorSlot::len).sum();
+        let total = b.placement.end();
+        assert!(total >= b.end, "a placement ended its buffer inside the last tensor");
+        ParamLayout { tensors: b.tensors, embed, layers, final_norm, lm_head, total, parameters }
     }
 }
 
@@ -586,13 +655,25 @@ pub struct Model {
 
 impl Model {
     pub fn num_parameters(&self) -> usize {
-        self.layout.total
+        self.layout.parameters
     }
 
     /// A copy that never trains (the reference model): no adapters, and its weights in bf16 when they all are
     /// bf16 values (a bf16 checkpoint), which halves its memory and changes no number.
     pub fn frozen_copy(&self) -> Model {
         Model { spec: self.spec.clone(), layout: self.layout.clone(), params: self.params.frozen_copy(), lora: None }
+    }
+
+    /// Bytes the weights take in the dtype they are held in (not counting the gaps a mapped layout leaves, which
+    /// hold no memory).
+    pub fn weight_bytes(&self) -> usize {
+        self.layout.parameters * self.params.value_bytes()
+    }
+
+    /// Adds the weights to `h`, tensor after tensor: the same fingerprint for the same values whatever gaps the
+    /// layout leaves (a packed layout's is the whole buffer's).
+    pub fn fingerprint_weights(&self, h: &mut crate::fingerprint::Fingerprint) {
+        self.params.fingerprint_ranges(self.layout.tensors.iter().map(TensorSlot::range), h);
     }
 
     /// `frozen_copy`, consuming the model.

@@ -1,5 +1,9 @@
-//! Loading a Hugging Face model folder into a `Model`, and writing one back so transformers loads it.
+//! Loading a Hugging Face model folder into a `Model`, and writing one back so transformers loads it. Weights that
+//! train are converted into fresh memory; frozen ones stay where their files' pages lie when they can
+//! (`mapped_weights`).
 use super::{Model, ModelSpec, ParamLayout};
+use crate::engine::cpu::weights::Widen;
+use crate::engine::Buffer;
 use crate::error::{Error, Result};
 use crate::files::write_atomic;
 use safetensors::{Dtype, SafeTensors};
@@ -68,60 +72,124 @@ fn widen_into(dtype: Dtype, data: &[u8], dst: &mut [f32]) {
 }
 
 /// A safetensors file mapped into memory: its tensors are read from the page cache where they lie, with no
-/// copy of the file in between.
-fn map_file(file: &Path) -> Result<memmap2::Mmap> {
+/// copy of the file in between. The file stays open: frozen weights may keep its pages (`mapped_weights`).
+fn map_file(file: &Path) -> Result<(std::fs::File, memmap2::Mmap)> {
     let f = std::fs::File::open(file).map_err(|e| Error::file(file, e))?;
     let mut options = memmap2::MmapOptions::new();
     #[cfg(target_os = "linux")]
     options.populate(); // one fault-in of the whole file instead of a fault per page
     // SAFETY: the map is read-only and lives only while the model loads; a file changed underneath gives wrong
     // values (then rejected or trained on), not undefined behaviour of ours beyond what reading it would give.
-    unsafe { options.map(&f) }.map_err(|e| Error::file(file, format!("cannot map: {e}")))
+    let map = unsafe { options.map(&f) }.map_err(|e| Error::file(file, format!("cannot map: {e}")))?;
+    Ok((f, map))
 }
 
 /// One stored tensor and the parameter slot it fills.
-struct Stored<'a> {
-    file: &'a Path,
-    name: String,
-    view: safetensors::tensor::TensorView<'a>,
-    slot: usize,
+pub(super) struct Stored<'a> {
+    pub file: &'a Path,
+    /// Which of the checkpoint's files holds it, and where its bytes start in that file.
+    pub file_index: usize,
+    pub file_offset: usize,
+    pub name: String,
+    pub view: safetensors::tensor::TensorView<'a>,
+    pub slot: usize,
 }
 
 /// Values converted at a time by one thread: a large tensor (the embedding) is split over the cores.
 const CONVERT_CHUNK: usize = 1 << 20;
 
-/// Fills `params` (the layout's flat buffer of the model in `dir`) from `stored`, the tensors in parallel, each with `convert`
-/// (stored bytes to values; false when a value is not finite).
-fn fill<T: Send>(
-    dir: &Path,
-    params: &mut [T],
-    layout: &ParamLayout,
-    stored: &[Stored],
-    convert: impl Fn(Dtype, &[u8], &mut [T]) -> bool + Sync,
-) -> Result<()> {
-    use rayon::prelude::*;
-    // The layout's tensors lie one after another: split the buffer into their slices.
-    let mut slices: Vec<Option<&mut [T]>> = Vec::with_capacity(layout.tensors.len());
-    let mut rest = params;
-    for t in &layout.tensors {
-        let (head, tail) = std::mem::take(&mut rest).split_at_mut(t.len());
-        slices.push(Some(head));
-        rest = tail;
+/// A dtype the engine holds weights in: f32, or bf16 as its bits (frozen weights that are all bf16 values).
+pub(super) trait Held: Widen + bytemuck::Pod {
+    /// The stored dtype whose bytes are already this type's values.
+    const STORED: Dtype;
+    /// The engine's buffer of these values.
+    fn into_buffer(values: Vec<Self>) -> Buffer;
+    /// Writes a stored tensor's values (`bytes` of `dtype`, as many as `dst` holds) into `dst`.
+    fn convert(dtype: Dtype, bytes: &[u8], dst: &mut [Self]);
+    fn all_finite(values: &[Self]) -> bool;
+}
+
+impl Held for f32 {
+    const STORED: Dtype = Dtype::F32;
+    fn into_buffer(values: Vec<f32>) -> Buffer {
+        Buffer::from_host(values)
     }
+    fn convert(dtype: Dtype, bytes: &[u8], dst: &mut [f32]) {
+        widen_into(dtype, bytes, dst)
+    }
+    fn all_finite(values: &[f32]) -> bool {
+        values.iter().all(|v| v.is_finite())
+    }
+}
+
+impl Held for u16 {
+    const STORED: Dtype = Dtype::BF16;
+    fn into_buffer(values: Vec<u16>) -> Buffer {
+        Buffer::from_bf16_bits(values)
+    }
+    /// Only for tensors that `holds_bf16_values`.
+    fn convert(dtype: Dtype, bytes: &[u8], dst: &mut [u16]) {
+        match dtype {
+            Dtype::BF16 => dst.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(d, b)| *d = u16::from_le_bytes([b[0], b[1]])),
+            // An f32 whose low half is zero: its high half is the same value in bf16.
+            _ => dst.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(d, b)| *d = u16::from_le_bytes([b[2], b[3]])),
+        }
+    }
+    fn all_finite(values: &[u16]) -> bool {
+        // bf16 is finite unless its exponent bits are all ones.
+        values.iter().all(|b| b & 0x7F80 != 0x7F80)
+    }
+}
+
+/// Where a stored tensor's values go: written there from its stored bytes, or already there (its file's pages
+/// mapped in place), to be checked only.
+pub(super) enum Slot<'a, T> {
+    Write(&'a mut [T]),
+    InPlace(&'a [T]),
+}
+
+/// The layout's tensors as slices of `params` to write, in layout order.
+fn packed_slots<'a, T>(params: &'a mut [T], layout: &ParamLayout) -> Vec<Option<Slot<'a, T>>> {
+    let mut slots = Vec::with_capacity(layout.tensors.len());
+    let (mut rest, mut at) = (params, 0);
+    for t in &layout.tensors {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(t.offset - at);
+        let (head, tail) = tail.split_at_mut(t.len());
+        slots.push(Some(Slot::Write(head)));
+        (rest, at) = (tail, t.offset + t.len());
+    }
+    slots
+}
+
+/// Fills the slots (one a tensor of `layout`, the layout of the model in `dir`) from `stored`, the tensors in
+/// parallel, and checks every value is finite.
+pub(super) fn fill<T: Held>(dir: &Path, mut slots: Vec<Option<Slot<T>>>, layout: &ParamLayout, stored: &[Stored]) -> Result<()> {
+    use rayon::prelude::*;
     let mut work = Vec::with_capacity(stored.len());
     for s in stored {
-        let dst = slices[s.slot].take().ok_or_else(|| Error::model(s.file, format!("tensor {} is stored twice", s.name)))?;
-        let w = stored_width(s.view.dtype());
-        if s.view.data().len() != dst.len() * w {
-            return Err(Error::model(s.file, format!("tensor {}: {} bytes for {} elements", s.name, s.view.data().len(), dst.len())));
+        let slot = slots[s.slot].take().ok_or_else(|| Error::model(s.file, format!("tensor {} is stored twice", s.name)))?;
+        let (len, w) = (layout.tensors[s.slot].len(), stored_width(s.view.dtype()));
+        if s.view.data().len() != len * w {
+            return Err(Error::model(s.file, format!("tensor {}: {} bytes for {} elements", s.name, s.view.data().len(), len)));
         }
-        work.extend(dst.chunks_mut(CONVERT_CHUNK).zip(s.view.data().chunks(CONVERT_CHUNK * w)).map(|(d, b)| (s, d, b)));
+        let bytes = s.view.data().chunks(CONVERT_CHUNK * w);
+        match slot {
+            Slot::Write(dst) => work.extend(dst.chunks_mut(CONVERT_CHUNK).zip(bytes).map(|(d, b)| (s, Slot::Write(d), b))),
+            Slot::InPlace(dst) => work.extend(dst.chunks(CONVERT_CHUNK).zip(bytes).map(|(d, b)| (s, Slot::InPlace(d), b))),
+        }
     }
-    if let Some(i) = slices.iter().position(|s| s.is_some()) {
+    if let Some(i) = slots.iter().position(|s| s.is_some()) {
         return Err(Error::model(dir, format!("tensor {} is missing from the weights", layout.tensors[i].name)));
     }
-    work.into_par_iter().try_for_each(|(s, dst, bytes)| {
-        if convert(s.view.dtype(), bytes, dst) {
+    work.into_par_iter().try_for_each(|(s, slot, bytes)| {
+        let finite = match slot {
+            Slot::Write(dst) => {
+                T::convert(s.view.dtype(), bytes, dst);
+                T::all_finite(dst)
+            }
+            Slot::InPlace(values) => T::all_finite(values),
+        };
+        if finite {
             Ok(())
         } else {
             Err(Error::model(s.file, format!("tensor {} holds a non-finite value", s.name)))
@@ -149,6 +217,28 @@ fn low_halves_zero(bytes: &[u8]) -> bool {
     all & 0x0000_FFFF_0000_FFFF == 0 && tail & 0xFFFF == 0
 }
 
+/// The values of `stored` held as `T`: mapped from the files where they lie (frozen weights on Linux, when their
+/// stored dtype is `T`), else written into fresh memory in `layout`.
+fn load_values<T: Held>(
+    dir: &Path,
+    spec: &ModelSpec,
+    layout: ParamLayout,
+    stored: &[Stored],
+    files: &[&std::fs::File],
+    frozen: bool,
+) -> Result<(ParamLayout, Buffer)> {
+    #[cfg(target_os = "linux")]
+    if frozen {
+        if let Some(mapped) = super::mapped_weights::load::<T>(dir, spec, stored, files)? {
+            return Ok(mapped);
+        }
+    }
+    let _ = (spec, files, frozen);
+    let mut values = crate::engine::cpu::memory::zeroed::<T>(layout.total);
+    fill(dir, packed_slots(&mut values, &layout), &layout, stored)?;
+    Ok((layout, T::into_buffer(values)))
+}
+
 impl Model {
     /// Loads `config.json` and the safetensors weights of a Hugging Face model folder in f32 (trainable).
     pub fn load(dir: &Path) -> Result<Model> {
@@ -173,7 +263,7 @@ impl Model {
         let tables = files
             .iter()
             .zip(&maps)
-            .map(|(f, m)| SafeTensors::deserialize(m).map_err(|e| Error::model(f, format!("invalid safetensors file: {e}"))))
+            .map(|(f, (_, m))| SafeTensors::deserialize(m).map_err(|e| Error::model(f, format!("invalid safetensors file: {e}"))))
             .collect::<Result<Vec<_>>>()?;
         // Before anything of the config's size is allocated: the files must hold at least that many values.
         let stored_values = tables.iter().flat_map(|t| t.tensors()).fold(0usize, |n, (_, v)| n.saturating_add(v.shape().iter().product()));
@@ -188,7 +278,7 @@ impl Model {
         let by_name: HashMap<&str, usize> =
             layout.tensors.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
         let mut stored = Vec::new();
-        for (file, table) in files.iter().zip(&tables) {
+        for (file_index, (file, table)) in files.iter().zip(&tables).enumerate() {
             for (name, view) in table.tensors() {
                 // Tied checkpoints sometimes carry lm_head.weight anyway; the embedding is the one used.
                 let Some(&slot) = by_name.get(name.as_str()) else {
@@ -206,28 +296,15 @@ impl Model {
                 if !matches!(view.dtype(), Dtype::F32 | Dtype::BF16 | Dtype::F16) {
                     return Err(Error::model(file, format!("tensor {name}: dtype {:?} is not supported (f32, bf16, f16)", view.dtype())));
                 }
-                stored.push(Stored { file, name, view, slot });
+                let file_offset = view.data().as_ptr() as usize - maps[file_index].1.as_ptr() as usize;
+                stored.push(Stored { file, file_index, file_offset, name, view, slot });
             }
         }
-        let params = if frozen && stored.iter().all(holds_bf16_values) {
-            let mut bits = crate::engine::cpu::memory::zeroed::<u16>(layout.total);
-            fill(dir, &mut bits, &layout, &stored, |dtype, bytes, dst| {
-                match dtype {
-                    Dtype::BF16 => dst.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(d, b)| *d = u16::from_le_bytes([b[0], b[1]])),
-                    // An f32 whose low half is zero: its high half is the same value in bf16.
-                    _ => dst.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(d, b)| *d = u16::from_le_bytes([b[2], b[3]])),
-                }
-                // bf16 is finite unless its exponent bits are all ones.
-                dst.iter().all(|b| b & 0x7F80 != 0x7F80)
-            })?;
-            crate::engine::Buffer::from_bf16_bits(bits)
+        let open_files: Vec<&std::fs::File> = maps.iter().map(|(f, _)| f).collect();
+        let (layout, params) = if frozen && stored.iter().all(holds_bf16_values) {
+            load_values::<u16>(dir, &spec, layout, &stored, &open_files, frozen)?
         } else {
-            let mut values = crate::engine::cpu::memory::zeroed::<f32>(layout.total);
-            fill(dir, &mut values, &layout, &stored, |dtype, bytes, dst| {
-                widen_into(dtype, bytes, dst);
-                dst.iter().all(|v| v.is_finite())
-            })?;
-            crate::engine::Buffer::from_host(values)
+            load_values::<f32>(dir, &spec, layout, &stored, &open_files, frozen)?
         };
         Ok(Model { spec, layout, params, lora: None })
     }

@@ -35,7 +35,7 @@ impl Trainer {
         let f = 4usize;
         let trainable = self.trainable_params().len();
         // The frozen reference (and a LoRA base) in the dtype it is held in (bf16 when its checkpoint is).
-        let reference_bytes = self.reference.as_ref().map_or(0, |r| r.params.bytes());
+        let reference_bytes = self.reference.as_ref().map_or(0, |r| r.weight_bytes());
         let lora_extra = self.policy.lora.as_ref().map_or(0, |l| l.num_parameters());
         let state_per_param = match self.optimizer.kind {
             crate::optim::OptimKind::AdamW => 2,
@@ -52,7 +52,7 @@ impl Trainer {
         MemoryPlan {
             parameters: self.policy.num_parameters() + lora_extra,
             trainable,
-            weight_bytes: self.policy.params.bytes() + lora_extra * f + reference_bytes,
+            weight_bytes: self.policy.weight_bytes() + lora_extra * f + reference_bytes,
             gradient_bytes: trainable * f,
             optimizer_bytes: state_per_param * trainable * f,
             activation_bytes: activations,

@@ -88,7 +88,7 @@ impl Trainer {
         data_fingerprint(&mut data, &self.data);
         let weights = |m: &Model| {
             let mut h = Fingerprint::default();
-            m.params.fingerprint(&mut h);
+            m.fingerprint_weights(&mut h);
             h.hex()
         };
         let policy = weights(&self.policy);

@@ -4,7 +4,7 @@ use super::*;
 /// A fingerprint of everything the precomputed reference log-probs depend on.
 pub(super) fn reference_cache_key(model: &Model, data: &Prepared, max_length: Option<usize>, with_kl: bool) -> u64 {
     let mut h = Fingerprint::default();
-    model.params.fingerprint(&mut h);
+    model.fingerprint_weights(&mut h);
     h.bytes(format!("{:?}", model.spec).as_bytes());
     h.u64(max_length.unwrap_or(0) as u64).u64(with_kl as u64);
     data_fingerprint(&mut h, data);

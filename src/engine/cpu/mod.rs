@@ -5,6 +5,7 @@ pub mod decoder;
 pub mod gemm;
 pub mod isa;
 pub mod kernels;
+pub mod mapped;
 pub mod memory;
 pub mod pool;
 pub mod reference;
