@@ -217,8 +217,8 @@ fn low_halves_zero(bytes: &[u8]) -> bool {
     all & 0x0000_FFFF_0000_FFFF == 0 && tail & 0xFFFF == 0
 }
 
-/// The values of `stored` held as `T`: mapped from the files where they lie (frozen weights on Linux, when their
-/// stored dtype is `T`), else written into fresh memory in `layout`.
+/// The values of `stored` held as `T`: frozen ones on Linux in a region where the files' pages are mapped where
+/// they can be (`mapped_weights`), else written into fresh memory in `layout`.
 fn load_values<T: Held>(
     dir: &Path,
     spec: &ModelSpec,
@@ -229,9 +229,7 @@ fn load_values<T: Held>(
 ) -> Result<(ParamLayout, Buffer)> {
     #[cfg(target_os = "linux")]
     if frozen {
-        if let Some(mapped) = super::mapped_weights::load::<T>(dir, spec, stored, files)? {
-            return Ok(mapped);
-        }
+        return super::mapped_weights::load::<T>(dir, spec, stored, files);
     }
     let _ = (spec, files, frozen);
     let mut values = crate::engine::cpu::memory::zeroed::<T>(layout.total);
