@@ -143,14 +143,14 @@ fn weights_fingerprint(m: &Model) -> u64 {
     h.finish()
 }
 
-/// Frozen weights stored in the dtype they are held in are mapped from their file where they lie (on Linux),
-/// the large stacks at addresses where the kernel can map huge pages. The model holds the same values as one
+/// Frozen weights stored in the dtype they are held in are read where they lie in their mapped file (on Linux),
+/// [q|k|v] copied beside it. The model holds the same values as one
 /// loaded by copying, gives the same bits, fingerprints the same, and a non-finite value in a mapped tensor
 /// is still refused, named.
 #[test]
 fn frozen_weights_mapped_from_their_file_are_the_copied_ones() {
     let policy = Model::load(&fixture("policy")).unwrap();
-    // 16384 × 64 embedding rows: 4 MB in f32, 2 MB in bf16, so both go the huge-page way.
+    // 16384 × 64 embedding rows: a file of several huge pages.
     let spec = kto::model::ModelSpec { vocab_size: 16384, ..policy.spec.clone() };
     let random = kto::model::random::random_model(&spec, 7);
     let dir = tempfile::tempdir().unwrap();
@@ -188,7 +188,7 @@ fn frozen_weights_mapped_from_their_file_are_the_copied_ones() {
         let mapped = Model::load_frozen(&folder).unwrap();
         if cfg!(target_os = "linux") {
             assert!(format!("{:?}", mapped.params).contains("mapped from files"), "{dtype:?}: {:?}", mapped.params);
-            assert!(mapped.layout.total > mapped.layout.parameters, "{dtype:?}: the mapped stacks sit apart");
+            assert!(mapped.layout.total > mapped.layout.parameters, "{dtype:?}: the layout spans the file and the copies");
         }
         assert_eq!(mapped.num_parameters(), copied.num_parameters());
         assert_eq!(mapped.weight_bytes(), copied.num_parameters() * value_bytes, "{dtype:?}");

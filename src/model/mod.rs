@@ -523,8 +523,8 @@ pub struct ParamLayout {
 /// Where a layout puts its tensors. They come in stacks, in the layout's order: tensors that must lie adjacent
 /// because one GEMM reads them as one matrix ([q|k|v], [gate|up], the q|k|v biases), else one tensor alone.
 pub trait Placement {
-    /// The offset of the stack's first tensor, given each tensor's name and length: at least the end of the
-    /// stack before it.
+    /// The offset of the stack's first tensor, given each tensor's name and length: anywhere no other tensor
+    /// lies (before or after the stacks placed so far).
     fn place(&mut self, stack: &[(&str, usize)]) -> usize;
     /// The buffer's length once every stack is placed.
     fn end(&self) -> usize;
@@ -548,8 +548,6 @@ impl Placement for Packed {
 struct Builder<'p> {
     tensors: Vec<TensorSlot>,
     placement: &'p mut dyn Placement,
-    /// Where the last stack ended: a placement may leave gaps, never overlap.
-    end: usize,
 }
 
 impl Builder<'_> {
@@ -557,14 +555,12 @@ impl Builder<'_> {
     fn stack(&mut self, parts: Vec<(String, Vec<usize>, bool)>) -> usize {
         let lens: Vec<(&str, usize)> = parts.iter().map(|(n, s, _)| (n.as_str(), s.iter().product())).collect();
         let first = self.placement.place(&lens);
-        assert!(first >= self.end, "a placement put {} over the tensor before it", parts[0].0);
         let mut offset = first;
         for (name, shape, decay) in parts {
             let slot = TensorSlot { name, shape, offset, decay };
             offset += slot.len();
             self.tensors.push(slot);
         }
-        self.end = offset;
         first
     }
 
@@ -581,7 +577,7 @@ impl ParamLayout {
 
     /// The tensors in the same order, each stack where `placement` puts it.
     pub fn placed(spec: &ModelSpec, placement: &mut dyn Placement) -> Self {
-        let mut b = Builder { tensors: Vec::new(), placement, end: 0 };
+        let mut b = Builder { tensors: Vec::new(), placement };
         let (h, i, q, kv) = (spec.hidden, spec.intermediate, spec.q_dim(), spec.kv_dim());
         let embed = b.one("model.embed_tokens.weight".into(), vec![spec.vocab_size, h], true);
         let mut layers = Vec::with_capacity(spec.layers);
@@ -637,7 +633,11 @@ impl ParamLayout {
             if spec.tied_embeddings { embed } else { b.one("lm_head.weight".into(), vec![spec.vocab_size, h], true) };
         let parameters = b.tensors.iter().map(TensorSlot::len).sum();
         let total = b.placement.end();
-        assert!(total >= b.end, "a placement ended its buffer inside the last tensor");
+        // A placement may leave gaps and need not follow the layout's order; tensors must not overlap.
+        let mut ranges: Vec<_> = b.tensors.iter().map(TensorSlot::range).collect();
+        ranges.sort_by_key(|r| r.start);
+        assert!(ranges.windows(2).all(|w| w[0].end <= w[1].start), "a placement put two tensors over each other");
+        assert!(ranges.last().is_none_or(|r| r.end <= total), "a placement ended its buffer inside a tensor");
         ParamLayout { tensors: b.tensors, embed, layers, final_norm, lm_head, total, parameters }
     }
 }

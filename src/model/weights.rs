@@ -148,15 +148,14 @@ pub(super) enum Slot<'a, T> {
     InPlace(&'a [T]),
 }
 
-/// The layout's tensors as slices of `params` to write, in layout order.
+/// The tensors of a packed layout (`ParamLayout::new`: one after another) as slices of `params` to write.
 fn packed_slots<'a, T>(params: &'a mut [T], layout: &ParamLayout) -> Vec<Option<Slot<'a, T>>> {
+    let mut rest = params;
     let mut slots = Vec::with_capacity(layout.tensors.len());
-    let (mut rest, mut at) = (params, 0);
     for t in &layout.tensors {
-        let (_, tail) = std::mem::take(&mut rest).split_at_mut(t.offset - at);
-        let (head, tail) = tail.split_at_mut(t.len());
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(t.len());
         slots.push(Some(Slot::Write(head)));
-        (rest, at) = (tail, t.offset + t.len());
+        rest = tail;
     }
     slots
 }
@@ -225,13 +224,14 @@ fn load_values<T: Held>(
     layout: ParamLayout,
     stored: &[Stored],
     files: &[&std::fs::File],
+    file_lens: &[usize],
     frozen: bool,
 ) -> Result<(ParamLayout, Buffer)> {
     #[cfg(target_os = "linux")]
     if frozen {
-        return super::mapped_weights::load::<T>(dir, spec, stored, files);
+        return super::mapped_weights::load::<T>(dir, spec, stored, files, file_lens);
     }
-    let _ = (spec, files, frozen);
+    let _ = (spec, files, file_lens, frozen);
     let mut values = crate::engine::cpu::memory::zeroed::<T>(layout.total);
     fill(dir, packed_slots(&mut values, &layout), &layout, stored)?;
     Ok((layout, T::into_buffer(values)))
@@ -299,10 +299,11 @@ impl Model {
             }
         }
         let open_files: Vec<&std::fs::File> = maps.iter().map(|(f, _)| f).collect();
+        let file_lens: Vec<usize> = maps.iter().map(|(_, m)| m.len()).collect();
         let (layout, params) = if frozen && stored.iter().all(holds_bf16_values) {
-            load_values::<u16>(dir, &spec, layout, &stored, &open_files, frozen)?
+            load_values::<u16>(dir, &spec, layout, &stored, &open_files, &file_lens, frozen)?
         } else {
-            load_values::<f32>(dir, &spec, layout, &stored, &open_files, frozen)?
+            load_values::<f32>(dir, &spec, layout, &stored, &open_files, &file_lens, frozen)?
         };
         Ok(Model { spec, layout, params, lora: None })
     }
