@@ -26,7 +26,7 @@ enum Storage {
     /// Frozen host weights, each the upper half of its f32 (read-only: no gradient, update or edit reaches them).
     HostBf16(Vec<u16>),
     /// Frozen host weights, `len` values in bf16 or f32, in a read-only region that is mostly the checkpoint's
-    /// own file pages (`model::mapped`). Shared by its copies, as nothing writes it.
+    /// own file pages (`model::mapped_weights`). Shared by its copies, as nothing writes it.
     Mapped { region: Arc<Region>, bf16: bool, len: usize },
 }
 
