@@ -69,30 +69,29 @@ impl Placement for FilePages<'_> {
     }
 }
 
-/// The model's frozen weights as `T`, read where they lie in `files` (each `file_lens` bytes long) or copied, as
+/// The model's frozen weights as `T`, read where they lie in `files` (each open, with its whole map) or copied, as
 /// described above. Copies go to ordinary pages, which this VM hands out at 1.4-2.8 GB/s where the huge pages
 /// `memory::zeroed` asks for came at 0.36 GB/s (a first touch of 2 GB in a fresh process, `madvise` mode).
 pub(super) fn load<T: Held>(
     dir: &Path,
     spec: &ModelSpec,
     stored: &[Stored],
-    files: &[&File],
-    file_lens: &[usize],
+    files: &[(File, memmap2::Mmap)],
 ) -> Result<(ParamLayout, Buffer)> {
     let width = std::mem::size_of::<T>();
     let stored_by_name = stored.iter().map(|s| (s.name.as_str(), s)).collect();
-    let mut file_starts = Vec::with_capacity(file_lens.len());
+    let mut file_starts = Vec::with_capacity(files.len());
     let mut end = 0;
-    for len in file_lens {
+    for (_, map) in files {
         file_starts.push(end);
-        end = (end + len).next_multiple_of(HUGE_PAGE);
+        end = (end + map.len()).next_multiple_of(HUGE_PAGE);
     }
     let mut placement = FilePages { stored: stored_by_name, dtype: T::STORED, width, file_starts, copy_start: end, cursor: end };
     let layout = ParamLayout::placed(spec, &mut placement);
     let mut region = Region::anonymous(layout.total * width).map_err(|e| Error::model(dir, format!("cannot reserve memory for the weights: {e}")))?;
-    for (i, (&start, &len)) in placement.file_starts.iter().zip(file_lens).enumerate() {
+    for (i, (&start, (file, map))) in placement.file_starts.iter().zip(files).enumerate() {
         let path = stored.iter().find(|s| s.file_index == i).map_or(dir, |s| s.file);
-        region.map_file(start, files[i], 0, len).map_err(|e| Error::file(path, format!("cannot map: {e}")))?;
+        region.map_file(start, file, 0, map.len()).map_err(|e| Error::file(path, format!("cannot map: {e}")))?;
     }
     let base = region.as_mut_ptr();
     let slots = layout

@@ -2,8 +2,8 @@
 //!
 //! Parameters live in one flat buffer (llm.c style) so that gradients, optimizer state, clipping and saving
 //! are loops over one slice. `ParamLayout` maps each Hugging Face tensor name to its range in that buffer; the
-//! tensors lie one after another, except in frozen models mapped from their files, whose layout leaves gaps so
-//! that each large stack sits where its file's pages can be mapped (`mapped_weights`).
+//! tensors lie one after another, except in frozen models read from their mapped files, whose layout puts each
+//! tensor where it lies in its file (`mapped_weights`) and leaves gaps.
 pub mod lora;
 #[cfg(target_os = "linux")]
 mod mapped_weights;
@@ -664,8 +664,8 @@ impl Model {
         Model { spec: self.spec.clone(), layout: self.layout.clone(), params: self.params.frozen_copy(), lora: None }
     }
 
-    /// Bytes the weights take in the dtype they are held in (not counting the gaps a mapped layout leaves, which
-    /// hold no memory).
+    /// Bytes the weights take in the dtype they are held in (not counting the gaps a mapped layout leaves: file
+    /// bytes no tensor uses, and address space).
     pub fn weight_bytes(&self) -> usize {
         self.layout.parameters * self.params.value_bytes()
     }

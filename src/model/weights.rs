@@ -223,15 +223,14 @@ fn load_values<T: Held>(
     spec: &ModelSpec,
     layout: ParamLayout,
     stored: &[Stored],
-    files: &[&std::fs::File],
-    file_lens: &[usize],
+    files: &[(std::fs::File, memmap2::Mmap)],
     frozen: bool,
 ) -> Result<(ParamLayout, Buffer)> {
     #[cfg(target_os = "linux")]
     if frozen {
-        return super::mapped_weights::load::<T>(dir, spec, stored, files, file_lens);
+        return super::mapped_weights::load::<T>(dir, spec, stored, files);
     }
-    let _ = (spec, files, file_lens, frozen);
+    let _ = (spec, files, frozen);
     let mut values = crate::engine::cpu::memory::zeroed::<T>(layout.total);
     fill(dir, packed_slots(&mut values, &layout), &layout, stored)?;
     Ok((layout, T::into_buffer(values)))
@@ -298,12 +297,10 @@ impl Model {
                 stored.push(Stored { file, file_index, file_offset, name, view, slot });
             }
         }
-        let open_files: Vec<&std::fs::File> = maps.iter().map(|(f, _)| f).collect();
-        let file_lens: Vec<usize> = maps.iter().map(|(_, m)| m.len()).collect();
         let (layout, params) = if frozen && stored.iter().all(holds_bf16_values) {
-            load_values::<u16>(dir, &spec, layout, &stored, &open_files, &file_lens, frozen)?
+            load_values::<u16>(dir, &spec, layout, &stored, &maps, frozen)?
         } else {
-            load_values::<f32>(dir, &spec, layout, &stored, &open_files, &file_lens, frozen)?
+            load_values::<f32>(dir, &spec, layout, &stored, &maps, frozen)?
         };
         Ok(Model { spec, layout, params, lora: None })
     }
